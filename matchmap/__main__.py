@@ -1,0 +1,3 @@
+from matchmap.cli import main
+
+main()
