@@ -1,0 +1,236 @@
+"""The two branches and the model that holds them with their front ends.
+
+Image branch: (B, 3, S, S) -> (B, D, H, W); VGG16 conv layers (the paper) or a small CNN, ending in a
+conv to D with no nonlinearity. Audio branch: DAVEnet, (B, n_mels, T) log-mel -> (B, D, T / 2**pools),
+with padded frames masked to zero after every layer so that a caption's output never depends on
+what pads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import vgg
+
+from encoders.config import AudioConfig, ImageConfig, ModelConfig
+from encoders.frontend import AudioFrontEnd, ImageFrontEnd
+from encoders.matchmap import frame_mask
+
+
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm over (B, C, L) whose training statistics use only positions where mask is True.
+
+    Output at masked-out positions is zero. In eval mode it is plain BatchNorm with running stats.
+    """
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # x: (B, C, L), mask: (B, L) bool
+        valid = mask.unsqueeze(1)
+        x = torch.where(valid, x, 0)
+        if self.training:
+            count = valid.sum() * 1.0
+            mean = x.sum(dim=(0, 2)) / count
+            var = (torch.where(valid, x - mean[:, None], 0) ** 2).sum(dim=(0, 2)) / count
+            if self.track_running_stats:
+                with torch.no_grad():
+                    self.num_batches_tracked += 1
+                    momentum = (
+                        self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                    )
+                    unbiased = var * (count / (count - 1).clamp_min(1))
+                    self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                    self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        y = (x - mean[:, None]) * torch.rsqrt(var[:, None] + self.eps)
+        if self.affine:
+            y = y * self.weight[:, None] + self.bias[:, None]
+        return torch.where(valid, y, 0)
+
+
+def pooled_length(lengths: Tensor, pools: int) -> Tensor:
+    """Frames left after ``pools`` max-pools of kernel 3, stride 2, padding 1: ceil(L / 2) each time."""
+    for _ in range(pools):
+        lengths = (lengths + 1) // 2
+    return lengths
+
+
+class AudioBranch(nn.Module):
+    """DAVEnet: (B, n_mels, T) log-mel, (B,) lengths -> (B, D, T') features, (B,) output lengths.
+
+    BatchNorm over the whole log-mel (one channel, as DAVEnet), a conv spanning all mel bins
+    (DAVEnet's Conv2d with kernel (n_mels, 1), written as the equivalent Conv1d over mel channels),
+    then 1-D convs in time, each followed by ReLU and the first ``pools`` by a max-pool of stride 2.
+    """
+
+    def __init__(self, cfg: AudioConfig, embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.input_norm = MaskedBatchNorm1d(1)
+        self.mel_conv = nn.Conv1d(cfg.n_mels, cfg.channels[0], kernel_size=1)
+        outputs = [*cfg.channels[1:], embed_dim]
+        inputs = list(cfg.channels)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(c_in, c_out, kernel_size=w, padding=w // 2, bias=not cfg.batch_norm)
+            for c_in, c_out, w in zip(inputs, outputs, cfg.kernel_widths, strict=True)
+        )
+        self.norms = nn.ModuleList(MaskedBatchNorm1d(c) for c in outputs) if cfg.batch_norm else None
+        self.pool = nn.MaxPool1d(kernel_size=3, stride=2, padding=1)
+
+    def forward(self, logmel: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        b, n_mels, t = logmel.shape
+        mask = frame_mask(lengths, t)  # (B, T)
+        x = self.input_norm(
+            logmel.reshape(b, 1, n_mels * t), mask.unsqueeze(1).expand(b, n_mels, t).reshape(b, n_mels * t)
+        ).reshape(b, n_mels, t)
+        keep = mask.unsqueeze(1).to(x.dtype)
+        x = torch.relu(self.mel_conv(x)) * keep
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            # Zeros past the end make each conv see exactly what its own zero padding would show it.
+            x = torch.relu(self.norms[i](x, mask) if self.norms is not None else x * keep)
+            if i < self.cfg.pools:
+                # Inputs are >= 0 after ReLU, so zero padding acts like the pool's own -inf padding.
+                x = self.pool(x)
+                lengths = pooled_length(lengths, 1)
+                mask = frame_mask(lengths, x.shape[-1])
+                keep = mask.unsqueeze(1).to(x.dtype)
+                x = x * keep
+        return x, lengths
+
+
+def _vgg16_trunk() -> nn.Sequential:
+    # torchvision.models.vgg16(weights=None).features without its last max-pool, built without the
+    # 120 M-parameter classifier, and initialized as torchvision's VGG initializes its convs.
+    layers = vgg.make_layers(vgg.cfgs["D"], batch_norm=False)[:-1]
+    for m in layers.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return layers
+
+
+def _small_cnn_trunk(cfg: ImageConfig) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    c_in = 3
+    for c_out in cfg.channels:
+        for j in range(cfg.convs_per_block):
+            stride = 2 if j == 0 else 1
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
+            c_in = c_out
+    return nn.Sequential(*layers)
+
+
+def _trunk_channels(cfg: ImageConfig) -> int:
+    return 512 if cfg.arch == "vgg16" else cfg.channels[-1]
+
+
+def image_grid_size(cfg: ImageConfig) -> tuple[int, int]:
+    """(H, W) of the image branch's output map for a square input of cfg.input_size."""
+    size = cfg.input_size
+    if cfg.arch == "vgg16":
+        for _ in range(4):  # four 2x2 max-pools remain
+            size //= 2
+    else:
+        for _ in cfg.channels:  # one stride-2 3x3 conv (padding 1) per block
+            size = (size + 1) // 2
+    if size < 1:
+        raise ValueError(f"image.input_size {cfg.input_size} is too small for arch {cfg.arch!r}")
+    return size, size
+
+
+class ImageBranch(nn.Module):
+    """(B, 3, S, S) normalized images -> (B, D, H, W): trunk, then a conv to D with no nonlinearity."""
+
+    def __init__(self, cfg: ImageConfig, embed_dim: int):
+        super().__init__()
+        self.trunk = _vgg16_trunk() if cfg.arch == "vgg16" else _small_cnn_trunk(cfg)
+        self.head = nn.Conv2d(_trunk_channels(cfg), embed_dim, cfg.head_kernel, padding=cfg.head_kernel // 2)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.trunk(images))
+
+
+class MatchmapModel(nn.Module):
+    """Image branch, audio branch, and the front ends that feed them, all from one ModelConfig.
+
+    ``version`` names the weights (``<config name>-<12 hex digits of their hash>``); it is computed at
+    construction and refreshed by checkpoint saving and loading, so an index built with one model
+    can refuse queries embedded by another.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.image_net = ImageBranch(config.image, config.embed_dim)
+        self.audio_net = AudioBranch(config.audio, config.embed_dim)
+        self.audio_frontend = AudioFrontEnd(config.audio)
+        self.image_frontend = ImageFrontEnd(config.image, train=False)
+        self.image_frontend_train = ImageFrontEnd(config.image, train=True)
+        self.version = weights_version(self)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def audio_frame_seconds(self) -> float:
+        """Seconds per output audio frame (log-mel hop * 2**pools)."""
+        return self.config.audio.output_frame_seconds
+
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        """(H, W) of the image feature map for the configured input size."""
+        return image_grid_size(self.config.image)
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        """lengths: (B,) log-mel frames -> (B,) output frames of encode_audio."""
+        return pooled_length(lengths, self.config.audio.pools)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """images: (B, 3, S, S) normalized (see image_frontend) -> (B, H, W, D) feature maps."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, S, S), got {tuple(images.shape)}")
+        return self.image_net(images).permute(0, 2, 3, 1).contiguous()
+
+    def encode_audio(self, logmel: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """logmel: (B, n_mels, T) float, lengths: (B,) long true frames -> ((B, T', D), (B,) long T' lengths).
+
+        Frames past the longest true length are dropped before the network (they cannot change the
+        result), so T' = output_lengths(max(lengths)). Output frames past a caption's own length are 0.
+        """
+        n_mels = self.config.audio.n_mels
+        if logmel.dim() != 3 or logmel.shape[1] != n_mels:
+            raise ValueError(f"logmel must be (B, {n_mels}, T), got {tuple(logmel.shape)}")
+        lengths = torch.as_tensor(lengths, device=logmel.device).long()
+        b, _, t = logmel.shape
+        if lengths.shape != (b,):
+            raise ValueError(f"lengths must be ({b},), got {tuple(lengths.shape)}")
+        if b and (int(lengths.min()) < 1 or int(lengths.max()) > t):
+            raise ValueError(f"lengths must lie in 1..{t} (the log-mel's frames), got {lengths.tolist()}")
+        longest = int(lengths.max()) if b else t
+        features, out_lengths = self.audio_net(logmel[:, :, :longest], lengths)
+        return features.transpose(1, 2).contiguous(), out_lengths
+
+
+def weights_version(model: MatchmapModel) -> str:
+    """``<config name>-<12 hex>``: a hash of the config and every parameter and buffer, stable across runs."""
+    digest = hashlib.sha256(repr(sorted(model.config.to_dict().items())).encode())
+    for key, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"{model.config.name}-{digest.hexdigest()[:12]}"
+
+
+def count_parameters(config: ModelConfig) -> dict[str, int]:
+    """{"image": n, "audio": n, "total": n} parameters, counted on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        image = sum(p.numel() for p in ImageBranch(config.image, config.embed_dim).parameters())
+        audio = sum(p.numel() for p in AudioBranch(config.audio, config.embed_dim).parameters())
+    return {"image": image, "audio": audio, "total": image + audio}
