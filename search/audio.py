@@ -1,0 +1,95 @@
+"""Query audio: bytes from a request -> a checked mono waveform at the model's sample rate.
+
+Everything a client can send is checked here before any model work: the container or PCM layout,
+the sample rate, the duration (from the header, before decoding, so a huge file costs nothing),
+non-finite samples and silence. Problems raise :class:`InvalidQuery` / :class:`QueryOutOfRange` or
+``encoders.AudioDecodeError``, each naming the input and what to change.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import soundfile
+import torch
+
+from encoders import AudioDecodeError, load_audio, waveform_from_pcm
+from search.errors import InvalidQuery, QueryOutOfRange
+
+# Sample rates a query may declare. Outside this range a rate is a mistake (0, a byte count, ...)
+# and resampling from an absurd rate would cost unbounded memory.
+MIN_SAMPLE_RATE = 1000
+MAX_SAMPLE_RATE = 192_000
+# A waveform whose peak stays below this (about -80 dBFS, under one 16-bit step) holds no speech.
+SILENCE_PEAK = 1e-4
+
+
+def check_sample_rate(sample_rate: int, field: str) -> None:
+    """Raise InvalidQuery unless ``sample_rate`` (Hz, named ``field`` in the message) is plausible."""
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise InvalidQuery(
+            f"{field} is {sample_rate} Hz; it must be the rate of the samples, between "
+            f"{MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} Hz (e.g. 16000)"
+        )
+
+
+def _check_duration(seconds: float, max_seconds: float, label: str) -> None:
+    if seconds > max_seconds:
+        raise QueryOutOfRange(
+            f"{label} lasts {seconds:.2f} s, longer than this server's limit of {max_seconds:g} s; "
+            "send a shorter query"
+        )
+
+
+def decode_audio(
+    data: bytes,
+    *,
+    sample_rate: int | None = None,
+    target_rate: int = 16000,
+    max_seconds: float = 30.0,
+    name: str = "audio",
+) -> torch.Tensor:
+    """Decode one query's audio and check it is usable speech.
+
+    data: a WAV/FLAC/OGG file's bytes when ``sample_rate`` is None, else raw mono signed 16-bit
+    little-endian PCM at ``sample_rate`` Hz. Returns (N,) float32 at ``target_rate``.
+    Raises InvalidQuery (empty, bad rate, silent), QueryOutOfRange (longer than ``max_seconds``) or
+    AudioDecodeError (undecodable, truncated, odd PCM byte count, NaN/inf samples).
+    """
+    if not data:
+        raise InvalidQuery(f"{name} is empty: send a WAV, FLAC or OGG file or raw 16-bit PCM samples")
+    if sample_rate is None:
+        waveform = _decode_encoded(data, target_rate, max_seconds, name)
+    else:
+        check_sample_rate(sample_rate, f"{name} sample_rate")
+        _check_duration(len(data) / 2 / sample_rate, max_seconds, name)
+        waveform = waveform_from_pcm(data, sample_rate, target_rate)
+    check_not_silent(waveform, name)
+    return waveform
+
+
+def _decode_encoded(data: bytes, target_rate: int, max_seconds: float, name: str) -> torch.Tensor:
+    try:
+        info = soundfile.info(io.BytesIO(data))
+    except (soundfile.SoundFileError, RuntimeError):
+        info = None  # not decodable: load_audio below raises the precise AudioDecodeError
+    if info is not None:
+        check_sample_rate(info.samplerate, f"{name}'s sample rate")
+        # Streaming writers leave the length unknown (frames 0 or huge); decoding then shows it.
+        if 0 < info.frames < 2**31 - 1:
+            _check_duration(info.frames / info.samplerate, max_seconds, name)
+    waveform = load_audio(data, sample_rate=target_rate, name=name)
+    _check_duration(waveform.numel() / target_rate, max_seconds, name)
+    return waveform
+
+
+def check_not_silent(waveform: torch.Tensor, name: str) -> None:
+    """Raise InvalidQuery when ``waveform`` (N,) has no sample louder than SILENCE_PEAK."""
+    peak = float(waveform.abs().max()) if waveform.numel() else 0.0
+    if peak < SILENCE_PEAK:
+        level = "digital silence" if peak == 0 else f"peak {20 * math.log10(peak):.0f} dBFS"
+        raise InvalidQuery(f"{name} is silent ({level}): there is no speech to search with")
+
+
+__all__ = ["AudioDecodeError", "check_not_silent", "check_sample_rate", "decode_audio"]

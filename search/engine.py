@@ -1,0 +1,390 @@
+"""The two-stage spoken-query search engine: a facade over the model and the indexed collections.
+
+Per query: decode the audio (checked, limited) -> log-mel -> audio map A (T, D) from the audio
+branch -> stage 1: the collection's FAISS index ranks every image by pool(A) . pool(I), which is
+exactly SISA -> stage 2: the best ``candidates`` images' stored feature maps are re-scored by MISA
+through ``encoders.matchmap.score_matrix`` (on CUDA when the engine runs there) -> the best
+``top_k`` by MISA. The engine is synchronous and keeps no per-request state; ``search.server``
+calls it from one model thread, batching concurrent queries through :meth:`SearchEngine.search_batch`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from encoders import create_model, load_image
+from encoders.matchmap import pool_audio, score_matrix
+from indexer import Collection, CollectionInfo, Library
+from search.audio import check_sample_rate, decode_audio
+from search.errors import ImageNotFound, InvalidQuery, QueryOutOfRange
+from search.localization import LiveHighlighter, Localization, encode_whole_image, localize
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# An opened collection is a snapshot; after this many seconds the next query asks the catalog
+# (one small query) whether it changed, and reopens it if so (images added or removed meanwhile).
+COLLECTION_REFRESH_SECONDS = 2.0
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> CUDA when available, else CPU; "cuda" without a GPU raises ValueError saying so."""
+    if device not in DEVICE_CHOICES:
+        raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class SearchLimits:
+    """What one request may ask for. 0 in a request means the default."""
+
+    max_audio_seconds: float = 30.0
+    default_top_k: int = 10
+    max_top_k: int = 1000
+    default_candidates: int = 100  # stage-1 candidates re-ranked by MISA
+    max_candidates: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not self.max_audio_seconds > 0:
+            raise ValueError(f"max_audio_seconds must be > 0, got {self.max_audio_seconds}")
+        if not 1 <= self.default_top_k <= self.max_top_k:
+            raise ValueError(f"need 1 <= default_top_k <= max_top_k, got {self.default_top_k}, {self.max_top_k}")
+        if not 1 <= self.default_candidates <= self.max_candidates:
+            raise ValueError(
+                f"need 1 <= default_candidates <= max_candidates, got {self.default_candidates}, "
+                f"{self.max_candidates}"
+            )
+
+
+@dataclass
+class QueryAudio:
+    """A decoded, checked query ready for the audio branch."""
+
+    logmel: Tensor  # (n_mels, F) normalized log-mel of the true frames (F <= the model's max_frames)
+    seconds: float  # duration of the decoded audio
+    decode_ms: float
+
+
+@dataclass
+class SearchQuery:
+    """One query of a batch: audio, where to search, how many hits and stage-1 candidates."""
+
+    audio: QueryAudio
+    collection: str
+    top_k: int
+    candidates: int
+
+
+@dataclass
+class Hit:
+    image_id: int
+    uri: str
+    score: float  # MISA
+    stage1_score: float  # SISA
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]  # best first
+    collection_size: int
+    candidates: int  # re-ranked in stage 2 (capped at the collection size)
+    batch_size: int  # queries encoded in the same forward pass
+    audio_seconds: float
+    timings_ms: dict[str, float] = field(default_factory=dict)  # decode, queue, encode, stage1, stage2
+
+
+@dataclass
+class ImageMap:
+    """An image's feature map and the part of the source image it covers."""
+
+    features: Tensor  # (H, W, D)
+    box: tuple[float, float, float, float]  # [x0, y0, x1, y1] in the source image's pixels
+
+
+def center_crop_box(width: int, height: int, resize_size: int, input_size: int) -> tuple[float, float, float, float]:
+    """The square of a width x height image that the image front end keeps: shorter side scaled to
+    ``resize_size``, centre ``input_size`` crop; returned in the source image's pixels."""
+    side = input_size * min(width, height) / resize_size
+    x0, y0 = (width - side) / 2, (height - side) / 2
+    return (x0, y0, x0 + side, y0 + side)
+
+
+class SearchEngine:
+    """Model + library + collections, loaded once; answers search, localize and highlight requests.
+
+    ``device`` places the model and the stage-2 re-ranking ("auto": CUDA when available). The
+    engine is not re-entrant: the server calls it from a single model thread.
+    """
+
+    def __init__(self, model, library: Library, *, device: str = "auto", limits: SearchLimits | None = None):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.library = library
+        self.limits = limits or SearchLimits()
+        self._collections: dict[str, tuple[Collection, float]] = {}  # name -> (snapshot, last checked)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls,
+        checkpoint: str | Path | None = None,
+        data_dir: str | Path | None = None,
+        db_url: str | None = None,
+        *,
+        device: str = "auto",
+        limits: SearchLimits | None = None,
+    ) -> SearchEngine:
+        """Load the model (``checkpoint``; None = the shipped default) and open the library."""
+        resolve_device(device)  # fail on a bad device before the slow loads
+        model = create_model(str(checkpoint) if checkpoint is not None else None)
+        return cls(model, Library.open(data_dir, db_url), device=device, limits=limits)
+
+    def close(self) -> None:
+        self.library.close()
+
+    @property
+    def model_version(self) -> str:
+        return self.model.version
+
+    @property
+    def sample_rate(self) -> int:
+        return self.model.config.audio.sample_rate
+
+    # ---- collections -------------------------------------------------------------------------
+
+    def collection(self, name: str) -> Collection:
+        """The named collection checked against the model (CollectionNotFound, ModelMismatchError).
+
+        Opened once and kept; re-checked against the catalog at most every
+        COLLECTION_REFRESH_SECONDS and reopened when it changed.
+        """
+        if not name:
+            raise InvalidQuery("collection is empty: name the collection to search (ListCollections lists them)")
+        with self._lock:
+            now = time.monotonic()
+            cached = self._collections.get(name)
+            if cached is not None:
+                coll, checked = cached
+                if now - checked < COLLECTION_REFRESH_SECONDS or coll.is_current():
+                    self._collections[name] = (coll, now)
+                    return coll
+                del self._collections[name]
+            coll = self.library.collection(name)
+            coll.check_model(self.model)
+            self._collections[name] = (coll, now)
+            return coll
+
+    def list_collections(self) -> list[tuple[CollectionInfo, bool]]:
+        """Every collection in the library, each with whether this engine's model can search it."""
+        return [(info, info.model_version == self.model_version) for info in self.library.list_collections()]
+
+    # ---- search ------------------------------------------------------------------------------
+
+    def prepare_audio(self, data: bytes, *, sample_rate: int | None = None, name: str = "audio") -> QueryAudio:
+        """Decode and check a query's audio (encoded file bytes, or raw s16le PCM at ``sample_rate``)."""
+        started = time.perf_counter()
+        waveform = decode_audio(
+            data,
+            sample_rate=sample_rate,
+            target_rate=self.sample_rate,
+            max_seconds=self.limits.max_audio_seconds,
+            name=name,
+        )
+        logmel = self.model.audio_frontend.logmel(waveform)
+        return QueryAudio(logmel, waveform.numel() / self.sample_rate, _ms_since(started))
+
+    def resolve_counts(self, top_k: int, candidates: int) -> tuple[int, int]:
+        """Apply defaults (0) and limits to a request's top_k and candidates; QueryOutOfRange if outside."""
+        limits = self.limits
+        top_k = top_k or limits.default_top_k
+        if not 1 <= top_k <= limits.max_top_k:
+            raise QueryOutOfRange(f"top_k is {top_k}; it must lie in 1..{limits.max_top_k} (0 = {limits.default_top_k})")
+        candidates = candidates or max(limits.default_candidates, top_k)
+        if not top_k <= candidates <= limits.max_candidates:
+            raise QueryOutOfRange(
+                f"candidates is {candidates}; it must lie in top_k..{limits.max_candidates} "
+                f"(here {top_k}..{limits.max_candidates}; 0 = max({limits.default_candidates}, top_k))"
+            )
+        return top_k, candidates
+
+    def search(
+        self, data: bytes, collection: str, top_k: int = 0, candidates: int = 0, *, sample_rate: int | None = None
+    ) -> SearchResult:
+        """One query end to end (the server batches instead; see search_batch)."""
+        top_k, candidates = self.resolve_counts(top_k, candidates)
+        self.collection(collection)
+        query = SearchQuery(self.prepare_audio(data, sample_rate=sample_rate), collection, top_k, candidates)
+        result = self.search_batch([query])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    @torch.inference_mode()
+    def encode(self, logmels: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """logmels: B x (n_mels, F_b) -> audio maps (B, T', D) on the engine's device, lengths (B,) long."""
+        lengths = torch.tensor([m.shape[1] for m in logmels])
+        batch = torch.zeros(len(logmels), logmels[0].shape[0], int(lengths.max()))
+        for i, m in enumerate(logmels):
+            batch[i, :, : m.shape[1]] = m
+        audio, out_lengths = self.model.encode_audio(batch.to(self.device), lengths.to(self.device))
+        return audio, out_lengths
+
+    @torch.inference_mode()
+    def search_batch(
+        self, queries: Sequence[SearchQuery], queue_seconds: Sequence[float] | None = None
+    ) -> list[SearchResult | Exception]:
+        """Answer several queries, encoding their audio in one forward pass.
+
+        Each query's top_k / candidates must already be resolved (resolve_counts). Returns one entry
+        per query: its SearchResult, or the exception that query alone raised (e.g. an unknown
+        collection), so one bad query never fails the others.
+        """
+        started = time.perf_counter()
+        audio, lengths = self.encode([q.audio.logmel for q in queries])
+        pooled = pool_audio(audio, lengths).float().cpu().numpy()  # (B, D)
+        encode_ms = _ms_since(started)
+
+        results: list[SearchResult | Exception | None] = [None] * len(queries)
+        groups: dict[tuple[str, int], list[int]] = defaultdict(list)  # one stage-1 search per group
+        for i, q in enumerate(queries):
+            groups[(q.collection, q.candidates)].append(i)
+        for (name, candidates), members in groups.items():
+            try:
+                coll = self.collection(name)
+                stage1_started = time.perf_counter()
+                stage1_scores, stage1_ids = coll.search_stage1(np.ascontiguousarray(pooled[members]), candidates)
+                stage1_ms = _ms_since(stage1_started)
+            except (LookupError, ValueError) as error:
+                for i in members:
+                    results[i] = error
+                continue
+            for row, i in enumerate(members):
+                q = queries[i]
+                try:
+                    hits, stage2_ms, reranked = self._rerank(
+                        coll, audio[i, : int(lengths[i])], stage1_ids[row], stage1_scores[row], q.top_k
+                    )
+                except (LookupError, ValueError) as error:
+                    results[i] = error
+                    continue
+                results[i] = SearchResult(
+                    hits=hits,
+                    collection_size=coll.size,
+                    candidates=reranked,
+                    batch_size=len(queries),
+                    audio_seconds=q.audio.seconds,
+                    timings_ms={
+                        "decode": q.audio.decode_ms,
+                        "queue": 1000 * queue_seconds[i] if queue_seconds is not None else 0.0,
+                        "encode": encode_ms,
+                        "stage1": stage1_ms,
+                        "stage2": stage2_ms,
+                    },
+                )
+        return results  # type: ignore[return-value]
+
+    def _rerank(
+        self, coll, audio: Tensor, ids: np.ndarray, stage1_scores: np.ndarray, top_k: int
+    ) -> tuple[list[Hit], float, int]:
+        """Stage 2 for one query. audio: (T, D) true frames; ids, stage1_scores: (K,) with -1 pads.
+
+        Returns the top_k hits by MISA, the stage's milliseconds and how many candidates it scored.
+        """
+        started = time.perf_counter()
+        valid = ids >= 0
+        ids, stage1_scores = ids[valid], stage1_scores[valid]
+        if ids.size == 0:
+            return [], _ms_since(started), 0
+        maps = torch.from_numpy(np.asarray(coll.feature_maps(ids.tolist()))).to(self.device)  # (K, R, D)
+        lengths = torch.tensor([audio.shape[0]], device=self.device)
+        misa = score_matrix(audio.unsqueeze(0).float(), lengths, maps.float(), kinds=("misa",))["misa"][0]
+        order = torch.argsort(misa, descending=True, stable=True)[:top_k].cpu().numpy()
+        misa = misa.cpu().numpy()
+        stage2_ms = _ms_since(started)
+        best = ids[order]
+        uris = {record.id: record.uri for record in coll.images(best.tolist())}
+        hits = [Hit(int(best[j]), uris.get(int(best[j]), ""), float(misa[k]), float(stage1_scores[k]))
+                for j, k in enumerate(order)]
+        return hits, stage2_ms, int(ids.size)
+
+    # ---- localization ------------------------------------------------------------------------
+
+    def indexed_image_map(self, collection: str, image_id: str | int) -> ImageMap:
+        """The stored feature map of an indexed image (ImageNotFound, CollectionNotFound, InvalidQuery)."""
+        try:
+            key = int(image_id)
+        except (TypeError, ValueError):
+            raise InvalidQuery(f"image_id {image_id!r} is not an image id (ids are integers, as Search returns)") from None
+        coll = self.collection(collection)
+        try:
+            record = coll.images([key])[0]
+        except KeyError:
+            record = None
+        if record is None or record.status != "indexed":
+            raise ImageNotFound(f"collection {collection!r} holds no indexed image with id {key}")
+        features = torch.from_numpy(np.asarray(coll.feature_maps([key]))[0]).float()
+        features = features.reshape(*coll.grid, -1).to(self.device)
+        cfg = self.model.config.image
+        return ImageMap(features, center_crop_box(record.width, record.height, cfg.resize_size, cfg.input_size))
+
+    def sent_image_map(self, image_bytes: bytes) -> ImageMap:
+        """The feature map of an image sent with a request, spanning the whole image (ImageDecodeError)."""
+        image = load_image(image_bytes, name="image_bytes")
+        return ImageMap(encode_whole_image(self.model, image), (0.0, 0.0, float(image.width), float(image.height)))
+
+    def localize(
+        self,
+        data: bytes,
+        image: ImageMap,
+        span: tuple[float, float] | None = None,
+        *,
+        sample_rate: int | None = None,
+    ) -> Localization:
+        """Heatmap of where the query's speech (or its ``span``, seconds) lands on ``image``."""
+        waveform = decode_audio(
+            data,
+            sample_rate=sample_rate,
+            target_rate=self.sample_rate,
+            max_seconds=self.limits.max_audio_seconds,
+            name="audio",
+        )
+        return localize(self.model, image.features, waveform, span)
+
+    def highlighter(self, image: ImageMap, sample_rate: int, window_seconds: float = 0.0) -> LiveHighlighter:
+        """A live highlighter over ``image`` for a PCM stream at ``sample_rate``; window 0 = 1 s."""
+        check_sample_rate(sample_rate, "sample_rate")
+        window = window_seconds or 1.0
+        longest = self.model.config.audio.max_frames * self.model.config.audio.frame_seconds
+        if not 0 < window <= longest:
+            raise QueryOutOfRange(f"window_seconds is {window}; it must lie in (0, {longest:g}] seconds")
+        context = max(0.0, min(3.0, longest - window))
+        return LiveHighlighter(self.model, image.features, sample_rate, window_seconds=window, context_seconds=context)
+
+
+def _ms_since(started: float) -> float:
+    return 1000 * (time.perf_counter() - started)
+
+
+__all__ = [
+    "DEVICE_CHOICES",
+    "Hit",
+    "ImageMap",
+    "QueryAudio",
+    "SearchEngine",
+    "SearchLimits",
+    "SearchQuery",
+    "SearchResult",
+    "center_crop_box",
+    "resolve_device",
+]

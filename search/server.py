@@ -1,0 +1,405 @@
+"""The gRPC spoken-query search service (``matchmap serve``), on grpc.aio.
+
+The event loop only moves bytes. Audio decoding runs in a small thread pool; all model, index and
+catalog work runs in ONE model thread (torch releases the GIL inside its kernels, so the loop stays
+responsive). Concurrent Search calls meet in a :class:`MicroBatcher`: whatever queued while the
+model was busy is encoded in one forward pass. Every failure becomes a status code with a message a
+person can act on (see :func:`status_for`); nothing a client sends can stop the server.
+SIGTERM / SIGINT: health turns NOT_SERVING, new calls are refused, in-flight calls finish, then stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from encoders import AudioDecodeError, ImageDecodeError
+from indexer import CollectionNotFound, ModelMismatchError
+from protos.matchmap.v1 import search_pb2, search_pb2_grpc
+from search import DEFAULT_PORT
+from search.auth import BearerTokenInterceptor
+from search.batcher import MicroBatcher
+from search.engine import ImageMap, SearchEngine, SearchQuery, SearchResult
+from search.errors import ImageNotFound, InvalidQuery, Overloaded, QueryOutOfRange
+from search.localization import Localization
+
+log = logging.getLogger("matchmap.server")
+
+SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SpokenImageSearch"].full_name
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the server listens and what it accepts (the engine holds the per-query limits)."""
+
+    host: str = "[::]"
+    port: int = DEFAULT_PORT  # 0 = any free port (see SearchServer.port)
+    token: str | None = None  # bearer token; None = no authentication
+    tls_cert: Path | None = None  # PEM certificate chain and private key; both or neither
+    tls_key: Path | None = None
+    max_message_mb: float = 16.0  # largest request (audio or image bytes) accepted
+    max_batch: int = 8  # queries encoded in one forward pass at most
+    max_queue: int = 256  # queued Search calls beyond which new ones get RESOURCE_EXHAUSTED
+    decode_threads: int = 2
+    shutdown_grace_s: float = 30.0  # how long in-flight calls may run on after SIGTERM
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must lie in 0..65535, got {self.port}")
+        if not self.max_message_mb > 0:
+            raise ValueError(f"max_message_mb must be > 0, got {self.max_message_mb}")
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client gets for ``error``."""
+    if isinstance(error, QueryOutOfRange):
+        return grpc.StatusCode.OUT_OF_RANGE, str(error)
+    if isinstance(error, ModelMismatchError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(error)
+    if isinstance(error, (InvalidQuery, AudioDecodeError, ImageDecodeError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, (CollectionNotFound, ImageNotFound)):
+        return grpc.StatusCode.NOT_FOUND, str(error)
+    if isinstance(error, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    log.error("internal error answering a request", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal server error ({type(error).__name__}); the server log has details"
+
+
+def _answer_errors(method: Callable) -> Callable:
+    """Turn exceptions of a unary handler into status codes (see status_for)."""
+
+    @functools.wraps(method)
+    async def handler(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # every failure gets a status; the server keeps serving
+            code, message = status_for(error)
+        await context.abort(code, message)
+
+    return handler
+
+
+def _audio_source(audio: search_pb2.AudioInput, field: str = "audio") -> tuple[bytes, int | None]:
+    """(bytes, sample rate or None for an encoded file) of an AudioInput; InvalidQuery when unset."""
+    source = audio.WhichOneof("source")
+    if source == "encoded":
+        return audio.encoded, None
+    if source == "pcm":
+        return audio.pcm.samples_s16le, audio.pcm.sample_rate
+    raise InvalidQuery(f"{field} is missing: set {field}.encoded (a WAV/FLAC/OGG file) or {field}.pcm (raw PCM)")
+
+
+def _box(image: ImageMap) -> list[float]:
+    return [float(v) for v in image.box]
+
+
+class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
+    """The four RPCs of matchmap.v1.SpokenImageSearch over a SearchEngine."""
+
+    def __init__(self, engine: SearchEngine, options: ServerOptions):
+        self.engine = engine
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="matchmap-model")
+        self._decode_threads = ThreadPoolExecutor(options.decode_threads, thread_name_prefix="matchmap-decode")
+        self.batcher: MicroBatcher[SearchQuery, SearchResult] = MicroBatcher(
+            engine.search_batch, self._model_thread, max_batch=options.max_batch, max_queue=options.max_queue
+        )
+
+    async def _in_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, functools.partial(fn, *args))
+
+    async def _decoded(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._decode_threads, functools.partial(fn, *args, **kwargs)
+        )
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self._model_thread.shutdown(wait=True)
+        self._decode_threads.shutdown(wait=True)
+
+    @_answer_errors
+    async def Search(self, request: search_pb2.SearchRequest, context) -> search_pb2.SearchResponse:
+        arrived = time.perf_counter()
+        data, sample_rate = _audio_source(request.audio)
+        top_k, candidates = self.engine.resolve_counts(request.top_k, request.candidates)
+        await self._in_model_thread(self.engine.collection, request.collection)  # NOT_FOUND before decoding
+        audio = await self._decoded(self.engine.prepare_audio, data, sample_rate=sample_rate)
+        result = await self.batcher.submit(SearchQuery(audio, request.collection, top_k, candidates))
+        timings = result.timings_ms
+        return search_pb2.SearchResponse(
+            hits=[
+                search_pb2.Hit(image_id=str(h.image_id), uri=h.uri, score=h.score, stage1_score=h.stage1_score)
+                for h in result.hits
+            ],
+            timings=search_pb2.Timings(
+                decode_ms=timings["decode"],
+                queue_ms=timings["queue"],
+                encode_ms=timings["encode"],
+                stage1_ms=timings["stage1"],
+                stage2_ms=timings["stage2"],
+                total_ms=1000 * (time.perf_counter() - arrived),
+            ),
+            model_version=self.engine.model_version,
+            collection_size=result.collection_size,
+            candidates=result.candidates,
+            batch_size=result.batch_size,
+            audio_seconds=result.audio_seconds,
+        )
+
+    async def _image_map(self, which: str | None, image_id: str, image_bytes: bytes, collection: str) -> ImageMap:
+        if which == "image_id":
+            return await self._in_model_thread(self.engine.indexed_image_map, collection, image_id)
+        if which == "image_bytes":
+            if not image_bytes:
+                raise InvalidQuery("image_bytes is empty: send an image file's bytes (JPEG, PNG, ...)")
+            return await self._in_model_thread(self.engine.sent_image_map, image_bytes)
+        raise InvalidQuery("image is missing: set image_id (with collection) or image_bytes")
+
+    @_answer_errors
+    async def Localize(self, request: search_pb2.LocalizeRequest, context) -> search_pb2.LocalizeResponse:
+        data, sample_rate = _audio_source(request.audio)
+        image = await self._image_map(
+            request.WhichOneof("image"), request.image_id, request.image_bytes, request.collection
+        )
+        span = (request.start_seconds, request.end_seconds)
+        result: Localization = await self._in_model_thread(
+            functools.partial(self.engine.localize, data, image, span, sample_rate=sample_rate)
+        )
+        return search_pb2.LocalizeResponse(
+            rows=result.rows,
+            cols=result.cols,
+            heatmap=result.heatmap.reshape(-1).tolist(),
+            heatmap_box=_box(image),
+            heat_min=result.heat_min,
+            heat_max=result.heat_max,
+            start_seconds=result.start_seconds,
+            end_seconds=result.end_seconds,
+            frame_seconds=result.frame_seconds,
+            frame_scores=result.frame_scores.tolist(),
+            frame_best_regions=result.frame_best_regions.tolist(),
+            score=result.score,
+            model_version=self.engine.model_version,
+        )
+
+    async def Highlight(
+        self, request_iterator: AsyncIterator[search_pb2.HighlightRequest], context
+    ) -> AsyncIterator[search_pb2.HighlightResponse]:
+        """Heatmaps of the latest speech while audio streams in.
+
+        Chunks that arrive while a heatmap is being computed are folded into the next one, so a fast
+        sender gets fewer, fresher responses rather than a growing backlog; after the last chunk one
+        final response covers the end of the stream.
+        """
+        reader: asyncio.Task | None = None
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("message") != "start":
+                raise InvalidQuery("the first Highlight message must be `start` (the image and the audio format)")
+            start = first.start
+            image = await self._image_map(start.WhichOneof("image"), start.image_id, start.image_bytes, start.collection)
+            highlighter = self.engine.highlighter(image, start.sample_rate, start.window_seconds)
+            pending: list[bytes] = []
+            arrived = asyncio.Event()
+
+            async def read_chunks() -> None:
+                async for message in request_iterator:
+                    if message.WhichOneof("message") != "samples_s16le":
+                        raise InvalidQuery("after `start`, every Highlight message must carry samples_s16le")
+                    if message.samples_s16le:
+                        pending.append(message.samples_s16le)
+                        arrived.set()
+
+            reader = asyncio.create_task(read_chunks())
+            while True:
+                waiter = asyncio.create_task(arrived.wait())
+                await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if pending:
+                    arrived.clear()
+                    for chunk in pending:
+                        highlighter.push(chunk)
+                    pending.clear()
+                    result = await self._in_model_thread(highlighter.localize_latest)
+                    if result is not None:
+                        yield search_pb2.HighlightResponse(
+                            rows=result.rows,
+                            cols=result.cols,
+                            heatmap=result.heatmap.reshape(-1).tolist(),
+                            start_seconds=result.start_seconds,
+                            end_seconds=result.end_seconds,
+                            heat_min=result.heat_min,
+                            heat_max=result.heat_max,
+                            heatmap_box=_box(image),
+                        )
+                elif reader.done():
+                    reader.result()  # raises what the reader met (a malformed message)
+                    return
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            code, message = status_for(error)
+            await context.abort(code, message)
+        finally:
+            if reader is not None and not reader.done():
+                reader.cancel()
+
+    @_answer_errors
+    async def ListCollections(self, request, context) -> search_pb2.ListCollectionsResponse:
+        rows = await self._in_model_thread(self.engine.list_collections)
+        return search_pb2.ListCollectionsResponse(
+            collections=[
+                search_pb2.CollectionInfo(
+                    name=info.name,
+                    images=info.images,
+                    failed=info.failed,
+                    model_name=info.model_name,
+                    model_version=info.model_version,
+                    bytes=info.bytes,
+                    index_type=info.index_type,
+                    embed_dim=info.embed_dim,
+                    grid_rows=info.grid[0],
+                    grid_cols=info.grid[1],
+                    searchable=searchable,
+                )
+                for info, searchable in rows
+            ],
+            model_name=self.engine.model.config.name,
+            model_version=self.engine.model_version,
+        )
+
+
+class SearchServer:
+    """A started gRPC server: the search service, health and reflection on one port."""
+
+    def __init__(self, engine: SearchEngine, options: ServerOptions | None = None):
+        self.engine = engine
+        self.options = options or ServerOptions()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._servicer: SpokenImageSearchServicer | None = None
+        self._health = health.aio.HealthServicer()
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the port (the chosen one when options.port is 0)."""
+        opts = self.options
+        max_bytes = int(opts.max_message_mb * 2**20)
+        self._server = grpc.aio.server(
+            interceptors=[BearerTokenInterceptor(opts.token)] if opts.token else None,
+            options=[
+                ("grpc.max_receive_message_length", max_bytes),
+                ("grpc.max_send_message_length", max_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self._servicer = SpokenImageSearchServicer(self.engine, opts)
+        search_pb2_grpc.add_SpokenImageSearchServicer_to_server(self._servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+        address = f"{opts.host}:{opts.port}"
+        if opts.tls_cert is not None and opts.tls_key is not None:
+            credentials = grpc.ssl_server_credentials([(opts.tls_key.read_bytes(), opts.tls_cert.read_bytes())])
+            self.port = self._server.add_secure_port(address, credentials)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}: the port is in use or the address is not local")
+        await self._server.start()
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: health NOT_SERVING, refuse new calls, let in-flight ones finish (up to grace)."""
+        if self._server is None:
+            return
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self.options.shutdown_grace_s if grace is None else grace)
+        if self._servicer is not None:
+            await self._servicer.close()
+        self._server = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve_until_signalled(
+    engine: SearchEngine, options: ServerOptions, on_ready: Callable[[int], None] | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    server = SearchServer(engine, options)
+    port = await server.start()
+    if on_ready is not None:
+        on_ready(port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: finishing in-flight calls, then stopping")
+    await server.stop()
+
+
+class ServerThread:
+    """A SearchServer on a background thread's own event loop, for tests, benchmarks and notebooks.
+
+        with ServerThread(engine) as server:
+            client = SearchClient(server.target)
+
+    Listens on 127.0.0.1 and a free port unless ``options`` say otherwise. Leaving the block stops
+    the server gracefully; the engine stays open (the caller owns it).
+    """
+
+    def __init__(self, engine: SearchEngine, options: ServerOptions | None = None):
+        self.server = SearchServer(engine, options or ServerOptions(host="127.0.0.1", port=0))
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="matchmap-server", daemon=True)
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None, "the server is not started"
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result()
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,172 @@
+"""Units of the search service that need no model or collection: audio checks, spans, heatmaps, batching."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from encoders import AudioDecodeError
+from search.audio import decode_audio
+from search.batcher import MicroBatcher
+from search.engine import center_crop_box
+from search.errors import InvalidQuery, Overloaded, QueryOutOfRange
+from search.localization import localize_audio_map, span_frames
+
+RATE = 16000
+
+
+def wav_bytes(samples: np.ndarray, rate: int = RATE, subtype: str = "PCM_16") -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, format="WAV", subtype=subtype)
+    return buffer.getvalue()
+
+
+def tone(seconds: float, rate: int = RATE, level: float = 0.3) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (level * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+# ---- decode_audio ---------------------------------------------------------------------------------
+
+
+def test_decode_accepts_wav_and_pcm_and_resamples():
+    wave = decode_audio(wav_bytes(tone(1.0, rate=22050), rate=22050))
+    assert wave.dtype == torch.float32 and abs(wave.numel() - RATE) <= 2
+    pcm = (tone(0.5, rate=8000) * 32767).astype("<i2").tobytes()
+    wave = decode_audio(pcm, sample_rate=8000)
+    assert abs(wave.numel() - RATE // 2) <= 2
+
+
+@pytest.mark.parametrize(
+    "data, sample_rate, error, words",
+    [
+        (b"", None, InvalidQuery, "empty"),
+        (b"\x00\x01garbage that is not audio" * 10, None, AudioDecodeError, "cannot decode"),
+        (wav_bytes(tone(1.0))[:3000], None, AudioDecodeError, "truncated"),
+        (b"\x01\x02\x03", 16000, AudioDecodeError, "16-bit"),
+        (b"\x01\x02\x03\x04", 0, InvalidQuery, "sample_rate is 0"),
+        (b"\x01\x02\x03\x04", 10**9, InvalidQuery, "between"),
+        (wav_bytes(np.zeros(RATE, np.float32)), None, InvalidQuery, "silent"),
+        (np.zeros(RATE, "<i2").tobytes(), 16000, InvalidQuery, "silent"),
+        (wav_bytes(np.full(RATE, np.nan, np.float32), subtype="FLOAT"), None, AudioDecodeError, "NaN"),
+        (wav_bytes(tone(31.0, rate=8000), rate=8000), None, QueryOutOfRange, "limit of 30"),
+        ((tone(31.0) * 32767).astype("<i2").tobytes(), 16000, QueryOutOfRange, "limit of 30"),
+    ],
+    ids=["empty", "garbage", "truncated-wav", "odd-pcm", "zero-rate", "absurd-rate", "silent-wav",
+         "silent-pcm", "nan-samples", "too-long-wav", "too-long-pcm"],
+)
+def test_decode_rejects_bad_audio_with_a_message_naming_the_problem(data, sample_rate, error, words):
+    with pytest.raises(error, match=words):
+        decode_audio(data, sample_rate=sample_rate, max_seconds=30.0, name="query")
+
+
+def test_too_long_audio_is_refused_from_its_header_without_decoding(monkeypatch):
+    def must_not_decode(*args, **kwargs):
+        raise AssertionError("a file over the limit was decoded")
+
+    monkeypatch.setattr("search.audio.load_audio", must_not_decode)
+    with pytest.raises(QueryOutOfRange, match="lasts 40.00 s"):
+        decode_audio(wav_bytes(tone(40.0, rate=4000), rate=4000), max_seconds=30.0)
+
+
+# ---- spans and heatmaps --------------------------------------------------------------------------
+
+
+def test_span_frames_cover_the_span_and_refuse_impossible_ones():
+    assert span_frames(None, 10, 0.16) == (0, 10)
+    assert span_frames((0.0, 0.0), 10, 0.16) == (0, 10)
+    assert span_frames((0.2, 0.5), 10, 0.16) == (1, 4)
+    assert span_frames((0.5, 0.0), 10, 0.16) == (3, 10)  # end 0 = to the end
+    assert span_frames((1.0, 99.0), 10, 0.16) == (6, 10)  # clipped to the audio
+    for bad in [(-1.0, 1.0), (0.5, 0.2), (2.0, 3.0), (float("nan"), 1.0), (0.0, float("inf"))]:
+        with pytest.raises(QueryOutOfRange):
+            span_frames(bad, 10, 0.16)
+
+
+def test_heatmap_peaks_where_the_spans_frames_match():
+    # Four regions with orthogonal features; frame t of the audio is region (t % 4)'s feature.
+    d = 8
+    basis = torch.eye(d)[:4]
+    image_map = basis.reshape(2, 2, d)
+    audio = torch.stack([basis[t % 4] for t in range(8)])
+    frame = 0.16
+    for t in range(8):
+        result = localize_audio_map(image_map, audio, frame, (t * frame, (t + 1) * frame))
+        assert (result.start_seconds, result.end_seconds) == pytest.approx((t * frame, (t + 1) * frame))
+        row, col = divmod(t % 4, 2)
+        assert result.heatmap[row, col] == 1.0
+        assert float(result.heatmap.sum()) == 1.0  # the other regions are at the minimum
+    whole = localize_audio_map(image_map, audio, frame)
+    assert torch.equal(whole.frame_best_regions, torch.tensor([t % 4 for t in range(8)]))
+    assert whole.frame_scores.tolist() == [1.0] * 8
+    assert whole.score == pytest.approx(1.0)  # MISA: every frame finds a perfect region
+    assert (whole.heat_min, whole.heat_max) == (1.0, 1.0) and float(whole.heatmap.max()) == 0.0
+
+
+def test_center_crop_box_is_the_square_the_front_end_keeps():
+    assert center_crop_box(256, 256, 146, 128) == pytest.approx((15.78, 15.78, 240.22, 240.22), abs=0.01)
+    x0, y0, x1, y1 = center_crop_box(400, 200, 146, 128)
+    assert (x1 - x0, y1 - y0) == pytest.approx((200 * 128 / 146,) * 2)
+    assert (x0 + x1) / 2 == pytest.approx(200) and (y0 + y1) / 2 == pytest.approx(100)
+
+
+# ---- micro-batching ------------------------------------------------------------------------------
+
+
+def test_batcher_groups_what_queued_while_busy_and_isolates_failures():
+    batches: list[list[int]] = []
+
+    def process(items, waits):
+        batches.append(list(items))
+        time.sleep(0.05)  # the model is busy: later submissions queue up
+        return [ValueError(f"bad item {i}") if i == 3 else i * 10 for i in items]
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(process, pool, max_batch=8)
+            first = asyncio.ensure_future(batcher.submit(0))
+            await asyncio.sleep(0.01)  # item 0 is being processed alone
+            rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 6)]
+            results = await asyncio.gather(first, *rest, return_exceptions=True)
+            await batcher.close()
+            with pytest.raises(Overloaded):
+                await batcher.submit(7)
+            return results
+
+    results = asyncio.run(scenario())
+    assert batches == [[0], [1, 2, 3, 4, 5]]
+    assert results[:3] == [0, 10, 20] and results[4:] == [40, 50]
+    assert isinstance(results[3], ValueError) and "bad item 3" in str(results[3])
+
+
+def test_batcher_refuses_beyond_its_queue_and_close_finishes_queued_items():
+    started, release = threading.Event(), threading.Event()
+
+    def process(items, waits):
+        started.set()
+        release.wait(5)
+        return list(items)
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(process, pool, max_batch=1, max_queue=2)
+            accepted = [asyncio.ensure_future(batcher.submit(0))]
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)  # item 0 is running
+            accepted += [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
+            await asyncio.sleep(0.01)  # items 1 and 2 are queued
+            with pytest.raises(Overloaded, match="2 queries are already queued"):
+                await batcher.submit(99)
+            release.set()
+            await batcher.close()  # returns only after the queued items ran
+            assert all(f.done() for f in accepted)
+            return [f.result() for f in accepted]
+
+    assert asyncio.run(scenario()) == [0, 1, 2]
