@@ -1,0 +1,777 @@
+"""The indexer's facade: a :class:`Library` of named collections, each a :class:`Collection`.
+
+On disk, a library is a data directory plus a catalog database (by default the SQLite file
+``<data dir>/catalog.sqlite``; any SQLAlchemy URL, e.g. PostgreSQL, instead)::
+
+    <data dir>/catalog.sqlite
+    <data dir>/collections/<storage key>/write.lock              one writer per collection (flock)
+    <data dir>/collections/<storage key>/stage1-g<gen>.faiss     stage-1 index of catalog generation <gen>
+    <data dir>/collections/<storage key>/store-<id>/maps-*.bin   feature maps (see feature_store)
+    <data dir>/collections/<storage key>/store-<id>/pooled-*.bin pooled vectors
+
+Crash safety: the catalog is the source of truth. A batch is committed (one transaction: its image
+rows, the collection's next free slot and counters, generation + 1) only after its feature maps are
+fsynced into slots past the committed ones, so a kill at any point loses at most the batch in flight,
+whose slots the next run overwrites. The FAISS file is derived: it is written at the end of a run,
+named after the generation it reflects, and rebuilt from the store's pooled vectors by whoever finds no
+file of the catalog's current generation.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from tqdm import tqdm
+
+from encoders import load_image
+from indexer import stage1_index
+from indexer.catalog import (
+    STATUS_FAILED,
+    STATUS_INDEXED,
+    CollectionRow,
+    ImageRow,
+    catalog_bytes,
+    open_catalog,
+    sqlite_url,
+    total_image_rows,
+    utcnow,
+)
+from indexer.discover import discover_images
+from indexer.feature_store import FeatureStore, StoreLayout, compact_store
+from indexer.ingest import PreparedBatch, embed_images, in_background, prepare_batches
+
+CATALOG_FILENAME = "catalog.sqlite"
+COLLECTIONS_FOLDER = "collections"
+LOCK_FILENAME = "write.lock"
+# remove_images compacts the store once removed images' holes exceed this share of its slots.
+COMPACT_HOLE_FRACTION = 0.5
+
+
+def default_data_dir() -> Path:
+    """$MATCHMAP_DATA_DIR, else ~/.local/share/matchmap."""
+    configured = os.environ.get("MATCHMAP_DATA_DIR")
+    return Path(configured).expanduser() if configured else Path.home() / ".local" / "share" / "matchmap"
+
+
+class CollectionNotFound(KeyError):
+    """No collection of that name in the catalog."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "collection not found"
+
+
+class ModelMismatchError(ValueError):
+    """A model other than the one a collection was built with was used to search it or add to it."""
+
+
+class CollectionBusyError(RuntimeError):
+    """Another process is writing the collection."""
+
+
+@dataclass
+class CollectionInfo:
+    """Summary of one collection, as ``matchmap collections`` lists it."""
+
+    name: str
+    images: int
+    failed: int
+    model_name: str
+    model_version: str
+    bytes: int
+    index_type: str
+    index_params: dict[str, Any]
+    embed_dim: int
+    grid: tuple[int, int]
+
+
+@dataclass
+class ImageRecord:
+    """One image row of the catalog."""
+
+    id: int
+    uri: str
+    content_hash: str
+    width: int
+    height: int
+    status: str
+    error: str | None
+
+
+@dataclass
+class IndexReport:
+    """What one :meth:`Library.index` run did.
+
+    ``replaced``: images whose file (same uri) now has different content; the old version was removed.
+    """
+
+    added: int
+    skipped_duplicates: int
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    replaced: int = 0
+
+
+def _record(row: ImageRow) -> ImageRecord:
+    return ImageRecord(
+        id=row.id,
+        uri=row.uri,
+        content_hash=row.content_hash or "",
+        width=row.width or 0,
+        height=row.height or 0,
+        status=row.status,
+        error=row.error,
+    )
+
+
+def _model_label(name: str, version: str) -> str:
+    return f"{name} (weights {version})"
+
+
+class Collection:
+    """A searchable collection: stage-1 index in memory, feature maps memory-mapped, rows in the catalog.
+
+    A Collection is a snapshot as of when it was opened (``generation``); :meth:`is_current` tells
+    whether the catalog has changed since (then open it again through :meth:`Library.collection`).
+    """
+
+    def __init__(self, library: Library, session: Session, row: CollectionRow):
+        self._library = library
+        self._row = row
+        self.folder = library.collection_folder(row.storage_key)
+        self.store = FeatureStore(
+            self.folder / row.store_layout["directory"], StoreLayout.from_dict(row.store_layout)
+        )
+        ids, slots = library._live_slots(session, row.id)
+        self._ids = ids  # sorted image ids of indexed images
+        self._slots = slots  # their feature-store slots
+        self._lock = threading.Lock()
+        self._index = self._load_or_rebuild_index()
+
+    # -- the public, read-only view -------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._row.name
+
+    @property
+    def model_name(self) -> str:
+        return self._row.model_name
+
+    @property
+    def model_version(self) -> str:
+        return self._row.model_version
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self._row.grid_rows, self._row.grid_cols)
+
+    @property
+    def embed_dim(self) -> int:
+        return self._row.embed_dim
+
+    @property
+    def size(self) -> int:
+        """Number of indexed images."""
+        return len(self._ids)
+
+    @property
+    def generation(self) -> int:
+        """The catalog generation this snapshot reflects."""
+        return self._row.generation
+
+    @property
+    def index_type(self) -> str:
+        return self._row.index_type
+
+    @property
+    def index_params(self) -> dict[str, Any]:
+        return dict(self._row.index_params)
+
+    def is_current(self) -> bool:
+        """Whether the catalog still holds this snapshot's generation (one small query)."""
+        with self._library._sessions() as session:
+            generation = session.execute(
+                select(CollectionRow.generation).where(CollectionRow.id == self._row.id)
+            ).scalar_one_or_none()
+        return generation == self._row.generation
+
+    def check_model(self, model) -> None:
+        """Raise ModelMismatchError unless ``model`` is the model (config and weights) this collection was built with."""
+        name, version = model.config.name, model.version
+        if (name, version) != (self.model_name, self.model_version):
+            raise ModelMismatchError(
+                f"collection {self.name!r} was indexed with model {_model_label(self.model_name, self.model_version)}, "
+                f"but the model in use is {_model_label(name, version)}: its embeddings are not comparable. "
+                f"Use the checkpoint the collection was built with, or re-index it into a new collection "
+                f"with this model."
+            )
+
+    def search_stage1(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries (B, D) float32 pooled audio vectors -> (scores (B, k) float32, image ids (B, k) int64).
+
+        Scores are inner products with the images' pooled vectors, i.e. SISA of the stored maps (exact
+        for a flat index). Missing results (k > size, or an approximate index finding fewer) are id -1,
+        score -inf.
+        """
+        queries = np.asarray(queries)
+        if queries.ndim != 2 or queries.shape[1] != self.embed_dim:
+            raise ValueError(
+                f"queries must be (B, {self.embed_dim}) pooled audio vectors for collection {self.name!r}, "
+                f"got shape {queries.shape}"
+            )
+        return stage1_index.search(self._index, queries, k)
+
+    def _slots_of(self, image_ids: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+        where = np.searchsorted(self._ids, ids)
+        where = np.minimum(where, max(len(self._ids) - 1, 0))
+        found = (self._ids[where] == ids) if len(self._ids) else np.zeros(len(ids), dtype=bool)
+        if not found.all():
+            missing = ids[~found][:10].tolist()
+            raise KeyError(f"collection {self.name!r} has no indexed images with ids {missing}")
+        return self._slots[where]
+
+    def feature_maps(self, image_ids: Sequence[int]) -> np.ndarray:
+        """image ids (K,) -> their feature maps (K, R, D) float16, R = rows * cols, in one batched store read.
+
+        Raises KeyError for ids that are not indexed images of this collection (e.g. -1 pads).
+        """
+        return self.store.read_maps(self._slots_of(image_ids))
+
+    def images(self, image_ids: Sequence[int]) -> list[ImageRecord]:
+        """The catalog rows of ``image_ids``, in the order asked, in one query; KeyError for unknown ids."""
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            return []
+        with self._library._sessions() as session:
+            rows = session.execute(
+                select(ImageRow).where(ImageRow.collection_id == self._row.id, ImageRow.id.in_(set(ids)))
+            ).scalars()
+            by_id = {row.id: _record(row) for row in rows}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise KeyError(f"collection {self.name!r} has no images with ids {missing[:10]}")
+        return [by_id[i] for i in ids]
+
+    def ids_for_uris(self, uris: Sequence[str]) -> dict[str, list[int]]:
+        """uri -> ids of the collection's image rows (indexed or failed) with that uri, in one query."""
+        wanted = set(uris)
+        found: dict[str, list[int]] = {uri: [] for uri in wanted}
+        if not wanted:
+            return found
+        with self._library._sessions() as session:
+            rows = session.execute(
+                select(ImageRow.uri, ImageRow.id).where(
+                    ImageRow.collection_id == self._row.id, ImageRow.uri.in_(wanted)
+                )
+            )
+            for uri, image_id in rows:
+                found[uri].append(image_id)
+        return found
+
+    def known_ids(self, image_ids: Sequence[int]) -> set[int]:
+        """The subset of ``image_ids`` that are image rows (indexed or failed) of this collection, one query."""
+        wanted = {int(i) for i in image_ids}
+        if not wanted:
+            return set()
+        with self._library._sessions() as session:
+            return set(
+                session.execute(
+                    select(ImageRow.id).where(ImageRow.collection_id == self._row.id, ImageRow.id.in_(wanted))
+                ).scalars()
+            )
+
+    def remove_images(self, image_ids: Sequence[int]) -> int:
+        """Remove images (indexed or failed) by id from catalog, stage-1 index and store; -> number removed.
+
+        Ids not in the collection are ignored. Their feature-store slots become holes; once holes
+        exceed half of the store's slots the store is compacted (see :meth:`Library.compact`).
+        """
+        return self._library._remove_images(self, image_ids)
+
+    # -- maintenance used by the Library (under the collection's write lock) ----------------------
+    def _load_or_rebuild_index(self) -> faiss.Index:
+        index = stage1_index.load_index(self.folder, self.generation)
+        if index is not None and index.ntotal == len(self._ids) and index.d == self.embed_dim:
+            stage1_index.apply_search_params(index, self._row.index_type, self._row.index_params)
+            return index
+        return self._rebuild_index(self._row.index_type, self._row.index_params)[0]
+
+    def _rebuild_index(self, index_type: str, params: dict[str, Any] | None) -> tuple[faiss.Index, dict]:
+        vectors = self.store.read_pooled(self._slots)
+        if index_type != "flat" and len(vectors) == 0:
+            index_type, params = "flat", {}
+        return stage1_index.build_index(vectors, self._ids, index_type, params or None)
+
+    def _added(self, ids: np.ndarray, slots: np.ndarray, pooled: np.ndarray) -> None:
+        stage1_index.add_vectors(self._index, pooled, ids)
+        order = np.argsort(np.concatenate([self._ids, ids]), kind="stable")
+        self._ids = np.concatenate([self._ids, ids])[order]
+        self._slots = np.concatenate([self._slots, slots])[order]
+
+    def _adopt(self, other: Collection) -> None:
+        """Take over the state of a fresher snapshot of the same collection."""
+        _copy_state(other._row, self._row)
+        self.store, self._ids, self._slots, self._index = other.store, other._ids, other._slots, other._index
+
+    def _removed(self, ids: np.ndarray) -> None:
+        keep = ~np.isin(self._ids, ids)
+        self._ids, self._slots = self._ids[keep], self._slots[keep]
+        if len(ids) and not stage1_index.remove_ids(self._index, ids):
+            self._index = self._rebuild_index(self._row.index_type, self._row.index_params)[0]
+
+
+class Library:
+    """A data directory and its catalog: open collections, index images into them, remove them."""
+
+    def __init__(self, data_dir: Path, db_url: str):
+        self.data_dir = data_dir
+        self.db_url = db_url
+        self._engine, self._sessions = open_catalog(db_url)
+
+    @classmethod
+    def open(cls, data_dir: str | Path | None = None, db_url: str | None = None) -> Library:
+        """Open (creating if needed) the library at ``data_dir`` (default :func:`default_data_dir`).
+
+        The catalog is the SQLite file ``data_dir/catalog.sqlite`` unless ``db_url`` names another
+        database (e.g. ``postgresql+psycopg2://user:pass@host/db``); the index and store files are in
+        ``data_dir`` either way. Raises RuntimeError when the catalog cannot be opened.
+        """
+        folder = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RuntimeError(f"cannot create the data directory {folder}: {exc}") from exc
+        return cls(folder.resolve(), db_url or sqlite_url(folder / CATALOG_FILENAME))
+
+    def close(self) -> None:
+        """Release the catalog's connections."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Library:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def collection_folder(self, storage_key: str) -> Path:
+        """The folder of the collection with ``storage_key``."""
+        return self.data_dir / COLLECTIONS_FOLDER / storage_key
+
+    # -- reading ---------------------------------------------------------------------------------
+    def list_collections(self) -> list[CollectionInfo]:
+        """All collections, by name, with counts, model, index choice and bytes on disk."""
+        with self._sessions() as session:
+            rows = session.execute(select(CollectionRow).order_by(CollectionRow.name)).scalars().all()
+            all_rows = total_image_rows(session) if rows else 0
+        catalog_total = catalog_bytes(self._engine) if rows else 0
+        infos = []
+        for row in rows:
+            folder = self.collection_folder(row.storage_key)
+            store = FeatureStore(
+                folder / row.store_layout["directory"], StoreLayout.from_dict(row.store_layout)
+            )
+            stage1_file = stage1_index.current_index_file(folder) if folder.exists() else None
+            catalog_share = catalog_total * (row.images_indexed + row.images_failed) // max(all_rows, 1)
+            infos.append(
+                CollectionInfo(
+                    name=row.name,
+                    images=row.images_indexed,
+                    failed=row.images_failed,
+                    model_name=row.model_name,
+                    model_version=row.model_version,
+                    bytes=int(catalog_share)
+                    + (stage1_file.stat().st_size if stage1_file else 0)
+                    + (store.bytes_on_disk() if store.folder.exists() else 0),
+                    index_type=row.index_type,
+                    index_params=dict(row.index_params),
+                    embed_dim=row.embed_dim,
+                    grid=(row.grid_rows, row.grid_cols),
+                )
+            )
+        return infos
+
+    def _row(self, session: Session, name: str) -> CollectionRow:
+        row = session.execute(select(CollectionRow).where(CollectionRow.name == name)).scalar_one_or_none()
+        if row is None:
+            known = session.execute(select(CollectionRow.name).order_by(CollectionRow.name)).scalars().all()
+            listed = ", ".join(repr(n) for n in known) if known else "none yet"
+            raise CollectionNotFound(
+                f"no collection named {name!r} in {self.db_url_shown} (collections: {listed})"
+            )
+        return row
+
+    @property
+    def db_url_shown(self) -> str:
+        """The catalog URL with any password hidden."""
+        return self._engine.url.render_as_string(hide_password=True)
+
+    def collection(self, name: str) -> Collection:
+        """Open collection ``name`` for searching; CollectionNotFound if there is none."""
+        with self._snapshot() as session:
+            return Collection(self, session, self._row(session, name))
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Session]:
+        # The collection row and its (id, slot) list must come from one consistent snapshot.
+        with self._sessions() as session:
+            if self._engine.dialect.name == "postgresql":
+                session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            yield session
+
+    @staticmethod
+    def _live_slots(session: Session, collection_id: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = session.execute(
+            select(ImageRow.id, ImageRow.store_slot)
+            .where(ImageRow.collection_id == collection_id, ImageRow.status == STATUS_INDEXED)
+            .order_by(ImageRow.id)
+        ).all()
+        table = np.array(rows, dtype=np.int64).reshape(-1, 2)
+        return table[:, 0].copy(), table[:, 1].copy()
+
+    # -- writing ---------------------------------------------------------------------------------
+    @contextmanager
+    def _write_lock(self, storage_key: str) -> Iterator[None]:
+        folder = self.collection_folder(storage_key)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / LOCK_FILENAME, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CollectionBusyError(
+                    f"another process is writing this collection (lock {folder / LOCK_FILENAME}); "
+                    "wait for it to finish and run again"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _create_or_get_row(
+        self, name: str, model, index_type: str | None, flat_threshold: int | None
+    ) -> CollectionRow:
+        with self._sessions() as session:
+            row = session.execute(
+                select(CollectionRow).where(CollectionRow.name == name)
+            ).scalar_one_or_none()
+            if row is not None:
+                return row
+            rows, cols = model.image_grid
+            policy = index_type or "auto"
+            row = CollectionRow(
+                name=name,
+                storage_key=uuid.uuid4().hex,
+                model_name=model.config.name,
+                model_version=model.version,
+                embed_dim=model.config.embed_dim,
+                grid_rows=rows,
+                grid_cols=cols,
+                index_policy=policy,
+                flat_threshold=flat_threshold or stage1_index.DEFAULT_FLAT_THRESHOLD,
+                index_type="flat" if policy == "auto" else policy,
+                index_params={},
+                store_layout=StoreLayout(regions=rows * cols, dim=model.config.embed_dim).to_dict(),
+                next_slot=0,
+                images_indexed=0,
+                images_failed=0,
+                generation=0,
+            )
+            session.add(row)
+            try:
+                session.commit()
+            except IntegrityError:  # created concurrently by another process: use theirs
+                session.rollback()
+                return self._row(session, name)
+            return row
+
+    def index(
+        self,
+        name: str,
+        paths: Sequence[str],
+        model,
+        *,
+        batch_size: int = 32,
+        index_type: str | None = None,
+        progress: bool = True,
+        flat_threshold: int | None = None,
+    ) -> IndexReport:
+        """Index the images under ``paths`` (folders, globs, files, manifests) into collection ``name``.
+
+        Creates the collection on first use with ``model``'s name, weights version, grid and embed dim.
+        Only new content is embedded: files whose content hash the collection already holds are
+        skipped and counted. Unreadable or undecodable files are recorded as failed with the reason
+        and reported, never abort the run. ``index_type`` ("auto" | "flat" | "ivf" | "hnsw") and
+        ``flat_threshold`` (vectors below which "auto" stays exact) change the collection's rule
+        when given; the stage-1 index is re-decided at the end of the run.
+
+        Raises PathsError (a ValueError) for paths that name nothing, ModelMismatchError when the
+        collection was built with another model, CollectionBusyError when another process writes it.
+        """
+        if index_type is not None and index_type not in stage1_index.INDEX_POLICIES:
+            raise ValueError(f"index_type must be one of {stage1_index.INDEX_POLICIES}, got {index_type!r}")
+        if flat_threshold is not None and flat_threshold < 1:
+            raise ValueError(f"flat_threshold must be a positive number of vectors, got {flat_threshold}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        files = discover_images(paths)
+        model.eval()
+        row = self._create_or_get_row(name, model, index_type, flat_threshold)
+        with self._write_lock(row.storage_key):
+            collection = self._open_for_writing(name)
+            collection.check_model(model)
+            self._update_rule(collection, index_type, flat_threshold)
+            collection.store.create()
+            report = IndexReport(added=0, skipped_duplicates=0)
+
+            def decode(data: bytes, uri: str) -> tuple[torch.Tensor, int, int]:
+                image = load_image(data, name=uri)
+                return model.image_frontend(image), image.width, image.height
+
+            batches = prepare_batches(
+                files, decode, lambda hashes: self._known_hashes(collection, hashes), batch_size
+            )
+            with tqdm(
+                total=len(files), unit="img", desc=f"indexing {name}", disable=not progress, smoothing=0.1
+            ) as bar:
+                for batch in in_background(batches):
+                    self._ingest_batch(collection, batch, model, report)
+                    bar.update(batch.files)
+            self._finish_index(collection)
+        return report
+
+    def _open_for_writing(self, name: str) -> Collection:
+        collection = self.collection(name)
+        self._sweep_strays(collection)
+        return collection
+
+    def _update_rule(
+        self, collection: Collection, index_type: str | None, flat_threshold: int | None
+    ) -> None:
+        if index_type is None and flat_threshold is None:
+            return
+        with self._sessions.begin() as session:
+            row = session.get(CollectionRow, collection._row.id)
+            if index_type is not None:
+                row.index_policy = index_type
+            if flat_threshold is not None:
+                row.flat_threshold = flat_threshold
+            collection._row.index_policy = row.index_policy
+            collection._row.flat_threshold = row.flat_threshold
+
+    def _known_hashes(self, collection: Collection, hashes: list[str]) -> set[str]:
+        with self._sessions() as session:
+            return set(
+                session.execute(
+                    select(ImageRow.content_hash).where(
+                        ImageRow.collection_id == collection._row.id,
+                        ImageRow.status == STATUS_INDEXED,
+                        ImageRow.content_hash.in_(set(hashes)),
+                    )
+                ).scalars()
+            )
+
+    def _ingest_batch(self, collection: Collection, batch: PreparedBatch, model, report: IndexReport) -> None:
+        first_slot = collection._row.next_slot
+        pooled = np.zeros((0, collection.embed_dim), dtype=np.float32)
+        if batch.images:
+            maps, pooled = embed_images(model, [image.pixels for image in batch.images])
+            collection.store.write(first_slot, maps, pooled)  # durable before the catalog points at it
+        with self._sessions.begin() as session:
+            row = session.get(CollectionRow, collection._row.id, with_for_update=True)
+            failed_before = session.execute(
+                delete(ImageRow).where(
+                    ImageRow.collection_id == row.id,
+                    ImageRow.status == STATUS_FAILED,
+                    ImageRow.uri.in_(set(batch.uris)),
+                )
+            ).rowcount
+            replaced = (
+                session.execute(
+                    select(ImageRow.id).where(
+                        ImageRow.collection_id == row.id,
+                        ImageRow.status == STATUS_INDEXED,
+                        ImageRow.uri.in_({image.uri for image in batch.images}),
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if replaced:
+                session.execute(delete(ImageRow).where(ImageRow.id.in_(replaced)))
+            added = [
+                ImageRow(
+                    collection_id=row.id,
+                    uri=image.uri,
+                    content_hash=image.content_hash,
+                    width=image.width,
+                    height=image.height,
+                    status=STATUS_INDEXED,
+                    store_slot=first_slot + position,
+                )
+                for position, image in enumerate(batch.images)
+            ]
+            failed = [
+                ImageRow(
+                    collection_id=row.id,
+                    uri=item.uri,
+                    content_hash=item.content_hash,
+                    status=STATUS_FAILED,
+                    error=item.reason,
+                )
+                for item in batch.failed
+            ]
+            session.add_all(added + failed)
+            session.flush()
+            row.next_slot = first_slot + len(added)
+            row.images_indexed += len(added) - len(replaced)
+            row.images_failed += len(failed) - failed_before
+            if added or replaced:
+                row.generation += 1
+            row.updated_at = utcnow()
+            session.flush()
+            _copy_state(row, collection._row)
+        ids = np.array([image.id for image in added], dtype=np.int64)
+        slots = first_slot + np.arange(len(added), dtype=np.int64)
+        if len(replaced):
+            collection._removed(np.array(replaced, dtype=np.int64))
+        if len(added):
+            collection._added(ids, slots, pooled)
+        report.added += len(added)
+        report.replaced += len(replaced)
+        report.skipped_duplicates += len(batch.skipped_uris)
+        report.failed.extend((item.uri, item.reason) for item in batch.failed)
+
+    def _finish_index(self, collection: Collection) -> None:
+        """Re-decide the stage-1 index by the collection's rule, then save it for the current generation."""
+        row = collection._row
+        wanted = stage1_index.decide_index_type(collection.size, row.index_policy, row.flat_threshold)
+        if collection.size == 0:
+            wanted = "flat"  # nothing to train an approximate index on
+        grown = wanted == row.index_type and stage1_index.needs_rebuild(
+            row.index_type, row.index_params, collection.size, row.index_policy, row.flat_threshold
+        )
+        if wanted != row.index_type or grown:
+            index, params = collection._rebuild_index(wanted, None)
+            with self._sessions.begin() as session:
+                stored = session.get(CollectionRow, row.id, with_for_update=True)
+                stored.index_type = wanted
+                stored.index_params = params
+                stored.generation += 1
+                stored.updated_at = utcnow()
+                session.flush()
+                _copy_state(stored, row)
+            collection._index = index
+        self._save_current(collection)
+
+    def _sweep_strays(self, collection: Collection) -> None:
+        """Delete leftovers of interrupted writes: store folders the catalog does not point at."""
+        if not collection.folder.exists():
+            return
+        for path in collection.folder.iterdir():
+            if path.is_dir() and path.name.startswith("store-") and path != collection.store.folder:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _remove_images(self, collection: Collection, image_ids: Sequence[int]) -> int:
+        ids = sorted({int(i) for i in image_ids})
+        if not ids:
+            return 0
+        with self._write_lock(collection._row.storage_key):
+            # The caller's snapshot may be stale (another process may have written since): work on a fresh one.
+            fresh = self._open_for_writing(collection.name)
+            with self._sessions.begin() as session:
+                row = session.get(CollectionRow, fresh._row.id, with_for_update=True)
+                found = session.execute(
+                    select(ImageRow.id, ImageRow.status).where(
+                        ImageRow.collection_id == row.id, ImageRow.id.in_(ids)
+                    )
+                ).all()
+                indexed = [i for i, status in found if status == STATUS_INDEXED]
+                if found:
+                    session.execute(delete(ImageRow).where(ImageRow.id.in_([i for i, _ in found])))
+                row.images_indexed -= len(indexed)
+                row.images_failed -= len(found) - len(indexed)
+                if indexed:
+                    row.generation += 1
+                row.updated_at = utcnow()
+                session.flush()
+                _copy_state(row, fresh._row)
+            fresh._removed(np.array(indexed, dtype=np.int64))
+            self._save_current(fresh)
+            holes = fresh._row.next_slot - fresh.size
+            if holes > COMPACT_HOLE_FRACTION * fresh._row.next_slot:
+                self._compact_locked(fresh)
+        collection._adopt(fresh)
+        return len(found)
+
+    @staticmethod
+    def _save_current(collection: Collection) -> None:
+        if not stage1_index.index_path(collection.folder, collection.generation).exists():
+            stage1_index.save_index(collection._index, collection.folder, collection.generation)
+
+    def compact(self, name: str) -> int:
+        """Rewrite collection ``name``'s feature store without the holes removals left; -> bytes freed."""
+        row = self.collection(name)._row
+        with self._write_lock(row.storage_key):
+            collection = self._open_for_writing(name)
+            return self._compact_locked(collection)
+
+    def _compact_locked(self, collection: Collection) -> int:
+        before = collection.store.bytes_on_disk() if collection.store.folder.exists() else 0
+        order = np.argsort(collection._slots, kind="stable")
+        live_ids, live_slots = collection._ids[order], collection._slots[order]
+        layout = StoreLayout.from_dict(
+            {**collection.store.layout.to_dict(), "directory": f"store-{uuid.uuid4().hex[:12]}"}
+        )
+        target = FeatureStore(collection.folder / layout.directory, layout)
+        compact_store(collection.store, live_slots, target)
+        with self._sessions.begin() as session:
+            if len(live_ids):
+                session.execute(
+                    update(ImageRow),
+                    [{"id": int(i), "store_slot": slot} for slot, i in enumerate(live_ids)],
+                )
+            row = session.get(CollectionRow, collection._row.id, with_for_update=True)
+            row.store_layout = layout.to_dict()
+            row.next_slot = len(live_ids)
+            row.generation += 1
+            row.updated_at = utcnow()
+            session.flush()
+            _copy_state(row, collection._row)
+        old = collection.store
+        old.close()
+        collection.store = target
+        new_slots = np.empty_like(live_slots)
+        new_slots[order] = np.arange(len(live_slots), dtype=np.int64)
+        collection._slots = new_slots
+        shutil.rmtree(old.folder, ignore_errors=True)
+        self._save_current(collection)
+        return before - target.bytes_on_disk()
+
+    def remove_collection(self, name: str) -> None:
+        """Delete collection ``name``: its catalog rows, stage-1 index and feature store."""
+        with self._sessions() as session:
+            row = self._row(session, name)
+        with self._write_lock(row.storage_key):
+            with self._sessions.begin() as session:
+                session.execute(delete(ImageRow).where(ImageRow.collection_id == row.id))
+                session.execute(delete(CollectionRow).where(CollectionRow.id == row.id))
+            shutil.rmtree(self.collection_folder(row.storage_key), ignore_errors=True)
+
+
+def _copy_state(source: CollectionRow, target: CollectionRow) -> None:
+    """Mirror a committed collection row into the in-memory snapshot a Collection holds."""
+    for column in CollectionRow.__table__.columns.keys():
+        setattr(target, column, getattr(source, column))

@@ -1,0 +1,291 @@
+"""The stage-1 index: FAISS inner-product search over pooled image vectors, ids = catalog image ids.
+
+With masked-mean pooling, ``pooled_image . pooled_audio`` equals SISA, so an exact (flat) index gives
+exact SISA top-K. The index type is chosen by rule, as autofaiss does, and recorded in the catalog:
+
+- ``flat``: ``IndexIDMap2(IndexFlatIP)``, exact, below ``flat_threshold`` vectors (default 50,000);
+- ``ivf``: ``IndexIVFFlat`` with ``nlist ~ 4 sqrt(N)`` lists, k-means trained on the stored vectors
+  (a seeded sample, so a rebuild gives the same index), and the smallest power-of-two ``nprobe``
+  whose recall@K against the exact index reaches ``target_recall`` (0.95) on held-out-like queries;
+- ``hnsw``: ``IndexIDMap2(IndexHNSWFlat)``, only on request, ``efSearch`` tuned the same way.
+
+The FAISS file is *derived*: it is named after the catalog generation it reflects
+(``stage1-g<generation>.faiss``) and rebuilt from the feature store's pooled vectors whenever no file
+of the catalog's current generation exists.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+INDEX_TYPES = ("flat", "ivf", "hnsw")
+INDEX_POLICIES = ("auto", *INDEX_TYPES)
+DEFAULT_FLAT_THRESHOLD = 50_000
+TARGET_RECALL = 0.95
+TUNE_K = 100
+TUNE_QUERIES = 256
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+# An IVF index trained on N vectors is retrained once the collection has grown past this many times N.
+IVF_RETRAIN_GROWTH = 4
+# k-means trains on at most this many vectors per list (faiss warns below 39).
+IVF_TRAIN_POINTS_PER_LIST = 64
+IVF_TRAIN_ITERATIONS = 10
+SEED = 1234
+
+
+def decide_index_type(n_vectors: int, policy: str, flat_threshold: int = DEFAULT_FLAT_THRESHOLD) -> str:
+    """The index type the rule picks for ``n_vectors``: the pinned type, else flat below the threshold."""
+    if policy not in INDEX_POLICIES:
+        raise ValueError(f"index type must be one of {INDEX_POLICIES}, got {policy!r}")
+    if policy != "auto":
+        return policy
+    return "flat" if n_vectors < flat_threshold else "ivf"
+
+
+def ivf_nlist(n_vectors: int) -> int:
+    """Number of IVF lists for ``n_vectors``: about 4 sqrt(N), with at least 39 training points per list."""
+    return max(1, min(round(4 * math.sqrt(n_vectors)), n_vectors // 39))
+
+
+def needs_rebuild(
+    index_type: str, params: dict[str, Any], n_vectors: int, policy: str, flat_threshold: int
+) -> bool:
+    """Whether the rule now wants a different index than the recorded one (type change, or IVF grown a lot)."""
+    if decide_index_type(n_vectors, policy, flat_threshold) != index_type:
+        return True
+    if index_type == "ivf":
+        trained_on = int(params.get("trained_on", 0))
+        return n_vectors > IVF_RETRAIN_GROWTH * max(trained_on, 1)
+    return False
+
+
+def build_index(
+    vectors: np.ndarray, ids: np.ndarray, index_type: str, params: dict[str, Any] | None = None
+) -> tuple[faiss.Index, dict[str, Any]]:
+    """Build a stage-1 index over ``vectors`` (N, D) float32 with ``ids`` (N,) int64.
+
+    ``params`` from an earlier build (as recorded in the catalog) are reused as they are, so a rebuild
+    reproduces the recorded index; without them, IVF/HNSW search parameters are tuned for
+    ``TARGET_RECALL`` and the tuning result is returned with them.
+    """
+    vectors = _as_vectors(vectors, "vectors")
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if len(ids) != len(vectors):
+        raise ValueError(f"got {len(vectors)} vectors but {len(ids)} ids")
+    dim = vectors.shape[1]
+    if index_type == "flat":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        index.add_with_ids(vectors, ids)
+        return index, {}
+    if index_type == "ivf":
+        return _build_ivf(vectors, ids, params)
+    if index_type == "hnsw":
+        return _build_hnsw(vectors, ids, params)
+    raise ValueError(f"index type must be one of {INDEX_TYPES}, got {index_type!r}")
+
+
+def _build_ivf(
+    vectors: np.ndarray, ids: np.ndarray, params: dict[str, Any] | None
+) -> tuple[faiss.Index, dict]:
+    n, dim = vectors.shape
+    if n == 0:
+        raise ValueError(
+            "an IVF index needs at least one vector to train on; use 'flat' for an empty collection"
+        )
+    nlist = int(params["nlist"]) if params else ivf_nlist(n)
+    nlist = max(1, min(nlist, n))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = SEED
+    index.cp.niter = IVF_TRAIN_ITERATIONS
+    index.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_LIST
+    sample = _seeded_sample(n, nlist * IVF_TRAIN_POINTS_PER_LIST)
+    index.train(vectors[sample])
+    index.add_with_ids(vectors, ids)
+    if params:
+        index.nprobe = int(params["nprobe"])
+        return index, dict(params)
+
+    def set_nprobe(value: int) -> None:
+        index.nprobe = value
+
+    nprobe, recall, k = _tune(index, vectors, ids, set_nprobe, _powers_of_two(nlist))
+    return index, {
+        "nlist": nlist,
+        "nprobe": nprobe,
+        "trained_on": n,
+        "recall_at_k": recall,
+        "k": k,
+        "target_recall": TARGET_RECALL,
+    }
+
+
+def _build_hnsw(
+    vectors: np.ndarray, ids: np.ndarray, params: dict[str, Any] | None
+) -> tuple[faiss.Index, dict]:
+    dim = vectors.shape[1]
+    m = int(params["M"]) if params else HNSW_M
+    hnsw = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    index = faiss.IndexIDMap2(hnsw)
+    index.add_with_ids(vectors, ids)
+    if params:
+        hnsw.hnsw.efSearch = int(params["efSearch"])
+        return index, dict(params)
+
+    def set_ef(value: int) -> None:
+        hnsw.hnsw.efSearch = value
+
+    ef, recall, k = _tune(index, vectors, ids, set_ef, [16, 32, 64, 128, 256, 512, 1024, 2048])
+    return index, {
+        "M": m,
+        "efConstruction": HNSW_EF_CONSTRUCTION,
+        "efSearch": ef,
+        "recall_at_k": recall,
+        "k": k,
+        "target_recall": TARGET_RECALL,
+    }
+
+
+def _tune(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    set_value: Callable[[int], None],
+    candidates: list[int],
+) -> tuple[int, float, int]:
+    """Smallest candidate whose recall@K vs exact search reaches TARGET_RECALL -> (value, recall, K).
+
+    Queries are stored vectors plus Gaussian noise of half the data's per-dimension spread, so they
+    are near the data (as spoken queries are) without being database points found trivially.
+    """
+    n, dim = vectors.shape
+    k = min(TUNE_K, n)
+    rng = np.random.default_rng(SEED)
+    picked = vectors[_seeded_sample(n, TUNE_QUERIES)]
+    noise = rng.standard_normal(picked.shape).astype(np.float32) * (0.5 * vectors.std(axis=0, keepdims=True))
+    queries = np.ascontiguousarray(picked + noise, dtype=np.float32)
+    exact = faiss.IndexFlatIP(dim)
+    exact.add(vectors)
+    _, truth_positions = exact.search(queries, k)
+    truth = ids[truth_positions]
+    recall = 0.0
+    value = candidates[-1]
+    for value in candidates:
+        set_value(value)
+        _, found_ids = index.search(queries, k)
+        recall = recall_at_k(found_ids, truth, k)
+        if recall >= TARGET_RECALL:
+            break
+    return value, recall, k
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean over queries of |found[:k] & truth[:k]| / k; found, truth: (B, >=k) ids, -1 ignored."""
+    hits = 0
+    for f, t in zip(found[:, :k], truth[:, :k], strict=True):
+        hits += len(np.intersect1d(f[f >= 0], t[t >= 0]))
+    return hits / (k * len(found)) if len(found) else 1.0
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """queries (B, D) float32 -> (scores (B, k) float32, ids (B, k) int64); missing results: id -1, score -inf."""
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    queries = _as_vectors(queries, "queries")
+    if queries.shape[1] != index.d:
+        raise ValueError(f"queries have dimension {queries.shape[1]} but the index holds {index.d}-d vectors")
+    scores, ids = index.search(queries, k)
+    scores = scores.astype(np.float32, copy=False)
+    scores[ids < 0] = -np.inf
+    return scores, ids.astype(np.int64, copy=False)
+
+
+def remove_ids(index: faiss.Index, ids: np.ndarray) -> bool:
+    """Remove ``ids`` from ``index`` in place; False when the index type cannot remove (HNSW): rebuild it."""
+    if isinstance(index, faiss.IndexIDMap2) and isinstance(
+        faiss.downcast_index(index.index), faiss.IndexHNSW
+    ):
+        return False
+    index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+    return True
+
+
+def add_vectors(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
+    """Append ``vectors`` (N, D) float32 with ``ids`` (N,) int64 to a built index."""
+    index.add_with_ids(_as_vectors(vectors, "vectors"), np.ascontiguousarray(ids, dtype=np.int64))
+
+
+def apply_search_params(index: faiss.Index, index_type: str, params: dict[str, Any]) -> None:
+    """Set the recorded search-time parameters (IVF nprobe, HNSW efSearch) on a loaded index."""
+    if index_type == "ivf" and "nprobe" in params:
+        faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
+    elif index_type == "hnsw" and "efSearch" in params:
+        faiss.downcast_index(index.index).hnsw.efSearch = int(params["efSearch"])
+
+
+def index_path(folder: Path, generation: int) -> Path:
+    """Where the stage-1 file reflecting catalog ``generation`` lives."""
+    return Path(folder) / f"stage1-g{generation:012d}.faiss"
+
+
+def load_index(folder: Path, generation: int) -> faiss.Index | None:
+    """The stage-1 index saved for ``generation``, or None when there is none (rebuild it)."""
+    path = index_path(folder, generation)
+    if not path.exists():
+        return None
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError:  # a torn or foreign file: it is derived, so rebuilding is always safe
+        return None
+
+
+def save_index(index: faiss.Index, folder: Path, generation: int) -> Path:
+    """Atomically write ``index`` as the file of ``generation`` and delete files of other generations."""
+    folder = Path(folder)
+    final = index_path(folder, generation)
+    partial = final.with_suffix(".faiss.partial")
+    faiss.write_index(index, str(partial))
+    fd = os.open(partial, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, final)
+    for stale in folder.glob("stage1-g*.faiss*"):
+        if stale != final:
+            stale.unlink(missing_ok=True)
+    return final
+
+
+def current_index_file(folder: Path) -> Path | None:
+    """The stage-1 file present in ``folder`` (any generation), for size reports."""
+    files = sorted(Path(folder).glob("stage1-g*.faiss"))
+    return files[-1] if files else None
+
+
+def _as_vectors(array: np.ndarray, name: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (N, D) array, got shape {array.shape}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _seeded_sample(n: int, at_most: int) -> np.ndarray:
+    if n <= at_most:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(SEED).choice(n, size=at_most, replace=False))
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    values = [1]
+    while values[-1] < limit:
+        values.append(min(values[-1] * 2, limit))
+    return values
