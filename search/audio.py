@@ -21,16 +21,28 @@ from search.errors import InvalidQuery, QueryOutOfRange
 # and resampling from an absurd rate would cost unbounded memory.
 MIN_SAMPLE_RATE = 1000
 MAX_SAMPLE_RATE = 192_000
+# Largest resampling filter bank (coefficients) a query's sample rate may need.
+MAX_RESAMPLING_FILTER = 4_000_000
 # A waveform whose peak stays below this (about -80 dBFS, under one 16-bit step) holds no speech.
 SILENCE_PEAK = 1e-4
 
 
-def check_sample_rate(sample_rate: int, field: str) -> None:
-    """Raise InvalidQuery unless ``sample_rate`` (Hz, named ``field`` in the message) is plausible."""
+def check_sample_rate(sample_rate: int, field: str, target_rate: int = 16000) -> None:
+    """Raise InvalidQuery unless ``sample_rate`` (Hz, named ``field`` in the message) is plausible and
+    converts to ``target_rate`` at a bounded cost."""
     if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
         raise InvalidQuery(
             f"{field} is {sample_rate} Hz; it must be the rate of the samples, between "
             f"{MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} Hz (e.g. 16000)"
+        )
+    # Polyphase resampling builds a (target/g) x (rate/g) filter bank, g = gcd: tiny for the usual
+    # rates (44100 -> 16000: 160 x 441) but gigabytes for rates with no common factor (191999 Hz).
+    g = math.gcd(sample_rate, target_rate)
+    if (target_rate // g) * (sample_rate // g) > MAX_RESAMPLING_FILTER:
+        raise InvalidQuery(
+            f"{field} is {sample_rate} Hz, which does not convert to {target_rate} Hz at a reasonable cost "
+            "(the rates share no common factor); send audio at a common rate such as 8000, 16000, 22050, "
+            "44100 or 48000 Hz"
         )
 
 
@@ -62,7 +74,7 @@ def decode_audio(
     if sample_rate is None:
         waveform = _decode_encoded(data, target_rate, max_seconds, name)
     else:
-        check_sample_rate(sample_rate, f"{name} sample_rate")
+        check_sample_rate(sample_rate, f"{name} sample_rate", target_rate)
         _check_duration(len(data) / 2 / sample_rate, max_seconds, name)
         waveform = waveform_from_pcm(data, sample_rate, target_rate)
     check_not_silent(waveform, name)
@@ -75,7 +87,7 @@ def _decode_encoded(data: bytes, target_rate: int, max_seconds: float, name: str
     except (soundfile.SoundFileError, RuntimeError):
         info = None  # not decodable: load_audio below raises the precise AudioDecodeError
     if info is not None:
-        check_sample_rate(info.samplerate, f"{name}'s sample rate")
+        check_sample_rate(info.samplerate, f"{name}'s sample rate", target_rate)
         # Streaming writers leave the length unknown (frames 0 or huge); decoding then shows it.
         if 0 < info.frames < 2**31 - 1:
             _check_duration(info.frames / info.samplerate, max_seconds, name)

@@ -363,7 +363,7 @@ class SearchEngine:
 
     def highlighter(self, image: ImageMap, sample_rate: int, window_seconds: float = 0.0) -> LiveHighlighter:
         """A live highlighter over ``image`` for a PCM stream at ``sample_rate``; window 0 = 1 s."""
-        check_sample_rate(sample_rate, "sample_rate")
+        check_sample_rate(sample_rate, "sample_rate", self.sample_rate)
         window = window_seconds or 1.0
         longest = self.model.config.audio.max_frames * self.model.config.audio.frame_seconds
         if not 0 < window <= longest:

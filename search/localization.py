@@ -91,14 +91,14 @@ def span_frames(span: tuple[float, float] | None, frames: int, frame_seconds: fl
     duration = frames * frame_seconds
     if not (math.isfinite(start) and math.isfinite(end)) or start < 0 or end < 0:
         raise QueryOutOfRange(f"span ({start}, {end}) s: start and end must be finite and >= 0")
-    if end == 0:
-        end = duration
-    if end <= start:
-        raise QueryOutOfRange(f"span ({start}, {end}) s: end must come after start (or be 0 for 'to the end')")
     if start >= duration:
         raise QueryOutOfRange(
             f"span starts at {start:.2f} s but the audio the model hears lasts only {duration:.2f} s"
         )
+    if end == 0:
+        end = duration
+    if end <= start:
+        raise QueryOutOfRange(f"span ({start}, {end}) s: end must come after start (or be 0 for 'to the end')")
     first = min(int(start / frame_seconds), frames - 1)
     last = min(max(math.ceil(end / frame_seconds - 1e-9), first + 1), frames)
     return first, last

@@ -54,13 +54,16 @@ def test_decode_accepts_wav_and_pcm_and_resamples():
         (b"\x01\x02\x03", 16000, AudioDecodeError, "16-bit"),
         (b"\x01\x02\x03\x04", 0, InvalidQuery, "sample_rate is 0"),
         (b"\x01\x02\x03\x04", 10**9, InvalidQuery, "between"),
+        (b"\x01\x02\x03\x04", 191_999, InvalidQuery, "common rate"),
+        (wav_bytes(tone(0.1, rate=12_347), rate=12_347), None, InvalidQuery, "common rate"),
         (wav_bytes(np.zeros(RATE, np.float32)), None, InvalidQuery, "silent"),
         (np.zeros(RATE, "<i2").tobytes(), 16000, InvalidQuery, "silent"),
         (wav_bytes(np.full(RATE, np.nan, np.float32), subtype="FLOAT"), None, AudioDecodeError, "NaN"),
         (wav_bytes(tone(31.0, rate=8000), rate=8000), None, QueryOutOfRange, "limit of 30"),
         ((tone(31.0) * 32767).astype("<i2").tobytes(), 16000, QueryOutOfRange, "limit of 30"),
     ],
-    ids=["empty", "garbage", "truncated-wav", "odd-pcm", "zero-rate", "absurd-rate", "silent-wav",
+    ids=["empty", "garbage", "truncated-wav", "odd-pcm", "zero-rate", "absurd-rate", "coprime-rate-pcm",
+         "coprime-rate-wav", "silent-wav",
          "silent-pcm", "nan-samples", "too-long-wav", "too-long-pcm"],
 )
 def test_decode_rejects_bad_audio_with_a_message_naming_the_problem(data, sample_rate, error, words):

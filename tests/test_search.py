@@ -1,0 +1,593 @@
+"""The search service end to end: a real collection indexed from the tiny corpus with a tiny model,
+a real gRPC server on a loopback port, the real client and CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from encoders import create_model, load_audio, save_checkpoint, score_matrix
+from encoders.matchmap import pool_audio, pool_images
+from indexer import Library
+from protos.matchmap.v1 import search_pb2, search_pb2_grpc
+from search.cli import query
+from search.client import PcmAudio, SearchClient, SearchServiceError, ServerUnreachable
+from search.engine import SearchEngine
+from search.remote_eval import remote_recall
+from search.server import ServerOptions, ServerThread
+from training.manifest import load_manifest
+
+COLLECTION = "corpus"
+OK = grpc.StatusCode.OK
+
+
+# ---- fixtures: one model, one indexed collection, one server for the module ---------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(path, create_model("tiny"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return create_model(str(checkpoint)).eval()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tiny_corpus, model, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("library")
+    with Library.open(folder) as library:
+        report = library.index(
+            COLLECTION, [str(tiny_corpus / "train.json"), str(tiny_corpus / "val.json")], model, progress=False
+        )
+    assert report.added > 10 and not report.failed
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint, data_dir):
+    engine = SearchEngine.open(checkpoint, data_dir, device="cpu")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with ServerThread(engine) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with SearchClient(server.target) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def val(tiny_corpus):
+    return load_manifest(tiny_corpus / "val.json")
+
+
+@pytest.fixture(scope="module")
+def caption_wav(val) -> Path:
+    return val.audio_path(val.entries[0])
+
+
+@pytest.fixture(scope="module")
+def val_image(val) -> Path:
+    return val.image_path(val.entries[0])
+
+
+def image_paths(*manifests) -> list[Path]:
+    return [m.image_path(e).resolve() for m in manifests for e in m.entries]
+
+
+def stored_maps(engine, collection: str, images: list[Path]) -> tuple[np.ndarray, torch.Tensor]:
+    """(ids (N,) sorted, maps (N, R, D) float32) of the indexed ``images``, read from the collection."""
+    coll = engine.collection(collection)
+    found = coll.ids_for_uris(sorted({str(p) for p in images}))
+    assert all(found.values()), f"images not indexed: {[u for u, ids in found.items() if not ids]}"
+    ids = np.array(sorted({i for ids in found.values() for i in ids}))
+    return ids, torch.from_numpy(coll.feature_maps(ids).astype(np.float32))
+
+
+def offline_audio_maps(model, wav_paths) -> tuple[torch.Tensor, torch.Tensor]:
+    """Audio maps through the plain encoders API: load_audio -> front end -> encode_audio."""
+    features = [model.audio_frontend(load_audio(p)) for p in wav_paths]
+    logmels = torch.stack([f for f, _ in features])
+    lengths = torch.tensor([n for _, n in features])
+    with torch.no_grad():
+        return model.encode_audio(logmels, lengths)
+
+
+# ---- search -------------------------------------------------------------------------------------
+
+
+def test_search_returns_ranked_hits_with_timings_and_model(client, engine, caption_wav, tiny_corpus):
+    hits = client.search(caption_wav, COLLECTION, top_k=5)
+    assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    assert all(Path(h.uri).is_file() and Path(h.uri).is_relative_to(tiny_corpus) for h in hits)
+    assert len({h.image_id for h in hits}) == 5
+    assert hits.model_version == engine.model_version
+    assert hits.collection_size == engine.collection(COLLECTION).size
+    assert hits.candidates == min(100, hits.collection_size)
+    t = hits.timings_ms
+    assert t["total"] >= t["encode"] > 0 and t["decode"] > 0 and t["stage1"] > 0 and t["stage2"] > 0
+    assert hits.audio_seconds == pytest.approx(soundfile.info(str(caption_wav)).duration, abs=0.01)
+
+
+def test_two_stage_over_the_whole_collection_equals_exhaustive_misa_and_sisa(client, engine, model, val, tiny_corpus):
+    ids, maps = stored_maps(engine, COLLECTION, image_paths(val, load_manifest(tiny_corpus / "train.json")))
+    assert len(ids) == engine.collection(COLLECTION).size
+    wavs = [val.audio_path(e) for e in val.entries[:4]]
+    audio, lengths = offline_audio_maps(model, wavs)
+    expected = score_matrix(audio, lengths, maps, kinds=("misa", "sisa"))
+    sisa_from_pooled = pool_audio(audio, lengths) @ pool_images(maps).T
+    for i, wav in enumerate(wavs):
+        hits = client.search(wav, COLLECTION, top_k=len(ids), candidates=len(ids))
+        assert hits.candidates == len(ids)
+        order = torch.argsort(expected["misa"][i], descending=True)
+        assert [int(h.image_id) for h in hits] == ids[order.numpy()].tolist()
+        position = {int(image_id): j for j, image_id in enumerate(ids)}
+        got_misa = [h.score for h in hits]
+        got_sisa = [h.stage1_score for h in hits]
+        want = [position[int(h.image_id)] for h in hits]
+        np.testing.assert_allclose(got_misa, expected["misa"][i, want].numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got_sisa, expected["sisa"][i, want].numpy(), rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(got_sisa, sisa_from_pooled[i, want].numpy(), rtol=1e-3, atol=1e-5)
+
+
+def test_raw_pcm_and_the_encoded_file_give_the_same_hits(client, caption_wav):
+    samples, rate = soundfile.read(str(caption_wav), dtype="int16")
+    from_pcm = client.search(PcmAudio(samples.astype("<i2").tobytes(), rate), COLLECTION, top_k=5)
+    from_file = client.search(caption_wav.read_bytes(), COLLECTION, top_k=5)
+    assert [h.image_id for h in from_pcm] == [h.image_id for h in from_file]
+    np.testing.assert_allclose([h.score for h in from_pcm], [h.score for h in from_file], rtol=1e-5)
+
+
+def test_concurrent_queries_are_batched_and_answered_as_if_alone(client, server, val):
+    wavs = [val.audio_path(e) for e in val.entries[:8]] * 2
+    alone = [[h.image_id for h in client.search(w, COLLECTION, top_k=3)] for w in wavs[:8]]
+    batches_before = server.server._servicer.batcher.batches
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda w: client.search(w, COLLECTION, top_k=3), wavs))
+    assert [[h.image_id for h in hits] for hits in together] == alone * 2
+    assert max(hits.batch_size for hits in together) > 1
+    assert server.server._servicer.batcher.batches - batches_before < len(wavs)
+
+
+def test_list_collections_and_health(client, engine):
+    listing = client.list_collections()
+    assert listing.model_version == engine.model_version and listing.model_name == "tiny"
+    (info,) = [c for c in listing.collections if c.name == COLLECTION]
+    assert info.searchable and info.images == engine.collection(COLLECTION).size
+    assert (info.grid_rows, info.grid_cols) == engine.model.image_grid and info.embed_dim == 256
+    assert info.bytes > 0
+    assert client.health() == "SERVING"
+    assert client.health("matchmap.v1.SpokenImageSearch") == "SERVING"
+
+
+def test_reflection_lists_the_services(server):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(server.target) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"matchmap.v1.SpokenImageSearch", "grpc.health.v1.Health"} <= services
+
+
+# ---- localization --------------------------------------------------------------------------------
+
+
+def test_localize_an_indexed_image_and_a_sent_one(client, engine, caption_wav, val_image):
+    image_id = client.search(caption_wav, COLLECTION, top_k=1)[0].image_id
+    result = client.localize(caption_wav, image_id=image_id, collection=COLLECTION)
+    rows, cols = engine.model.image_grid
+    assert result.values.shape == (rows, cols)
+    assert result.values.min() == 0.0 and result.values.max() == pytest.approx(1.0)
+    assert result.heat_max > result.heat_min
+    duration = soundfile.info(str(caption_wav)).duration
+    frames = len(result.frame_scores)
+    assert frames == len(result.frame_best_regions) > 0
+    assert frames * result.frame_seconds == pytest.approx(duration, abs=2 * result.frame_seconds)
+    assert result.frame_best_regions.max() < rows * cols
+    assert result.score == pytest.approx(float(result.frame_scores.mean()), rel=1e-4)  # MISA
+    x0, y0, x1, y1 = result.box  # the centre crop of the 256 x 256 image
+    assert 0 < x0 < x1 < 256 and 0 < y0 < y1 < 256
+
+    span = client.localize(caption_wav, image_id=image_id, collection=COLLECTION, start_seconds=0.5, end_seconds=1.0)
+    assert span.start_seconds <= 0.5 < 1.0 <= span.end_seconds <= 1.0 + span.frame_seconds
+    assert not np.allclose(span.values, result.values)
+
+    sent = client.localize(caption_wav, image=val_image)
+    assert sent.box == (0.0, 0.0, 256.0, 256.0)
+    assert sent.values.max() == pytest.approx(1.0) and sent.values.ndim == 2
+
+
+def test_highlight_streams_heatmaps_of_the_latest_speech(client, caption_wav, val_image):
+    samples, rate = soundfile.read(str(caption_wav), dtype="int16")
+    pcm = samples.astype("<i2").tobytes()
+    chunk = rate // 4 * 2  # 0.25 s of 16-bit samples
+    chunks = [pcm[i : i + chunk] for i in range(0, len(pcm), chunk)]
+    frames = list(client.highlight(iter(chunks), rate, image=val_image, window_seconds=1.0))
+    assert 1 <= len(frames) <= len(chunks)
+    ends = [f.end_seconds for f in frames]
+    assert ends == sorted(ends)
+    assert frames[-1].end_seconds == pytest.approx(len(samples) / rate, abs=0.2)
+    for f in frames:
+        assert f.end_seconds - f.start_seconds <= 1.0 + 0.2
+        assert f.values.max() <= 1.0 and f.values.min() >= 0.0
+        assert f.box == (0.0, 0.0, 256.0, 256.0)
+
+
+# ---- bad input never hurts the service ------------------------------------------------------------
+
+
+def pcm(seconds: float, rate: int = 16000) -> search_pb2.AudioInput:
+    noise = np.random.default_rng(0).normal(0, 3000, int(seconds * rate)).astype("<i2")
+    return search_pb2.AudioInput(pcm=search_pb2.RawPcm(samples_s16le=noise.tobytes(), sample_rate=rate))
+
+
+def wav_input(path: Path) -> search_pb2.AudioInput:
+    return search_pb2.AudioInput(encoded=path.read_bytes())
+
+
+BAD_SEARCHES = {
+    "no audio": (lambda w: search_pb2.SearchRequest(collection=COLLECTION), "INVALID_ARGUMENT", "audio is missing"),
+    "empty bytes": (lambda w: search_pb2.SearchRequest(audio=search_pb2.AudioInput(encoded=b""), collection=COLLECTION), "INVALID_ARGUMENT", "empty"),
+    "garbage": (lambda w: search_pb2.SearchRequest(audio=search_pb2.AudioInput(encoded=os.urandom(4000)), collection=COLLECTION), "INVALID_ARGUMENT", "cannot decode"),
+    "truncated wav": (lambda w: search_pb2.SearchRequest(audio=search_pb2.AudioInput(encoded=w.read_bytes()[:5000]), collection=COLLECTION), "INVALID_ARGUMENT", "truncated"),
+    "an image as audio": (lambda w: search_pb2.SearchRequest(audio=search_pb2.AudioInput(encoded=_png_bytes()), collection=COLLECTION), "INVALID_ARGUMENT", "cannot decode"),
+    "zero sample rate": (lambda w: search_pb2.SearchRequest(audio=search_pb2.AudioInput(pcm=search_pb2.RawPcm(samples_s16le=b"\x10\x00" * 800, sample_rate=0)), collection=COLLECTION), "INVALID_ARGUMENT", "sample_rate is 0"),
+    "odd pcm bytes": (lambda w: search_pb2.SearchRequest(audio=search_pb2.AudioInput(pcm=search_pb2.RawPcm(samples_s16le=b"\x10\x00" * 800 + b"\x01", sample_rate=16000)), collection=COLLECTION), "INVALID_ARGUMENT", "16-bit samples"),
+    "silence": (lambda w: search_pb2.SearchRequest(audio=search_pb2.AudioInput(pcm=search_pb2.RawPcm(samples_s16le=bytes(32000), sample_rate=16000)), collection=COLLECTION), "INVALID_ARGUMENT", "silent"),
+    "nan samples": (lambda w: search_pb2.SearchRequest(audio=search_pb2.AudioInput(encoded=_float_wav(np.full(8000, np.nan))), collection=COLLECTION), "INVALID_ARGUMENT", "NaN"),
+    "too long": (lambda w: search_pb2.SearchRequest(audio=pcm(31.0, 8000), collection=COLLECTION), "OUT_OF_RANGE", "limit of 30"),
+    "unknown collection": (lambda w: search_pb2.SearchRequest(audio=wav_input(w), collection="nope"), "NOT_FOUND", "no collection named 'nope'"),
+    "no collection": (lambda w: search_pb2.SearchRequest(audio=wav_input(w)), "INVALID_ARGUMENT", "collection is empty"),
+    "top_k too big": (lambda w: search_pb2.SearchRequest(audio=wav_input(w), collection=COLLECTION, top_k=10**6), "OUT_OF_RANGE", "top_k"),
+    "candidates below top_k": (lambda w: search_pb2.SearchRequest(audio=wav_input(w), collection=COLLECTION, top_k=20, candidates=5), "OUT_OF_RANGE", "candidates"),
+    "candidates too many": (lambda w: search_pb2.SearchRequest(audio=wav_input(w), collection=COLLECTION, candidates=2**32 - 1), "OUT_OF_RANGE", "candidates"),
+}
+
+
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _float_wav(samples: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples.astype(np.float32), 16000, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("case", list(BAD_SEARCHES))
+def test_bad_search_requests_get_a_status_a_person_can_act_on(server, caption_wav, case):
+    build, code, words = BAD_SEARCHES[case]
+    with grpc.insecure_channel(server.target) as channel:
+        stub = search_pb2_grpc.SpokenImageSearchStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Search(build(caption_wav), timeout=30)
+        assert raised.value.code().name == code, raised.value.details()
+        assert words in raised.value.details()
+        assert stub.Search(search_pb2.SearchRequest(audio=wav_input(caption_wav), collection=COLLECTION, top_k=2)).hits
+
+
+def test_bad_localize_and_highlight_requests(client, caption_wav, val_image):
+    cases = [
+        (dict(image_id="999999", collection=COLLECTION), "NOT_FOUND", "no indexed image with id 999999"),
+        (dict(image_id="not-an-id", collection=COLLECTION), "INVALID_ARGUMENT", "not an image id"),
+        (dict(image=b"not an image"), "INVALID_ARGUMENT", "not a recognized image"),
+        (dict(image_id="1", collection="nope"), "NOT_FOUND", "no collection named"),
+        (dict(image=val_image, start_seconds=50.0), "OUT_OF_RANGE", "span starts"),
+        (dict(image=b"x" * 10, start_seconds=2.0, end_seconds=1.0), "INVALID_ARGUMENT", "not a recognized image"),
+    ]
+    for kwargs, code, words in cases:
+        with pytest.raises(SearchServiceError) as raised:
+            client.localize(caption_wav, **kwargs)
+        assert raised.value.code.name == code and words in raised.value.details, raised.value
+    with pytest.raises(SearchServiceError, match="OUT_OF_RANGE.*window_seconds"):
+        list(client.highlight(iter([b"\x00\x10" * 100]), 16000, image_id="1", collection=COLLECTION, window_seconds=99.0))
+    with pytest.raises(SearchServiceError, match="INVALID_ARGUMENT.*sample_rate is 0"):
+        list(client.highlight(iter([b"\x00\x10" * 100]), 0, image_id="1", collection=COLLECTION))
+    with grpc.insecure_channel(client.target) as channel:
+        stub = search_pb2_grpc.SpokenImageSearchStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            list(stub.Highlight(iter([search_pb2.HighlightRequest(samples_s16le=b"\x00\x01")]), timeout=10))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "first Highlight message" in raised.value.details()
+    assert client.search(caption_wav, COLLECTION, top_k=1)
+
+
+def wav_with_header(fmt: int, channels: int, rate: int, bits: int, declared: int, payload: bytes) -> bytes:
+    """A WAV file whose header fields are whatever the caller says (for fuzzing the decoder)."""
+    block = channels * max(bits // 8, 1)
+    fmt_chunk = struct.pack("<HHIIHH", fmt, channels, rate, rate * block & 0xFFFFFFFF, block & 0xFFFF, bits)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt_chunk)) + fmt_chunk + b"data" + struct.pack("<I", declared) + payload
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+forged_wavs = st.builds(
+    wav_with_header,
+    fmt=st.sampled_from([1, 3, 6, 7, 0xFFFE, 0]),
+    channels=st.integers(0, 9),
+    rate=st.one_of(st.sampled_from([8000, 16000, 44100]), st.integers(0, 2**32 - 1)),
+    bits=st.sampled_from([0, 8, 16, 24, 32, 64, 7]),
+    declared=st.one_of(st.integers(0, 4000), st.integers(0, 2**32 - 1)),
+    payload=st.binary(max_size=4000),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    audio=st.one_of(
+        st.binary(max_size=3000).map(lambda b: search_pb2.AudioInput(encoded=b)),
+        forged_wavs.map(lambda b: search_pb2.AudioInput(encoded=b)),
+        st.builds(
+            lambda b, r: search_pb2.AudioInput(pcm=search_pb2.RawPcm(samples_s16le=b, sample_rate=r)),
+            st.binary(max_size=6000),
+            st.one_of(
+                st.integers(0, 2**32 - 1), st.integers(1000, 192_000), st.sampled_from([0, 1, 8000, 16000, 44100])
+            ),
+        ),
+        st.just(None),
+    ),
+    collection=st.one_of(st.just(COLLECTION), st.text(max_size=20)),
+    top_k=st.integers(0, 2**32 - 1),
+    candidates=st.integers(0, 2**32 - 1),
+    span=st.tuples(st.floats(allow_nan=True, allow_infinity=True, width=32), st.floats(width=32)),
+    image=st.one_of(st.binary(max_size=500), st.text(max_size=8)),
+)
+def test_random_requests_always_get_a_proper_status(server, caption_wav, audio, collection, top_k, candidates, span, image):
+    proper = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION"}
+    with grpc.insecure_channel(server.target) as channel:
+        stub = search_pb2_grpc.SpokenImageSearchStub(channel)
+        calls = [
+            lambda: stub.Search(search_pb2.SearchRequest(audio=audio, collection=collection, top_k=top_k, candidates=candidates), timeout=30),
+            lambda: stub.Localize(search_pb2.LocalizeRequest(
+                audio=audio, collection=collection, start_seconds=span[0], end_seconds=span[1],
+                **({"image_bytes": image} if isinstance(image, bytes) else {"image_id": image})), timeout=30),
+        ]
+        for call in calls:
+            try:
+                call()
+                code, details = "OK", ""
+            except grpc.RpcError as error:
+                code, details = error.code().name, error.details()
+            assert code in proper, f"{code}: {details}"
+            assert code == "OK" or len(details) > 10
+        valid = stub.Search(search_pb2.SearchRequest(audio=wav_input(caption_wav), collection=COLLECTION, top_k=1), timeout=30)
+        assert len(valid.hits) == 1
+
+
+def test_deadlines_are_honoured_and_the_server_keeps_serving(server, caption_wav):
+    with SearchClient(server.target, timeout=0.001) as hasty:
+        with pytest.raises(SearchServiceError) as raised:
+            hasty.search(caption_wav, COLLECTION)
+        assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    with SearchClient(server.target) as patient:
+        assert patient.search(caption_wav, COLLECTION, top_k=1)
+
+
+def test_oversized_messages_are_refused(engine, caption_wav):
+    with ServerThread(engine, ServerOptions(host="127.0.0.1", port=0, max_message_mb=0.05)) as small:
+        with SearchClient(small.target) as c:
+            with pytest.raises(SearchServiceError) as raised:
+                c.search(b"\x00" * 100_000, COLLECTION)
+            assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert c.health() == "SERVING"
+
+
+# ---- auth, TLS, shutdown ---------------------------------------------------------------------------
+
+
+def test_bearer_token_is_required_except_for_health(engine, caption_wav):
+    with ServerThread(engine, ServerOptions(host="127.0.0.1", port=0, token="s3cret")) as guarded:
+        for token in (None, "wrong"):
+            with SearchClient(guarded.target, token=token) as c:
+                with pytest.raises(SearchServiceError) as raised:
+                    c.search(caption_wav, COLLECTION)
+                assert raised.value.code == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(SearchServiceError, match="UNAUTHENTICATED"):
+                    list(c.highlight(iter([]), 16000, image_id="1", collection=COLLECTION))
+                assert c.health() == "SERVING"
+        with SearchClient(guarded.target, token="s3cret") as c:
+            assert len(c.search(caption_wav, COLLECTION, top_k=2)) == 2
+
+
+def test_tls(engine, caption_wav, tmp_path):
+    openssl = subprocess.run(["which", "openssl"], capture_output=True, text=True).stdout.strip()
+    if not openssl:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    options = ServerOptions(host="localhost", port=0, tls_cert=cert, tls_key=key)
+    with ServerThread(engine, options) as secure:
+        target = f"localhost:{secure.port}"
+        with SearchClient(target, tls_ca=cert) as c:
+            assert len(c.search(caption_wav, COLLECTION, top_k=2)) == 2
+        with SearchClient(target, timeout=3) as plaintext:
+            with pytest.raises(SearchServiceError):
+                plaintext.search(caption_wav, COLLECTION)
+
+
+def test_graceful_stop_finishes_in_flight_calls_and_reports_not_serving(engine, caption_wav):
+    samples, rate = soundfile.read(str(caption_wav), dtype="int16")
+    pcm_bytes = samples.astype("<i2").tobytes()
+    running = ServerThread(engine).start()
+    more_audio, got_first = threading.Event(), threading.Event()
+
+    def chunks():
+        yield pcm_bytes[: len(pcm_bytes) // 2]
+        got_first.wait(30)
+        more_audio.wait(30)  # the stream is still open when the stop begins
+        yield pcm_bytes[len(pcm_bytes) // 2 :]
+
+    with SearchClient(running.target) as c:
+        watch_channel = grpc.insecure_channel(running.target)
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        watch = health_pb2_grpc.HealthStub(watch_channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        frames = []
+
+        def stream():
+            for frame in c.highlight(chunks(), rate, image_id="1", collection=COLLECTION):
+                frames.append(frame)
+                got_first.set()
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        assert got_first.wait(30)
+        stopper = threading.Thread(target=running.stop, kwargs={"grace": 20})
+        stopper.start()
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
+        with pytest.raises(ServerUnreachable):
+            SearchClient(running.target, timeout=5).search(caption_wav, COLLECTION)
+        more_audio.set()
+        streamer.join(30)
+        stopper.join(30)
+        watch_channel.close()
+    assert not stopper.is_alive() and not streamer.is_alive()
+    assert frames[-1].end_seconds == pytest.approx(len(samples) / rate, abs=0.2)  # the stream finished
+
+
+def test_serve_command_stops_cleanly_on_sigterm(checkpoint, data_dir, caption_wav):
+    env = dict(os.environ, MATCHMAP_TOKEN="")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "matchmap", "serve", "--data-dir", str(data_dir), "--checkpoint", str(checkpoint),
+         "--port", "0", "--host", "127.0.0.1", "--device", "cpu"],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while "listening on" not in line and time.monotonic() < deadline:
+            line = process.stderr.readline()
+            assert line or process.poll() is None, "the server exited before listening"
+        port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
+        assert COLLECTION in line
+        with SearchClient(f"127.0.0.1:{port}") as c:
+            assert len(c.search(caption_wav, COLLECTION, top_k=3)) == 3
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        assert "stopped" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+# ---- the query command and remote recall ------------------------------------------------------------
+
+
+def test_query_command_prints_a_table_or_json_and_exits_by_outcome(server, caption_wav, val, tmp_path):
+    runner = CliRunner()
+    args = ["--server", server.target, "--top-k", "3"]
+    table = runner.invoke(query, [*args, "--collection", COLLECTION, str(caption_wav)])
+    assert table.exit_code == 0, table.output
+    assert re.search(r"^\s+1\s+-?\d+\.\d{4}\s+-?\d+\.\d{4}\s+\d+\s+/", table.output, re.M)
+    assert "timings: decode" in table.output
+
+    second = val.audio_path(val.entries[1])
+    as_json = runner.invoke(query, [*args, "--json", str(caption_wav), str(second)])  # the only collection
+    assert as_json.exit_code == 0, as_json.output
+    answer = json.loads(as_json.output)
+    assert answer["collection"] == COLLECTION and len(answer["queries"]) == 2
+    assert [h["rank"] for h in answer["queries"][0]["hits"]] == [1, 2, 3]
+    assert answer["queries"][1]["timings_ms"]["total"] > 0
+
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("this is not audio")
+    partly = runner.invoke(query, [*args, "--json", str(caption_wav), str(not_audio)])
+    assert partly.exit_code == 1
+    errors = [q for q in json.loads(partly.output)["queries"] if "error" in q]
+    assert errors == [{"audio": str(not_audio), "error": {"code": "INVALID_ARGUMENT", "message": errors[0]["error"]["message"]}}]
+
+    assert runner.invoke(query, [*args, str(tmp_path / "missing.wav")]).exit_code == 2
+    assert runner.invoke(query, [*args, "--top-k", "0", str(caption_wav)]).exit_code == 2
+    unreachable = runner.invoke(query, ["--server", f"127.0.0.1:{unused_port()}", "--collection", COLLECTION, str(caption_wav)])
+    assert unreachable.exit_code == 3 and "cannot reach" in unreachable.output
+
+
+def unused_port() -> int:
+    """A loopback port with nothing listening on it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def offline_recall(model, engine, collection: str, manifest, ks) -> dict[str, float]:
+    """Speech-to-image MISA recall@k over the manifest's images, scored exhaustively offline."""
+    images = image_paths(manifest)
+    ids, maps = stored_maps(engine, collection, images)
+    id_of = engine.collection(collection).ids_for_uris([str(p) for p in images])
+    audio, lengths = offline_audio_maps(model, [manifest.audio_path(e) for e in manifest.entries])
+    misa = score_matrix(audio, lengths, maps, kinds=("misa",))["misa"]  # (captions, images)
+    ranking = ids[torch.argsort(misa, dim=1, descending=True).numpy()]  # image ids, best first
+    ranks = [int(np.flatnonzero(ranking[i] == id_of[str(p)][0])[0]) + 1 for i, p in enumerate(images)]
+    return {f"R@{k}": sum(r <= k for r in ranks) / len(ranks) for k in ks}
+
+
+def test_remote_recall_equals_offline_misa_recall(server, engine, model, checkpoint, data_dir, tiny_corpus, val):
+    ks = (1, 5, 10)
+    # index_first builds a fresh val-only collection that the running server picks up.
+    result = remote_recall(
+        server.target, tiny_corpus / "val.json", "val-only", ks=ks, index_first=True, data_dir=data_dir,
+        checkpoint=checkpoint, candidates=1000,
+    )
+    assert result["pairs"] == len(val.entries) and result["errors"] == 0
+    assert result["candidates"] == engine.collection("val-only").size
+    assert result["MISA"]["speech_to_image"] == offline_recall(model, engine, "val-only", val, ks)
+    assert result["MISA"]["speech_to_image"]["R@10"] >= result["MISA"]["speech_to_image"]["R@1"]
+
+
+# ---- GPU ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_stage2_on_cuda_ranks_like_cpu(checkpoint, data_dir, engine, val):
+    gpu = SearchEngine.open(checkpoint, data_dir, device="cuda")
+    try:
+        for entry in val.entries[:6]:
+            data = val.audio_path(entry).read_bytes()
+            on_cpu = engine.search(data, COLLECTION, top_k=10, candidates=1000)
+            on_gpu = gpu.search(data, COLLECTION, top_k=10, candidates=1000)
+            np.testing.assert_allclose([h.score for h in on_gpu.hits], [h.score for h in on_cpu.hits], rtol=1e-3, atol=1e-5)
+            cpu_ids, gpu_ids = [h.image_id for h in on_cpu.hits], [h.image_id for h in on_gpu.hits]
+            if cpu_ids != gpu_ids:  # only near-ties may swap
+                gaps = np.abs(np.diff([h.score for h in on_cpu.hits]))
+                assert sorted(cpu_ids) == sorted(gpu_ids) and gaps.min() < 1e-4
+    finally:
+        gpu.close()
