@@ -22,8 +22,11 @@ import torch
 from torch import Tensor
 
 SCORE_KINDS = ("sisa", "misa", "sima")
-# Default bound on the (captions x frames, images x regions) similarity block of one chunk.
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+# Default bound on the (captions x frames, images x regions) similarity block of one chunk. On CPU a
+# block that stays in cache is reduced at nearly the speed of the product itself (a 64 MiB block ran
+# at half the speed of an 8 MiB one on 2 cores, bench/bench_matchmap.py); accelerators want big blocks.
+CPU_CHUNK_BYTES = 8 * 2**20
+ACCELERATOR_CHUNK_BYTES = 256 * 2**20
 
 
 def frame_mask(lengths: Tensor, max_len: int) -> Tensor:
@@ -113,15 +116,21 @@ def pool_audio(audio: Tensor, lengths: Tensor) -> Tensor:
     return _masked_mean(audio, frame_mask(lengths, audio.shape[1]).unsqueeze(-1), dim=1)
 
 
-def _chunk_sizes(
-    captions: int, frames: int, images: int, regions: int, element_bytes: int, chunk_size: int | None
+def chunk_sizes(
+    captions: int,
+    frames: int,
+    images: int,
+    regions: int,
+    element_bytes: int,
+    chunk_size: int | None = None,
+    chunk_bytes: int = CPU_CHUNK_BYTES,
 ) -> tuple[int, int]:
-    """(captions per chunk, images per chunk) keeping each similarity block under DEFAULT_CHUNK_BYTES.
+    """(captions per chunk, images per chunk) keeping each similarity block near ``chunk_bytes``.
 
-    Without chunk_size the block is kept roughly square (as many frame rows as region columns), which
-    keeps both operands of each matrix product large enough to run near peak throughput.
+    chunk_size fixes the images per chunk. Otherwise the block is kept roughly square (as many frame
+    rows as region columns), so both operands of each matrix product stay large.
     """
-    budget = max(1, DEFAULT_CHUNK_BYTES // element_bytes)
+    budget = max(1, chunk_bytes // element_bytes)
     if chunk_size is None:
         side = math.isqrt(budget)
         caption_chunk = min(captions, max(1, side // frames))
@@ -143,6 +152,7 @@ def score_matrix(
     region_mask: Tensor | None = None,
     chunk_size: int | None = None,
     compute_dtype: torch.dtype | None = None,
+    chunk_bytes: int | None = None,
 ) -> dict[str, Tensor]:
     """All-pairs scores of B captions against N images.
 
@@ -151,8 +161,9 @@ def score_matrix(
     Returns {kind: (B, N) float32 (or the inputs' dtype if wider)}.
 
     MISA and SIMA come from one (Bc*T, D) @ (D, Nc*R) product per chunk, reshaped (Bc, T, Nc, R) and
-    reduced; SISA from pooled vectors (exactly equal, see pool_audio). chunk_size: images per chunk
-    (default: chosen so each chunk's similarity block stays near 64 MiB). compute_dtype (e.g.
+    reduced; SISA from pooled vectors (exactly equal, see pool_audio). chunk_size: images per chunk;
+    by default chunks are chosen so each similarity block stays near chunk_bytes (default
+    CPU_CHUNK_BYTES on CPU, ACCELERATOR_CHUNK_BYTES elsewhere). compute_dtype (e.g.
     torch.bfloat16) runs the products in that dtype, with reductions in float32. Differentiable.
     """
     kinds = tuple(kinds)
@@ -179,7 +190,10 @@ def score_matrix(
         return scores
 
     mm_dtype = compute_dtype or audio.dtype
-    caption_chunk, image_chunk = _chunk_sizes(b, t, n, r, torch.finfo(mm_dtype).bits // 8, chunk_size)
+    if chunk_bytes is None:
+        chunk_bytes = CPU_CHUNK_BYTES if audio.device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
+    element_bytes = torch.finfo(mm_dtype).bits // 8
+    caption_chunk, image_chunk = chunk_sizes(b, t, n, r, element_bytes, chunk_size, chunk_bytes)
     frames_valid = frame_mask(lengths, t)  # (B, T)
     audio_mm = audio.to(mm_dtype)
     regions_mm = regions.to(mm_dtype)

@@ -121,13 +121,12 @@ def test_region_mask_ignores_padded_regions():
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 100])
-def test_chunked_equals_unchunked(chunk_size, monkeypatch):
+def test_chunked_equals_unchunked(chunk_size):
     audio, lengths, images = _batch(b=9, n=11, seed=4)
-    whole = score_matrix(audio, lengths, images, SCORE_KINDS)
+    whole = score_matrix(audio, lengths, images, SCORE_KINDS, chunk_bytes=2**30)
     # A tiny memory budget also forces chunking over captions.
-    monkeypatch.setattr("encoders.matchmap.DEFAULT_CHUNK_BYTES", 1024)
-    chunked = score_matrix(audio, lengths, images, SCORE_KINDS, chunk_size=chunk_size)
-    auto = score_matrix(audio, lengths, images, SCORE_KINDS)
+    chunked = score_matrix(audio, lengths, images, SCORE_KINDS, chunk_size=chunk_size, chunk_bytes=1024)
+    auto = score_matrix(audio, lengths, images, SCORE_KINDS, chunk_bytes=1024)
     for kind in SCORE_KINDS:
         torch.testing.assert_close(chunked[kind], whole[kind], rtol=0, atol=1e-12)
         torch.testing.assert_close(auto[kind], whole[kind], rtol=0, atol=1e-12)

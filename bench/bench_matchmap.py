@@ -1,0 +1,210 @@
+"""All-pairs MISA throughput: per-pair Python loop vs score_matrix vs a plain matmul of the same size.
+
+For each shape set (``tiny``: 8x8 regions x 256 dims; ``davenet-vgg16``: 14x14 regions x 1024 dims)
+it times, on the same captions and images:
+
+  (a) loop    -- pair_score(image, caption, "misa") for every pair, the reference style
+  (b) scores  -- score_matrix(..., ("misa",)), the batched, chunked path
+  (c) matmul  -- the (B*T, D) @ (D, N*R) products alone, in the same chunks, into a reused buffer
+  (d) bf16    -- score_matrix with compute_dtype=torch.bfloat16, and whether its top-10 rankings
+                 match fp32
+
+GFLOP/s counts 2 * B * N * T * R * D for every method. The loop runs on a subset of pairs and is
+scaled per pair; pair counts below 1000 x 1000 are extrapolated to it, labelled as such.
+
+    .venv/bin/python bench/bench_matchmap.py [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from encoders.matchmap import chunk_sizes, frame_mask, pair_score, score_matrix
+
+
+@dataclass(frozen=True)
+class Shapes:
+    name: str
+    captions: int  # B for (b), (c), (d)
+    images: int  # N
+    frames: int  # T, padded; true lengths are drawn from [frames / 2, frames]
+    regions: int  # R = H * W
+    dim: int  # D
+    loop_captions: int  # the loop's subset
+    loop_images: int
+
+
+SHAPES = (
+    Shapes(
+        "tiny", captions=256, images=1000, frames=32, regions=64, dim=256, loop_captions=16, loop_images=250
+    ),
+    Shapes(
+        "davenet-vgg16",
+        captions=64,
+        images=256,
+        frames=128,
+        regions=196,
+        dim=1024,
+        loop_captions=8,
+        loop_images=64,
+    ),
+)
+
+
+def make_data(s: Shapes, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Captions whose frames are noisy copies of regions of "their" image, so rankings have a true match.
+
+    -> audio (B, T, D), lengths (B,), images (N, R, D), all float32 with unit-norm-ish vectors.
+    """
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(s.images, s.regions, s.dim, generator=g) / math.sqrt(s.dim)
+    owner = torch.arange(s.captions) % s.images
+    picks = torch.randint(0, s.regions, (s.captions, s.frames), generator=g)
+    audio = images[owner[:, None], picks] + 1.5 * torch.randn(
+        s.captions, s.frames, s.dim, generator=g
+    ) / math.sqrt(s.dim)
+    lengths = torch.randint(s.frames // 2, s.frames + 1, (s.captions,), generator=g)
+    audio = audio * frame_mask(lengths, s.frames).unsqueeze(-1)
+    return audio, lengths, images
+
+
+def best_of(fn, repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls after one warm-up call (seconds)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_shapes(s: Shapes, repeats: int) -> dict:
+    audio, lengths, images = make_data(s)
+    flop_per_pair = 2 * s.frames * s.regions * s.dim
+    pairs = s.captions * s.images
+    results: dict = {"shapes": s.__dict__, "pairs": pairs, "flop_per_pair": flop_per_pair}
+
+    def loop() -> None:
+        for i in range(s.loop_captions):
+            a = audio[i, : lengths[i]]
+            for j in range(s.loop_images):
+                pair_score(images[j], a, "misa")
+
+    # The loop's own FLOP count uses the padded T, like the others, so per-pair rates compare.
+    loop_pairs = s.loop_captions * s.loop_images
+    t_loop = best_of(loop, 1) / loop_pairs * pairs
+
+    t_scores = best_of(lambda: score_matrix(audio, lengths, images, ("misa",)), repeats)
+
+    caption_chunk, image_chunk = chunk_sizes(s.captions, s.frames, s.images, s.regions, 4)
+    buffer = torch.empty(caption_chunk * s.frames, image_chunk * s.regions)
+    flat_audio = audio.reshape(-1, s.dim)
+    flat_images = images.reshape(-1, s.dim)
+
+    def matmul_only() -> None:
+        for r0 in range(0, s.captions * s.frames, caption_chunk * s.frames):
+            a = flat_audio[r0 : r0 + caption_chunk * s.frames]
+            for c0 in range(0, s.images * s.regions, image_chunk * s.regions):
+                im = flat_images[c0 : c0 + image_chunk * s.regions]
+                torch.mm(a, im.T, out=buffer[: a.shape[0], : im.shape[0]])
+
+    t_matmul = best_of(matmul_only, repeats)
+
+    fp32 = score_matrix(audio, lengths, images, ("misa",))["misa"]
+    t_bf16 = best_of(
+        lambda: score_matrix(audio, lengths, images, ("misa",), compute_dtype=torch.bfloat16), repeats
+    )
+    bf16 = score_matrix(audio, lengths, images, ("misa",), compute_dtype=torch.bfloat16)["misa"]
+    top_fp32 = fp32.topk(10, dim=1).indices
+    top_bf16 = bf16.topk(10, dim=1).indices
+    same_list = (top_fp32 == top_bf16).all(dim=1).float().mean().item()
+    same_set = torch.tensor(
+        [len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(top_fp32, top_bf16, strict=True)]
+    ).mean()
+    true_top1 = (fp32.argmax(dim=1) == torch.arange(s.captions) % s.images).float().mean().item()
+
+    total_flop = flop_per_pair * pairs
+    for key, seconds in (
+        ("loop", t_loop),
+        ("score_matrix", t_scores),
+        ("matmul", t_matmul),
+        ("bf16", t_bf16),
+    ):
+        results[key] = {
+            "seconds": seconds,
+            "gflops": total_flop / seconds / 1e9,
+            "pairs_per_second": pairs / seconds,
+            "seconds_per_1000x1000": seconds / pairs * 1e6,
+        }
+    results["chunk"] = {"captions": caption_chunk, "images": image_chunk}
+    results["score_matrix_vs_matmul"] = t_matmul / t_scores
+    results["score_matrix_vs_loop"] = t_loop / t_scores
+    results["bf16_vs_fp32"] = t_scores / t_bf16
+    results["bf16_top10_identical_lists"] = same_list
+    results["bf16_top10_set_overlap"] = float(same_set)
+    results["bf16_max_abs_error"] = (bf16 - fp32).abs().max().item()
+    results["fp32_true_match_top1"] = true_top1
+    return results
+
+
+def report(results: list[dict], argv: list[str]) -> None:
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
+    for r in results:
+        s = r["shapes"]
+        print(
+            f"\n== {s['name']}: {s['captions']} captions x {s['images']} images, T={s['frames']} frames, "
+            f"R={s['regions']} regions, D={s['dim']} (loop on {s['loop_captions']}x{s['loop_images']} pairs, "
+            f"scaled per pair); chunks of {r['chunk']['captions']} captions x {r['chunk']['images']} images"
+        )
+        print(
+            f"{'method':<14}{'seconds':>10}{'GFLOP/s':>10}{'pairs/s':>14}{'s per 1000x1000 (extrapolated)':>34}"
+        )
+        for key in ("loop", "score_matrix", "matmul", "bf16"):
+            m = r[key]
+            print(
+                f"{key:<14}{m['seconds']:>10.3f}{m['gflops']:>10.1f}{m['pairs_per_second']:>14,.0f}"
+                f"{m['seconds_per_1000x1000']:>34.2f}"
+            )
+        print(
+            f"score_matrix / matmul speed: {r['score_matrix_vs_matmul']:.2f} (target >= 0.5)   "
+            f"score_matrix / loop speed: {r['score_matrix_vs_loop']:.1f}x (target >= 20 at tiny)"
+        )
+        print(
+            f"bf16 / fp32 speed: {r['bf16_vs_fp32']:.2f}x; top-10 lists identical for "
+            f"{100 * r['bf16_top10_identical_lists']:.1f}% of captions, top-10 sets overlap "
+            f"{100 * r['bf16_top10_set_overlap']:.1f}%; max |bf16 - fp32| = {r['bf16_max_abs_error']:.4f}"
+        )
+    print(f"\nreproduce: .venv/bin/python bench/bench_matchmap.py {' '.join(argv)}".rstrip())
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (best is kept)")
+    parser.add_argument("--only", choices=[s.name for s in SHAPES], help="run one shape set")
+    parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    results = [bench_shapes(s, args.repeats) for s in SHAPES if args.only in (None, s.name)]
+    report(results, argv)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(
+                {"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results},
+                f,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
