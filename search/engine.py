@@ -32,6 +32,8 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # An opened collection is a snapshot; after this many seconds the next query asks the catalog
 # (one small query) whether it changed, and reopens it if so (images added or removed meanwhile).
 COLLECTION_REFRESH_SECONDS = 2.0
+# Queries batched into one audio-branch pass may be padded by at most this share of their true frames.
+PADDING_BUDGET = 0.2
 
 
 def resolve_device(device: str) -> torch.device:
@@ -110,6 +112,25 @@ class ImageMap:
 
     features: Tensor  # (H, W, D)
     box: tuple[float, float, float, float]  # [x0, y0, x1, y1] in the source image's pixels
+
+
+def length_groups(lengths: Sequence[int], max_padding: float = PADDING_BUDGET) -> list[list[int]]:
+    """Indices of ``lengths`` grouped for batched encoding: sorted by length, each group padded (to its
+    longest member) by at most ``max_padding`` of its true frames.
+
+    The audio branch's cost grows with the padded length, so one 1 s query batched with a 10 s query
+    would cost nearly as much as a second 10 s query; similar lengths batch almost for free.
+    """
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        group = groups[-1] if groups else None
+        if group is not None and lengths[i] * (len(group) + 1) <= (1 + max_padding) * (
+            sum(lengths[j] for j in group) + lengths[i]
+        ):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def center_crop_box(width: int, height: int, resize_size: int, input_size: int) -> tuple[float, float, float, float]:
@@ -232,12 +253,21 @@ class SearchEngine:
 
     @torch.inference_mode()
     def encode(self, logmels: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """logmels: B x (n_mels, F_b) -> audio maps (B, T', D) on the engine's device, lengths (B,) long."""
-        lengths = torch.tensor([m.shape[1] for m in logmels])
-        batch = torch.zeros(len(logmels), logmels[0].shape[0], int(lengths.max()))
-        for i, m in enumerate(logmels):
-            batch[i, :, : m.shape[1]] = m
-        audio, out_lengths = self.model.encode_audio(batch.to(self.device), lengths.to(self.device))
+        """logmels: B x (n_mels, F_b) -> audio maps (B, T', D) on the engine's device, lengths (B,) long.
+
+        Queries of similar length share a forward pass (see length_groups); frames past a query's
+        length are zero, as encode_audio leaves them.
+        """
+        lengths = [m.shape[1] for m in logmels]
+        out_lengths = self.model.output_lengths(torch.tensor(lengths)).to(self.device)
+        audio = torch.zeros(len(logmels), int(out_lengths.max()), self.model.embed_dim, device=self.device)
+        for group in length_groups(lengths):
+            batch = torch.zeros(len(group), logmels[0].shape[0], max(lengths[i] for i in group))
+            for row, i in enumerate(group):
+                batch[row, :, : lengths[i]] = logmels[i]
+            group_lengths = torch.tensor([lengths[i] for i in group], device=self.device)
+            encoded, _ = self.model.encode_audio(batch.to(self.device), group_lengths)
+            audio[group, : encoded.shape[1]] = encoded
         return audio, out_lengths
 
     @torch.inference_mode()

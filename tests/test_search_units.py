@@ -13,10 +13,11 @@ import pytest
 import soundfile
 import torch
 
-from encoders import AudioDecodeError
+from encoders import AudioDecodeError, create_model
+from indexer import Library
 from search.audio import decode_audio
 from search.batcher import MicroBatcher
-from search.engine import center_crop_box
+from search.engine import SearchEngine, center_crop_box, length_groups
 from search.errors import InvalidQuery, Overloaded, QueryOutOfRange
 from search.localization import localize_audio_map, span_frames
 
@@ -173,3 +174,32 @@ def test_batcher_refuses_beyond_its_queue_and_close_finishes_queued_items():
             return [f.result() for f in accepted]
 
     assert asyncio.run(scenario()) == [0, 1, 2]
+
+
+# ---- batched encoding ----------------------------------------------------------------------------
+
+
+def test_length_groups_bound_the_padding_and_cover_every_query():
+    lengths = [300, 100, 290, 310, 120, 1000, 95]
+    groups = length_groups(lengths, max_padding=0.2)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        true = sum(lengths[i] for i in g)
+        assert max(lengths[i] for i in g) * len(g) <= 1.2 * true
+    assert [sorted(g) for g in groups] == [[1, 4, 6], [0, 2, 3], [5]]
+    assert length_groups([200] * 8) == [list(range(8))]
+
+
+def test_batched_encoding_equals_encoding_each_query_alone(tmp_path):
+    torch.manual_seed(0)
+    with Library.open(tmp_path) as library:
+        engine = SearchEngine(create_model("tiny"), library, device="cpu")
+        rng = np.random.default_rng(0)
+        waveforms = [tone(s) + 0.05 * rng.standard_normal(int(s * RATE)).astype(np.float32) for s in (0.7, 2.9, 3.0, 1.1, 3.2)]
+        logmels = [engine.model.audio_frontend.logmel(torch.from_numpy(w)) for w in waveforms]
+        audio, lengths = engine.encode(logmels)
+        for i, m in enumerate(logmels):
+            alone, alone_length = engine.model.encode_audio(m.unsqueeze(0), torch.tensor([m.shape[1]]))
+            assert int(lengths[i]) == int(alone_length[0])
+            torch.testing.assert_close(audio[i, : lengths[i]], alone[0, : lengths[i]], rtol=1e-4, atol=1e-5)
+            assert not audio[i, lengths[i] :].any()

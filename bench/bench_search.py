@@ -1,0 +1,337 @@
+"""Benchmark of the search service: latency, throughput, two-stage agreement, stage-2 arithmetic.
+
+On an N-image collection indexed with the given checkpoint:
+  1. latency (p50/p95/p99) at concurrency 1 and throughput at concurrency 8, over loopback through
+     the real client against a real `matchmap serve` process, with error counts; throughput again
+     with micro-batching off (--max-batch 1) to show what batching buys;
+  2. agreement of the two-stage top-10 (stage-1 SISA candidates, MISA re-rank) with the exhaustive
+     MISA top-10 over the whole collection, at the server's default K and as a curve over K, plus
+     stage-1 recall (share of the exhaustive top-10 inside the K candidates);
+  3. stage-2 arithmetic: score_matrix over K candidate maps vs a plain matmul with the same
+     multiply-adds, side by side in GFLOP/s, for one query and for a batch of 8.
+
+Images: those of --corpus (a `matchmap synth` output; its val captions are the queries), topped
+up to --images with random blocky distractor images; without --corpus, amplitude-modulated noise
+queries (timing-only: with random weights nothing is semantically right anyway).
+
+    .venv/bin/python bench/bench_search.py --images 10000 --corpus corpus10k --checkpoint tiny.pt  # full run
+    .venv/bin/python bench/bench_search.py --images 1000                                            # smoke size
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+from PIL import Image
+
+from encoders import create_model, pool_audio, save_checkpoint, score_matrix
+from indexer import Library
+from search.client import SearchClient, SearchServiceError
+from search.engine import SearchEngine, SearchLimits, SearchQuery
+
+COLLECTION = "bench"
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def distractor_images(folder: Path, count: int, seed: int) -> list[Path]:
+    """``count`` random blocky 128 x 128 PNG images (8 x 8 blocks of random colours)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"distractor-{i:06d}.png"
+        if not path.exists():
+            blocks = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(blocks.repeat(16, 0).repeat(16, 1)).save(path)
+        paths.append(path)
+    return paths
+
+
+def noise_wav(rng: np.random.Generator, seconds: float) -> bytes:
+    n = int(16000 * seconds)
+    envelope = 0.5 + 0.5 * np.sin(np.linspace(0, 6 * np.pi * seconds, n))
+    buffer = io.BytesIO()
+    soundfile.write(buffer, (0.2 * rng.standard_normal(n) * envelope).astype(np.float32), 16000, format="WAV")
+    return buffer.getvalue()
+
+
+def corpus_inputs(corpus: Path) -> tuple[list[Path], list[bytes]]:
+    """(every image of the corpus's manifests, the val captions' audio bytes)."""
+    from training.manifest import load_manifest
+
+    images: dict[Path, None] = {}
+    for name in ("train.json", "val.json"):
+        if (corpus / name).exists():
+            manifest = load_manifest(corpus / name)
+            images.update({manifest.image_path(e).resolve(): None for e in manifest.entries})
+    val = load_manifest(corpus / "val.json")
+    return list(images), [val.audio_path(e).read_bytes() for e in val.entries]
+
+
+def build_collection(work: Path, checkpoint: Path, images: list[Path]) -> tuple[float, int]:
+    """Index ``images`` into the bench collection (incremental: reruns reuse it); (seconds, size)."""
+    model = create_model(str(checkpoint))
+    started = time.perf_counter()
+    with Library.open(work / "library") as library:
+        library.index(COLLECTION, [str(p) for p in images], model, progress=True)
+        size = library.collection(COLLECTION).size
+    return time.perf_counter() - started, size
+
+
+# ---- the live server ------------------------------------------------------------------------------
+
+
+class ServeProcess:
+    """`matchmap serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, work: Path, checkpoint: Path, device: str, max_batch: int):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "matchmap", "serve", "--data-dir", str(work / "library"), "--checkpoint",
+             str(checkpoint), "--host", "127.0.0.1", "--port", "0", "--device", device, "--max-batch",
+             str(max_batch), "--log-level", "warning"],
+            stderr=subprocess.PIPE, text=True,
+        )
+        line = ""
+        while "listening on" not in line:
+            line = self.process.stderr.readline()
+            if not line and self.process.poll() is not None:
+                raise RuntimeError("matchmap serve exited before listening")
+        self.target = "127.0.0.1:" + re.search(r"127\.0\.0\.1:(\d+)", line).group(1)
+        # Keep draining stderr so the server never blocks on a full pipe.
+        threading.Thread(target=self.process.stderr.read, daemon=True).start()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+
+
+def run_load(target: str, queries: list[bytes], concurrency: int, candidates: int) -> dict:
+    """Send every query (round-robin over ``queries``) with ``concurrency`` in flight; latency stats."""
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    errors = 0
+    lock = threading.Lock()
+    with SearchClient(target, timeout=60) as client:
+        for q in queries[: min(5, len(queries))]:  # warm-up: first-call allocations, caches
+            client.search(q, COLLECTION, top_k=10, candidates=candidates)
+
+        def one(query: bytes) -> None:
+            nonlocal errors
+            started = time.perf_counter()
+            try:
+                hits = client.search(query, COLLECTION, top_k=10, candidates=candidates)
+            except SearchServiceError:
+                with lock:
+                    errors += 1
+                return
+            with lock:
+                latencies.append(1000 * (time.perf_counter() - started))
+                batch_sizes.append(hits.batch_size)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, queries))
+        wall = time.perf_counter() - started
+    p50, p95, p99 = (float(np.percentile(latencies, q)) for q in (50, 95, 99)) if latencies else (0, 0, 0)
+    return {
+        "concurrency": concurrency,
+        "queries": len(queries),
+        "errors": errors,
+        "p50_ms": p50,
+        "p95_ms": p95,
+        "p99_ms": p99,
+        "throughput_qps": len(latencies) / wall,
+        "mean_batch": statistics.mean(batch_sizes) if batch_sizes else 0.0,
+    }
+
+
+# ---- two-stage vs exhaustive ----------------------------------------------------------------------
+
+
+def exhaustive_top10(
+    engine: SearchEngine, images: list[Path], audio: torch.Tensor, lengths: torch.Tensor, chunk: int = 2000
+) -> np.ndarray:
+    """(B, 10) image ids of the exhaustive MISA top-10 over every image of the collection, read in chunks."""
+    coll = engine.collection(COLLECTION)
+    found = coll.ids_for_uris([str(p) for p in images])
+    all_ids = np.array(sorted({i for ids in found.values() for i in ids}))
+    if len(all_ids) != coll.size:
+        raise RuntimeError(f"found {len(all_ids)} of the collection's {coll.size} images by uri")
+    best_scores = np.full((audio.shape[0], 0), -np.inf, np.float32)
+    best_ids = np.zeros((audio.shape[0], 0), np.int64)
+    for start in range(0, len(all_ids), chunk):
+        ids = all_ids[start : start + chunk]
+        maps = torch.from_numpy(coll.feature_maps(ids).astype(np.float32))
+        misa = score_matrix(audio, lengths, maps)["misa"].numpy()
+        scores = np.concatenate([best_scores, misa], axis=1)
+        candidates = np.concatenate([best_ids, np.broadcast_to(ids, misa.shape)], axis=1)
+        keep = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+        best_scores = np.take_along_axis(scores, keep, 1)
+        best_ids = np.take_along_axis(candidates, keep, 1)
+    return best_ids
+
+
+def agreement_curve(engine: SearchEngine, images: list[Path], audio_bytes: list[bytes], ks: list[int]) -> list[dict]:
+    prepared = [engine.prepare_audio(b) for b in audio_bytes]
+    audio, lengths = engine.encode([p.logmel for p in prepared])
+    exact = exhaustive_top10(engine, images, audio.cpu(), lengths.cpu())
+    coll = engine.collection(COLLECTION)
+    pooled = pool_audio(audio, lengths).cpu().numpy()
+    rows = []
+    for k in ks:
+        k = min(k, coll.size)
+        results = engine.search_batch([SearchQuery(p, COLLECTION, 10, k) for p in prepared])
+        overlap = identical = top1 = 0
+        for i, r in enumerate(results):
+            got = [h.image_id for h in r.hits]
+            overlap += len(set(got) & set(exact[i].tolist()))
+            identical += got == exact[i].tolist()
+            top1 += bool(got) and got[0] == exact[i][0]
+        _, stage1_ids = coll.search_stage1(pooled, k)
+        recall = np.mean([len(set(stage1_ids[i]) & set(exact[i].tolist())) / 10 for i in range(len(prepared))])
+        rows.append({
+            "K": k,
+            "top10_overlap": overlap / (10 * len(prepared)),
+            "identical_top10": identical / len(prepared),
+            "top1_agreement": top1 / len(prepared),
+            "stage1_recall_of_exact_top10": float(recall),
+        })
+    return rows
+
+
+# ---- stage-2 arithmetic -----------------------------------------------------------------------------
+
+
+def time_it(fn, repeats: int) -> float:
+    fn()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - started) / repeats
+
+
+def stage2_row(batch: int, k: int, frames: int, regions: int, dim: int, device: str) -> dict:
+    """score_matrix (MISA) of ``batch`` queries over k maps vs a plain matmul of the same multiply-adds."""
+    audio = torch.randn(batch, frames, dim, device=device)
+    lengths = torch.full((batch,), frames, device=device)
+    maps = torch.randn(k, regions, dim, device=device)
+    flat_audio, flat_maps = audio.reshape(batch * frames, dim), maps.reshape(k * regions, dim)
+    flops = 2 * batch * frames * k * regions * dim
+    t_score = time_it(lambda: score_matrix(audio, lengths, maps)["misa"].cpu(), 10)
+    t_matmul = time_it(lambda: (flat_audio @ flat_maps.T).sum().cpu(), 10)
+    return {
+        "shape": f"({batch}x{frames}, {dim}) @ ({dim}, {k}x{regions})",
+        "score_matrix_ms": 1000 * t_score,
+        "score_matrix_gflops": flops / t_score / 1e9,
+        "matmul_ms": 1000 * t_matmul,
+        "matmul_gflops": flops / t_matmul / 1e9,
+        "ratio": t_matmul / t_score,
+    }
+
+
+# ---- main ----------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=10_000, help="collection size (corpus images + distractors)")
+    parser.add_argument("--corpus", type=Path, default=None, help="a `matchmap synth` output: its images and val captions")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="model (default: a RANDOM tiny model)")
+    parser.add_argument("--queries", type=int, default=200, help="queries per load run")
+    parser.add_argument("--agreement-queries", type=int, default=100)
+    parser.add_argument("--k-curve", type=int, nargs="+", default=[10, 25, 50, 100, 200, 400, 1000])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep the library here (reused by reruns)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    command = "python bench/bench_search.py " + " ".join(sys.argv[1:])
+    rng = np.random.default_rng(args.seed)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = (args.work_dir or Path(tmp)).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            torch.manual_seed(args.seed)
+            checkpoint = work / "random-tiny.pt"
+            if not checkpoint.exists():
+                save_checkpoint(checkpoint, create_model("tiny"))
+            print("model: a RANDOMLY INITIALIZED tiny model (timing figures only; agreement is of random scores)")
+        if args.corpus is not None:
+            images, queries = corpus_inputs(args.corpus)
+        else:
+            images, queries = [], [noise_wav(rng, float(rng.uniform(1.5, 5.0))) for _ in range(64)]
+        images += distractor_images(work / "distractors", max(0, args.images - len(images)), args.seed)
+        index_seconds, size = build_collection(work, checkpoint, images[: args.images])
+        print(f"collection: {size} images indexed in {index_seconds:.1f} s; {len(queries)} distinct queries")
+
+        engine = SearchEngine.open(checkpoint, work / "library", device=args.device)
+        default_k = SearchLimits().default_candidates
+        load_queries = [queries[i % len(queries)] for i in range(args.queries)]
+        figures: dict = {"command": command, "images": size, "device": str(engine.device), "default_K": default_k}
+
+        for max_batch in (8, 1):
+            server = ServeProcess(work, checkpoint, args.device, max_batch)
+            try:
+                runs = [run_load(server.target, load_queries, c, 0) for c in ((1, 8) if max_batch == 8 else (8,))]
+            finally:
+                server.stop()
+            figures[f"max_batch_{max_batch}"] = runs
+            for r in runs:
+                print(
+                    f"serve --max-batch {max_batch}, concurrency {r['concurrency']}: p50 {r['p50_ms']:.1f} ms, "
+                    f"p95 {r['p95_ms']:.1f}, p99 {r['p99_ms']:.1f}; {r['throughput_qps']:.1f} queries/s; "
+                    f"mean batch {r['mean_batch']:.2f}; errors {r['errors']}/{r['queries']}"
+                )
+
+        agreement = agreement_curve(
+            engine, images[: args.images], queries[: args.agreement_queries], sorted(set(args.k_curve + [default_k]))
+        )
+        figures["agreement"] = agreement
+        print(f"two-stage top-10 vs exhaustive MISA top-10 ({min(len(queries), args.agreement_queries)} queries):")
+        print(f"{'K':>6}  {'overlap@10':>10}  {'identical':>9}  {'top-1':>6}  {'stage-1 recall':>14}")
+        for row in agreement:
+            mark = "  <- default" if row["K"] == min(default_k, size) else ""
+            print(
+                f"{row['K']:>6}  {row['top10_overlap']:>10.3f}  {row['identical_top10']:>9.3f}  "
+                f"{row['top1_agreement']:>6.3f}  {row['stage1_recall_of_exact_top10']:>14.3f}{mark}"
+            )
+
+        frames = int(statistics.median(engine.encode([engine.prepare_audio(q).logmel])[0].shape[1] for q in queries[:32]))
+        rows, cols = engine.model.image_grid
+        arithmetic = {
+            f"batch_{b}": stage2_row(b, min(default_k, size), frames, rows * cols, engine.model.embed_dim, str(engine.device))
+            for b in (1, 8)
+        }
+        figures["stage2_arithmetic"] = arithmetic
+        for name, a in arithmetic.items():
+            print(
+                f"stage 2 {name} {a['shape']}: score_matrix {a['score_matrix_ms']:.2f} ms "
+                f"({a['score_matrix_gflops']:.1f} GFLOP/s) vs plain matmul {a['matmul_ms']:.2f} ms "
+                f"({a['matmul_gflops']:.1f} GFLOP/s): {a['ratio']:.2f} of matmul speed"
+            )
+        engine.close()
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures, indent=2))
+    print(f"reproduce: {command}")
+
+
+if __name__ == "__main__":
+    main()
