@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -195,8 +196,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    load_before = os.getloadavg()[0]
     results = [bench_shapes(s, args.repeats) for s in SHAPES if args.only in (None, s.name)]
-    report(results, argv)
+    report(results, argv, load_before)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(
