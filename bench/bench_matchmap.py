@@ -12,7 +12,10 @@ it times, on the same captions and images:
 GFLOP/s counts 2 * B * N * T * R * D for every method. The loop runs on a subset of pairs and is
 scaled per pair; pair counts below 1000 x 1000 are extrapolated to it, labelled as such.
 
-    .venv/bin/python bench/bench_matchmap.py [--json OUT.json]
+It also times one training step of the ``tiny`` model (forward and backward of both branches and
+the symmetric in-batch MISA cross-entropy) on a batch of 64 images of 128 px and 4 s captions.
+
+    .venv/bin/python bench/bench_matchmap.py [--only tiny|davenet-vgg16|train-step] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from encoders.config import get_config
 from encoders.matchmap import chunk_sizes, frame_mask, pair_score, score_matrix
+from encoders.models import MatchmapModel, count_parameters
 
 
 @dataclass(frozen=True)
@@ -157,9 +163,42 @@ def bench_shapes(s: Shapes, repeats: int) -> dict:
     return results
 
 
-def report(results: list[dict], argv: list[str]) -> None:
+def bench_train_step(name: str, batch: int, caption_seconds: float, repeats: int) -> dict:
+    """Seconds for one forward + backward: both branches, the MISA matrix, symmetric cross-entropy."""
+    torch.manual_seed(0)
+    cfg = get_config(name)
+    model = MatchmapModel(cfg).train()
+    size = cfg.image.input_size
+    frames = model.audio_frontend.num_frames(round(caption_seconds * cfg.audio.sample_rate))
+    images = torch.randn(batch, 3, size, size)
+    logmel = torch.randn(batch, cfg.audio.n_mels, frames)
+    lengths = torch.full((batch,), frames)
+    targets = torch.arange(batch)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        maps = model.encode_images(images)
+        audio, out_lengths = model.encode_audio(logmel, lengths)
+        misa = score_matrix(audio, out_lengths, maps, ("misa",))["misa"]
+        loss = F.cross_entropy(misa, targets) + F.cross_entropy(misa.T, targets)
+        loss.backward()
+
+    return {
+        "config": name,
+        "params": count_parameters(cfg)["total"],
+        "batch": batch,
+        "caption_seconds": caption_seconds,
+        "log_mel_frames": frames,
+        "image_size": size,
+        "seconds_per_step": best_of(step, repeats),
+    }
+
+
+def report(results: list[dict], train_steps: list[dict], argv: list[str], load_before: float) -> None:
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
+        f"({platform.machine()}); 1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} "
+        "after (other processes on the machine slow every method)"
     )
     for r in results:
         s = r["shapes"]
@@ -184,7 +223,14 @@ def report(results: list[dict], argv: list[str]) -> None:
         print(
             f"bf16 / fp32 speed: {r['bf16_vs_fp32']:.2f}x; top-10 lists identical for "
             f"{100 * r['bf16_top10_identical_lists']:.1f}% of captions, top-10 sets overlap "
-            f"{100 * r['bf16_top10_set_overlap']:.1f}%; max |bf16 - fp32| = {r['bf16_max_abs_error']:.4f}"
+            f"{100 * r['bf16_top10_set_overlap']:.1f}%; max |bf16 - fp32| = {r['bf16_max_abs_error']:.4f}; "
+            f"fp32 top-1 is the true match for {100 * r['fp32_true_match_top1']:.1f}%"
+        )
+    for r in train_steps:
+        print(
+            f"\n== training step, {r['config']} ({r['params'] / 1e6:.2f} M parameters): forward + backward of "
+            f"{r['batch']} images of {r['image_size']} px and {r['caption_seconds']:.0f} s captions "
+            f"({r['log_mel_frames']} log-mel frames), in-batch MISA loss: {r['seconds_per_step']:.3f} s"
         )
     print(f"\nreproduce: .venv/bin/python bench/bench_matchmap.py {' '.join(argv)}".rstrip())
 
@@ -192,20 +238,21 @@ def report(results: list[dict], argv: list[str]) -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (best is kept)")
-    parser.add_argument("--only", choices=[s.name for s in SHAPES], help="run one shape set")
+    parser.add_argument(
+        "--only", choices=[*(s.name for s in SHAPES), "train-step"], help="run one section (default: all)"
+    )
     parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
     load_before = os.getloadavg()[0]
     results = [bench_shapes(s, args.repeats) for s in SHAPES if args.only in (None, s.name)]
-    report(results, argv, load_before)
+    train_steps = (
+        [bench_train_step("tiny", 64, 4.0, args.repeats)] if args.only in (None, "train-step") else []
+    )
+    report(results, train_steps, argv, load_before)
     if args.json_out:
+        payload = {"torch": torch.__version__, "threads": torch.get_num_threads(), "load_before": load_before}
         with open(args.json_out, "w") as f:
-            json.dump(
-                {"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results},
-                f,
-                indent=2,
-            )
+            json.dump({**payload, "scoring": results, "train_steps": train_steps}, f, indent=2)
 
 
 if __name__ == "__main__":
