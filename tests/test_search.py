@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from PIL import Image
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from encoders import create_model, load_audio, save_checkpoint, score_matrix
 from encoders.matchmap import pool_audio, pool_images
@@ -192,6 +192,19 @@ def test_list_collections_and_health(client, engine):
     assert info.bytes > 0
     assert client.health() == "SERVING"
     assert client.health("matchmap.v1.SpokenImageSearch") == "SERVING"
+
+
+def test_a_collection_built_with_another_model_is_refused_not_misranked(client, data_dir, val, caption_wav):
+    torch.manual_seed(1)
+    other = create_model("tiny")
+    with Library.open(data_dir) as library:
+        library.index("other-model", [str(val.image_path(e)) for e in val.entries[:3]], other, progress=False)
+    listing = {c.name: c for c in client.list_collections().collections}
+    assert not listing["other-model"].searchable and listing[COLLECTION].searchable
+    with pytest.raises(SearchServiceError) as raised:
+        client.search(caption_wav, "other-model")
+    assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "was indexed with model" in raised.value.details
 
 
 def test_reflection_lists_the_services(server):
