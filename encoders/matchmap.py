@@ -61,7 +61,8 @@ def pair_score(image_regions: Tensor, audio: Tensor, kind: str) -> Tensor:
 
 def _as_regions(images: Tensor) -> Tensor:
     if images.dim() == 4:
-        return images.reshape(images.shape[0], -1, images.shape[-1])
+        n, h, w, d = images.shape
+        return images.reshape(n, h * w, d)
     if images.dim() != 3:
         raise ValueError(f"images must be (N, R, D) or (N, H, W, D), got {tuple(images.shape)}")
     return images
@@ -133,14 +134,14 @@ def chunk_sizes(
     budget = max(1, chunk_bytes // element_bytes)
     if chunk_size is None:
         side = math.isqrt(budget)
-        caption_chunk = min(captions, max(1, side // frames))
-        image_chunk = min(images, max(1, budget // (caption_chunk * frames * regions)))
+        caption_chunk = max(1, min(captions, side // frames))
+        image_chunk = max(1, min(images, budget // (caption_chunk * frames * regions)))
     else:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of images, got {chunk_size}")
-        image_chunk = min(images, chunk_size)
-        caption_chunk = min(captions, max(1, budget // (image_chunk * regions * frames)))
-    return max(caption_chunk, 1), max(image_chunk, 1)
+        image_chunk = max(1, min(images, chunk_size))
+        caption_chunk = max(1, min(captions, budget // (image_chunk * regions * frames)))
+    return caption_chunk, image_chunk
 
 
 def score_matrix(
@@ -188,6 +189,8 @@ def score_matrix(
     fine_kinds = [k for k in kinds if k != "sisa"]
     if not fine_kinds:
         return scores
+    if b == 0 or n == 0:
+        return {k: scores.get(k, audio.new_zeros((b, n), dtype=out_dtype)) for k in kinds}
 
     mm_dtype = compute_dtype or audio.dtype
     if chunk_bytes is None:

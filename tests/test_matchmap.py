@@ -132,6 +132,14 @@ def test_chunked_equals_unchunked(chunk_size):
         torch.testing.assert_close(auto[kind], whole[kind], rtol=0, atol=1e-12)
 
 
+def test_no_images_or_no_captions_give_empty_score_matrices():
+    audio, lengths, images = _batch()
+    no_images = score_matrix(audio, lengths, images[:0], SCORE_KINDS)
+    no_captions = score_matrix(audio[:0], lengths[:0], images, SCORE_KINDS)
+    for kind in SCORE_KINDS:
+        assert no_images[kind].shape == (5, 0) and no_captions[kind].shape == (0, 7)
+
+
 def test_gradients_flow_to_both_branches_and_skip_padding():
     audio, lengths, images = _batch(dtype=torch.float32, seed=5)
     lengths[1] = 4
