@@ -212,16 +212,21 @@ class SearchEngine:
 
     # ---- search ------------------------------------------------------------------------------
 
-    def prepare_audio(self, data: bytes, *, sample_rate: int | None = None, name: str = "audio") -> QueryAudio:
-        """Decode and check a query's audio (encoded file bytes, or raw s16le PCM at ``sample_rate``)."""
-        started = time.perf_counter()
-        waveform = decode_audio(
+    def decode(self, data: bytes, *, sample_rate: int | None = None, name: str = "audio") -> Tensor:
+        """A query's audio (encoded file bytes, or raw s16le PCM at ``sample_rate``) -> checked (N,)
+        waveform at the model's rate, within the engine's duration limit."""
+        return decode_audio(
             data,
             sample_rate=sample_rate,
             target_rate=self.sample_rate,
             max_seconds=self.limits.max_audio_seconds,
             name=name,
         )
+
+    def prepare_audio(self, data: bytes, *, sample_rate: int | None = None, name: str = "audio") -> QueryAudio:
+        """Decode and check a query's audio, and compute its log-mel (see decode)."""
+        started = time.perf_counter()
+        waveform = self.decode(data, sample_rate=sample_rate, name=name)
         logmel = self.model.audio_frontend.logmel(waveform)
         return QueryAudio(logmel, waveform.numel() / self.sample_rate, _ms_since(started))
 
@@ -325,7 +330,7 @@ class SearchEngine:
         return results  # type: ignore[return-value]
 
     def _rerank(
-        self, coll, audio: Tensor, ids: np.ndarray, stage1_scores: np.ndarray, top_k: int
+        self, coll: Collection, audio: Tensor, ids: np.ndarray, stage1_scores: np.ndarray, top_k: int
     ) -> tuple[list[Hit], float, int]:
         """Stage 2 for one query. audio: (T, D) true frames; ids, stage1_scores: (K,) with -1 pads.
 
@@ -382,14 +387,7 @@ class SearchEngine:
         sample_rate: int | None = None,
     ) -> Localization:
         """Heatmap of where the query's speech (or its ``span``, seconds) lands on ``image``."""
-        waveform = decode_audio(
-            data,
-            sample_rate=sample_rate,
-            target_rate=self.sample_rate,
-            max_seconds=self.limits.max_audio_seconds,
-            name="audio",
-        )
-        return localize(self.model, image.features, waveform, span)
+        return localize(self.model, image.features, self.decode(data, sample_rate=sample_rate), span)
 
     def highlighter(self, image: ImageMap, sample_rate: int, window_seconds: float = 0.0) -> LiveHighlighter:
         """A live highlighter over ``image`` for a PCM stream at ``sample_rate``; window 0 = 1 s."""
@@ -416,5 +414,6 @@ __all__ = [
     "SearchQuery",
     "SearchResult",
     "center_crop_box",
+    "length_groups",
     "resolve_device",
 ]
