@@ -61,19 +61,14 @@ def _expand(argument: str) -> Iterable[Path]:
 
 
 def _manifest_images(path: Path) -> list[Path]:
-    # The manifest reader belongs to training (Places JSON); imported here only when a manifest is given.
+    # The Places-format reader belongs to training; imported only when a manifest is given. Files are
+    # not checked here: a missing or broken image is reported and recorded per file, like any other.
     from training.manifest import load_manifest
 
     try:
-        manifest = load_manifest(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise PathsError(f"{path}: not a readable Places-format manifest: {exc}") from exc
-    images = [Path(p) for p in manifest_image_paths(manifest)]
-    if not images:
+        manifest = load_manifest(path, check_files=False)
+    except ValueError as exc:
+        raise PathsError(f"{path}: not a usable Places-format manifest: {exc}") from exc
+    if not manifest.entries:
         raise PathsError(f"{path}: the manifest lists no images")
-    return images
-
-
-def manifest_image_paths(manifest: object) -> list[str]:
-    """The image paths of a loaded manifest, each once, in manifest order."""
-    raise NotImplementedError  # replaced once training.manifest exists
+    return [manifest.image_path(entry) for entry in manifest.entries]

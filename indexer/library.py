@@ -22,7 +22,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -158,7 +157,6 @@ class Collection:
         ids, slots = library._live_slots(session, row.id)
         self._ids = ids  # sorted image ids of indexed images
         self._slots = slots  # their feature-store slots
-        self._lock = threading.Lock()
         self._index = self._load_or_rebuild_index()
 
     # -- the public, read-only view -------------------------------------------------------------
@@ -305,7 +303,12 @@ class Collection:
     # -- maintenance used by the Library (under the collection's write lock) ----------------------
     def _load_or_rebuild_index(self) -> faiss.Index:
         index = stage1_index.load_index(self.folder, self.generation)
-        if index is not None and index.ntotal == len(self._ids) and index.d == self.embed_dim:
+        if (
+            index is not None
+            and stage1_index.index_type_of(index) == self._row.index_type
+            and index.ntotal == len(self._ids)
+            and index.d == self.embed_dim
+        ):
             stage1_index.apply_search_params(index, self._row.index_type, self._row.index_params)
             return index
         return self._rebuild_index(self._row.index_type, self._row.index_params)[0]
@@ -481,7 +484,7 @@ class Library:
                 grid_cols=cols,
                 index_policy=policy,
                 flat_threshold=flat_threshold or stage1_index.DEFAULT_FLAT_THRESHOLD,
-                index_type="flat" if policy == "auto" else policy,
+                index_type="flat",  # what an empty collection has; the rule re-decides after each run
                 index_params={},
                 store_layout=StoreLayout(regions=rows * cols, dim=model.config.embed_dim).to_dict(),
                 next_slot=0,

@@ -223,6 +223,22 @@ def add_vectors(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> Non
     index.add_with_ids(_as_vectors(vectors, "vectors"), np.ascontiguousarray(ids, dtype=np.int64))
 
 
+def index_type_of(index: faiss.Index) -> str:
+    """ "flat" | "ivf" | "hnsw" for an index this module built (anything else: its class name)."""
+    inner = (
+        faiss.downcast_index(index.index)
+        if isinstance(index, faiss.IndexIDMap2)
+        else faiss.downcast_index(index)
+    )
+    if isinstance(inner, faiss.IndexFlat):
+        return "flat"
+    if isinstance(inner, faiss.IndexIVF):
+        return "ivf"
+    if isinstance(inner, faiss.IndexHNSW):
+        return "hnsw"
+    return type(inner).__name__
+
+
 def apply_search_params(index: faiss.Index, index_type: str, params: dict[str, Any]) -> None:
     """Set the recorded search-time parameters (IVF nprobe, HNSW efSearch) on a loaded index."""
     if index_type == "ivf" and "nprobe" in params:

@@ -342,6 +342,12 @@ def test_ivf_is_chosen_above_the_threshold_and_recorded(library, model, images):
     scores, ids = collection.search_stage1(query, 5)
     assert len(set(ids[0])) == 5 and np.all(ids[0] >= 0)
 
+    # A type pinned on a new, small collection is built as asked.
+    library.index("pinned", [str(p) for p in images[:3]], model, index_type="ivf", progress=False)
+    pinned = library.collection("pinned")
+    assert pinned.index_type == "ivf" and pinned.index_params["nlist"] == 1
+    assert set(all_ids(pinned)) == set(pinned.known_ids(all_ids(pinned)))
+
     # An explicit override pins the type; HNSW supports removal by rebuilding.
     library.index("big", [str(images[0].parent)], model, index_type="hnsw", progress=False)
     collection = library.collection("big")
@@ -386,6 +392,26 @@ def test_image_formats_and_globs(library, model, tmp_path):
     (folder / "readme.txt").write_text("skipped: not an image extension")
     report = library.index("formats", [str(folder / "*")], model, progress=False)
     assert (report.added, report.failed) == (7, [])
+
+
+def test_places_manifest_as_input(library, model, images, tmp_path):
+    # A real Places-format manifest: base paths relative to the file, one entry per caption.
+    entries = [
+        {"wav": f"{i}.wav", "image": p.name, "uttid": f"u{i}", "speaker": "s", "asr_text": "a red circle"}
+        for i, p in enumerate([*images[:5], images[0]])  # two captions of one image
+    ]
+    entries.append({"wav": "x.wav", "image": "gone.png", "uttid": "ux", "speaker": "s", "asr_text": "lost"})
+    manifest = tmp_path / "val.json"
+    manifest.write_text(
+        json.dumps({"image_base_path": str(images[0].parent), "audio_base_path": "wavs", "data": entries})
+    )
+    report = library.index("manifest", [str(manifest)], model, progress=False)
+    assert report.added == 5 and report.skipped_duplicates == 0
+    [(path, reason)] = report.failed
+    assert path == str(images[0].parent / "gone.png") and "No such file" in reason
+    with pytest.raises(PathsError, match="not a usable Places-format manifest"):
+        (tmp_path / "other.json").write_text('{"data": 3}')
+        library.index("manifest", [str(tmp_path / "other.json")], model, progress=False)
 
 
 # -- the command line -----------------------------------------------------------------------------
