@@ -56,7 +56,8 @@ def remote_recall(
     if not entries:
         raise ValueError(f"manifest {manifest_path} lists no captions")
     if index_first:
-        _index_manifest_images(manifest_path, collection, data_dir, db_url, checkpoint)
+        images = dict.fromkeys(str(manifest.image_path(e)) for e in entries)  # each once, in order
+        _index_images(list(images), collection, data_dir, db_url, checkpoint)
 
     top_k = max(ks)
     with SearchClient(target, token=token, tls_ca=tls_ca) as client:
@@ -90,8 +91,8 @@ def remote_recall(
     }
 
 
-def _index_manifest_images(
-    manifest_path: str | Path,
+def _index_images(
+    images: list[str],
     collection: str,
     data_dir: str | Path | None,
     db_url: str | None,
@@ -102,4 +103,4 @@ def _index_manifest_images(
 
     model = create_model(str(checkpoint) if checkpoint is not None else None)
     with Library.open(data_dir, db_url) as library:
-        library.index(collection, [str(manifest_path)], model, progress=False)
+        library.index(collection, images, model, progress=False)

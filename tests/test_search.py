@@ -61,10 +61,9 @@ def model(checkpoint):
 @pytest.fixture(scope="module")
 def data_dir(tiny_corpus, model, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("library")
+    manifests = [load_manifest(tiny_corpus / name) for name in ("train.json", "val.json")]
     with Library.open(folder) as library:
-        report = library.index(
-            COLLECTION, [str(tiny_corpus / "train.json"), str(tiny_corpus / "val.json")], model, progress=False
-        )
+        report = library.index(COLLECTION, [str(p) for p in image_paths(*manifests)], model, progress=False)
     assert report.added > 10 and not report.failed
     return folder
 
