@@ -151,6 +151,30 @@ def test_batcher_groups_what_queued_while_busy_and_isolates_failures():
     assert isinstance(results[3], ValueError) and "bad item 3" in str(results[3])
 
 
+def test_batcher_drops_items_whose_caller_gave_up_before_their_batch():
+    seen: list[int] = []
+
+    def process(items, waits):
+        seen.extend(items)
+        time.sleep(0.05)
+        return list(items)
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(process, pool)
+            first = asyncio.ensure_future(batcher.submit(0))
+            await asyncio.sleep(0.01)  # item 0 is running
+            impatient = asyncio.ensure_future(asyncio.wait_for(batcher.submit(1), timeout=0.01))
+            patient = asyncio.ensure_future(batcher.submit(2))
+            with pytest.raises(asyncio.TimeoutError):
+                await impatient  # its deadline passes while item 0 runs
+            assert await first == 0 and await patient == 2
+            await batcher.close()
+
+    asyncio.run(scenario())
+    assert seen == [0, 2]
+
+
 def test_batcher_refuses_beyond_its_queue_and_close_finishes_queued_items():
     started, release = threading.Event(), threading.Event()
 
