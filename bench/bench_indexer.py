@@ -106,7 +106,8 @@ def main() -> None:
     print(
         f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); model tiny (random init), "
-        f"{model.config.image.input_size} px input, grid {model.image_grid}, D={model.config.embed_dim}"
+        f"{model.config.image.input_size} px input, grid {model.image_grid}, D={model.config.embed_dim}; "
+        f"load average {os.getloadavg()[0]:.1f} (the CPUs are shared: figures vary with it)"
     )
     print(
         f"# command: {sys.executable} bench/bench_indexer.py --images {n} --batch-size {args.batch_size}"

@@ -108,7 +108,7 @@ def main() -> None:
 
     print(
         f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, faiss {faiss.__version__}, "
-        f"{faiss.omp_get_max_threads()} threads"
+        f"{faiss.omp_get_max_threads()} threads, load average {os.getloadavg()[0]:.1f} at start"
     )
     print(f"# command: {sys.executable} bench/bench_stage1.py --sizes {args.sizes}")
     header = (

@@ -140,6 +140,57 @@ def _model_label(name: str, version: str) -> str:
     return f"{name} (weights {version})"
 
 
+class _SlotTable:
+    """Sorted ids of a collection's indexed images and their feature-store slots.
+
+    Appends (one per ingested batch) are buffered and merged on the next lookup, so indexing N images
+    costs O(N) here, not O(N^2 / batch).
+    """
+
+    def __init__(self, ids: np.ndarray, slots: np.ndarray):
+        self._parts: list[tuple[np.ndarray, np.ndarray]] = [(ids, slots)]
+        self._count = len(ids)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        self._parts.append((ids, slots))
+        self._count += len(ids)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (N,) sorted, slots (N,)) int64."""
+        if len(self._parts) > 1:
+            ids = np.concatenate([part[0] for part in self._parts])
+            slots = np.concatenate([part[1] for part in self._parts])
+            if np.any(np.diff(ids) < 0):
+                order = np.argsort(ids, kind="stable")
+                ids, slots = ids[order], slots[order]
+            self._parts = [(ids, slots)]
+        return self._parts[0]
+
+    def slots_of(self, image_ids: np.ndarray, collection_name: str) -> np.ndarray:
+        """image ids (K,) -> slots (K,); KeyError naming up to 10 ids that are not indexed here."""
+        ids, slots = self.arrays()
+        where = np.minimum(np.searchsorted(ids, image_ids), max(len(ids) - 1, 0))
+        found = (ids[where] == image_ids) if len(ids) else np.zeros(len(image_ids), dtype=bool)
+        if not found.all():
+            missing = image_ids[~found][:10].tolist()
+            raise KeyError(f"collection {collection_name!r} has no indexed images with ids {missing}")
+        return slots[where]
+
+    def remove(self, image_ids: np.ndarray) -> None:
+        ids, slots = self.arrays()
+        keep = ~np.isin(ids, image_ids)
+        self._parts = [(ids[keep], slots[keep])]
+        self._count = int(keep.sum())
+
+    def set_slots(self, slots: np.ndarray) -> None:
+        """Replace every slot (after compaction); ``slots`` in the order of :meth:`arrays`."""
+        ids, _ = self.arrays()
+        self._parts = [(ids, slots)]
+
+
 class Collection:
     """A searchable collection: stage-1 index in memory, feature maps memory-mapped, rows in the catalog.
 
@@ -154,9 +205,7 @@ class Collection:
         self.store = FeatureStore(
             self.folder / row.store_layout["directory"], StoreLayout.from_dict(row.store_layout)
         )
-        ids, slots = library._live_slots(session, row.id)
-        self._ids = ids  # sorted image ids of indexed images
-        self._slots = slots  # their feature-store slots
+        self._table = _SlotTable(*library._live_slots(session, row.id))
         self._index = self._load_or_rebuild_index()
 
     # -- the public, read-only view -------------------------------------------------------------
@@ -183,7 +232,7 @@ class Collection:
     @property
     def size(self) -> int:
         """Number of indexed images."""
-        return len(self._ids)
+        return len(self._table)
 
     @property
     def generation(self) -> int:
@@ -232,22 +281,13 @@ class Collection:
             )
         return stage1_index.search(self._index, queries, k)
 
-    def _slots_of(self, image_ids: Sequence[int]) -> np.ndarray:
-        ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
-        where = np.searchsorted(self._ids, ids)
-        where = np.minimum(where, max(len(self._ids) - 1, 0))
-        found = (self._ids[where] == ids) if len(self._ids) else np.zeros(len(ids), dtype=bool)
-        if not found.all():
-            missing = ids[~found][:10].tolist()
-            raise KeyError(f"collection {self.name!r} has no indexed images with ids {missing}")
-        return self._slots[where]
-
     def feature_maps(self, image_ids: Sequence[int]) -> np.ndarray:
         """image ids (K,) -> their feature maps (K, R, D) float16, R = rows * cols, in one batched store read.
 
         Raises KeyError for ids that are not indexed images of this collection (e.g. -1 pads).
         """
-        return self.store.read_maps(self._slots_of(image_ids))
+        slots = self._table.slots_of(np.asarray(image_ids, dtype=np.int64).reshape(-1), self.name)
+        return self.store.read_maps(slots)
 
     def images(self, image_ids: Sequence[int]) -> list[ImageRecord]:
         """The catalog rows of ``image_ids``, in the order asked, in one query; KeyError for unknown ids."""
@@ -306,7 +346,7 @@ class Collection:
         if (
             index is not None
             and stage1_index.index_type_of(index) == self._row.index_type
-            and index.ntotal == len(self._ids)
+            and index.ntotal == self.size
             and index.d == self.embed_dim
         ):
             stage1_index.apply_search_params(index, self._row.index_type, self._row.index_params)
@@ -314,25 +354,23 @@ class Collection:
         return self._rebuild_index(self._row.index_type, self._row.index_params)[0]
 
     def _rebuild_index(self, index_type: str, params: dict[str, Any] | None) -> tuple[faiss.Index, dict]:
-        vectors = self.store.read_pooled(self._slots)
+        ids, slots = self._table.arrays()
+        vectors = self.store.read_pooled(slots)
         if index_type != "flat" and len(vectors) == 0:
             index_type, params = "flat", {}
-        return stage1_index.build_index(vectors, self._ids, index_type, params or None)
+        return stage1_index.build_index(vectors, ids, index_type, params or None)
 
     def _added(self, ids: np.ndarray, slots: np.ndarray, pooled: np.ndarray) -> None:
         stage1_index.add_vectors(self._index, pooled, ids)
-        order = np.argsort(np.concatenate([self._ids, ids]), kind="stable")
-        self._ids = np.concatenate([self._ids, ids])[order]
-        self._slots = np.concatenate([self._slots, slots])[order]
+        self._table.append(ids, slots)
 
     def _adopt(self, other: Collection) -> None:
         """Take over the state of a fresher snapshot of the same collection."""
         _copy_state(other._row, self._row)
-        self.store, self._ids, self._slots, self._index = other.store, other._ids, other._slots, other._index
+        self.store, self._table, self._index = other.store, other._table, other._index
 
     def _removed(self, ids: np.ndarray) -> None:
-        keep = ~np.isin(self._ids, ids)
-        self._ids, self._slots = self._ids[keep], self._slots[keep]
+        self._table.remove(ids)
         if len(ids) and not stage1_index.remove_ids(self._index, ids):
             self._index = self._rebuild_index(self._row.index_type, self._row.index_params)[0]
 
@@ -733,8 +771,9 @@ class Library:
 
     def _compact_locked(self, collection: Collection) -> int:
         before = collection.store.bytes_on_disk() if collection.store.folder.exists() else 0
-        order = np.argsort(collection._slots, kind="stable")
-        live_ids, live_slots = collection._ids[order], collection._slots[order]
+        ids, slots = collection._table.arrays()
+        order = np.argsort(slots, kind="stable")
+        live_ids, live_slots = ids[order], slots[order]
         layout = StoreLayout.from_dict(
             {**collection.store.layout.to_dict(), "directory": f"store-{uuid.uuid4().hex[:12]}"}
         )
@@ -758,7 +797,7 @@ class Library:
         collection.store = target
         new_slots = np.empty_like(live_slots)
         new_slots[order] = np.arange(len(live_slots), dtype=np.int64)
-        collection._slots = new_slots
+        collection._table.set_slots(new_slots)
         shutil.rmtree(old.folder, ignore_errors=True)
         self._save_current(collection)
         return before - target.bytes_on_disk()

@@ -341,6 +341,10 @@ def test_ivf_is_chosen_above_the_threshold_and_recorded(library, model, images):
     query = np.random.default_rng(1).standard_normal((1, collection.embed_dim)).astype(np.float32)
     scores, ids = collection.search_stage1(query, 5)
     assert len(set(ids[0])) == 5 and np.all(ids[0] >= 0)
+    collection.remove_images(ids[0][:2].tolist())
+    remaining = library.collection("big")
+    assert remaining.index_type == "ivf" and not set(ids[0][:2]) & set(all_ids(remaining))
+    assert remaining.size == N_IMAGES - 2
 
     # A type pinned on a new, small collection is built as asked.
     library.index("pinned", [str(p) for p in images[:3]], model, index_type="ivf", progress=False)
