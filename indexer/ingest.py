@@ -20,6 +20,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from encoders import load_image
 from encoders.matchmap import pool_images
 
 T = TypeVar("T")
@@ -176,16 +177,29 @@ def in_background(items: Iterable[T], depth: int = 2) -> Iterator[T]:
         stop.set()
 
 
+def image_decoder(model) -> Callable[[bytes, str], tuple[torch.Tensor, int, int]]:
+    """decode(file bytes, uri) -> (pixels (3, S, S) for ``model``, width, height) of the image as stored."""
+
+    def decode(data: bytes, uri: str) -> tuple[torch.Tensor, int, int]:
+        image = load_image(data, name=uri)  # ImageDecodeError names the file and the problem
+        return model.image_frontend(image), image.width, image.height
+
+    return decode
+
+
 def embed_images(model, pixels: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """Embed a batch: pixels B x (3, S, S) -> (maps (B, R, D) float16, pooled (B, D) float32).
+    """Embed a batch: pixels B x (3, S, S) -> (maps (B, R, D) float16, pooled (B, D) float32); B may be 0.
 
     The pooled vectors are the masked mean of the *float16* maps as stored, so that stage-1 inner
     products equal SISA of exactly what stage 2 reads back.
     """
+    rows, cols = model.image_grid
+    if not pixels:
+        dim = model.config.embed_dim
+        return np.zeros((0, rows * cols, dim), np.float16), np.zeros((0, dim), np.float32)
     device = next(model.parameters()).device
     with torch.inference_mode():
         grids = model.encode_images(torch.stack(list(pixels)).to(device))  # (B, H, W, D)
-    rows, cols = model.image_grid
     expected = (len(pixels), rows, cols, model.config.embed_dim)
     if tuple(grids.shape) != expected:
         raise RuntimeError(

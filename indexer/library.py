@@ -27,17 +27,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
-import torch
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
-from encoders import load_image
 from indexer import stage1_index
 from indexer.catalog import (
     STATUS_FAILED,
@@ -52,7 +50,9 @@ from indexer.catalog import (
 )
 from indexer.discover import discover_images
 from indexer.feature_store import FeatureStore, StoreLayout, compact_store
-from indexer.ingest import PreparedBatch, embed_images, in_background, prepare_batches
+
+if TYPE_CHECKING:
+    from indexer.ingest import PreparedBatch
 
 CATALOG_FILENAME = "catalog.sqlite"
 COLLECTIONS_FOLDER = "collections"
@@ -567,6 +567,8 @@ class Library:
             raise ValueError(f"flat_threshold must be a positive number of vectors, got {flat_threshold}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        from indexer import ingest  # torch and the encoders load here, not for listing or removing
+
         files = discover_images(paths)
         model.eval()
         row = self._create_or_get_row(name, model, index_type, flat_threshold)
@@ -577,18 +579,18 @@ class Library:
             collection.store.create()
             report = IndexReport(added=0, skipped_duplicates=0)
 
-            def decode(data: bytes, uri: str) -> tuple[torch.Tensor, int, int]:
-                image = load_image(data, name=uri)
-                return model.image_frontend(image), image.width, image.height
-
-            batches = prepare_batches(
-                files, decode, lambda hashes: self._known_hashes(collection, hashes), batch_size
+            batches = ingest.prepare_batches(
+                files,
+                ingest.image_decoder(model),
+                lambda hashes: self._known_hashes(collection, hashes),
+                batch_size,
             )
             with tqdm(
                 total=len(files), unit="img", desc=f"indexing {name}", disable=not progress, smoothing=0.1
             ) as bar:
-                for batch in in_background(batches):
-                    self._ingest_batch(collection, batch, model, report)
+                for batch in ingest.in_background(batches):
+                    embedded = ingest.embed_images(model, [image.pixels for image in batch.images])
+                    self._store_batch(collection, batch, *embedded, report)
                     bar.update(batch.files)
             self._finish_index(collection)
         return report
@@ -624,11 +626,17 @@ class Library:
                 ).scalars()
             )
 
-    def _ingest_batch(self, collection: Collection, batch: PreparedBatch, model, report: IndexReport) -> None:
+    def _store_batch(
+        self,
+        collection: Collection,
+        batch: PreparedBatch,
+        maps: np.ndarray,
+        pooled: np.ndarray,
+        report: IndexReport,
+    ) -> None:
+        """Make one batch durable: maps (B, R, D) and pooled (B, D) into the store, then the catalog rows."""
         first_slot = collection._row.next_slot
-        pooled = np.zeros((0, collection.embed_dim), dtype=np.float32)
         if batch.images:
-            maps, pooled = embed_images(model, [image.pixels for image in batch.images])
             collection.store.write(first_slot, maps, pooled)  # durable before the catalog points at it
         with self._sessions.begin() as session:
             row = session.get(CollectionRow, collection._row.id, with_for_update=True)
