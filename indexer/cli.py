@@ -105,6 +105,13 @@ batch ended.
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch."
 )
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where the model runs: auto = cuda when available.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @json_option
 @click.argument("paths", nargs=-1, required=True)
@@ -117,6 +124,7 @@ def index(
     index_type: str | None,
     flat_threshold: int | None,
     batch_size: int,
+    device: str,
     no_progress: bool,
     as_json: bool,
     paths: tuple[str, ...],
@@ -128,13 +136,16 @@ def index(
     pooled vectors in the stage-1 FAISS index, their feature maps in the feature store and their
     rows in the catalog.
     """
+    import torch
+
     from encoders import create_model
     from indexer import discover
 
-    discover.discover_images(
-        paths
-    )  # a PATH that names nothing is a usage error: fail before loading the model
-    model = create_model(str(checkpoint) if checkpoint else None)
+    # A PATH that names nothing is a usage error: fail before loading the model.
+    discover.discover_images(paths)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = create_model(str(checkpoint) if checkpoint else None, device=device)
     library = _open_library(data_dir, db_url)
     try:
         started = time.perf_counter()
