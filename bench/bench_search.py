@@ -3,7 +3,8 @@
 On an N-image collection indexed with the given checkpoint:
   1. latency (p50/p95/p99) at concurrency 1 and throughput at concurrency 8, over loopback through
      the real client against a real `matchmap serve` process, with error counts; throughput again
-     with micro-batching off (--max-batch 1) to show what batching buys;
+     with micro-batching off (--max-batch 1) to show what batching buys, and the same comparison
+     in-process (search_batch of 8 vs one at a time), free of gRPC and client threads;
   2. agreement of the two-stage top-10 (stage-1 SISA candidates, MISA re-rank) with the exhaustive
      MISA top-10 over the whole collection, at the server's default K and as a curve over K, plus
      stage-1 recall (share of the exhaustive top-10 inside the K candidates);
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -161,6 +163,22 @@ def run_load(target: str, queries: list[bytes], concurrency: int, candidates: in
     }
 
 
+def batching_gain(engine: SearchEngine, audio_bytes: list[bytes], batch: int = 8) -> dict:
+    """In-process, without gRPC: queries/s of search_batch on groups of ``batch`` vs one at a time."""
+    prepared = [engine.prepare_audio(b) for b in audio_bytes]
+    queries = [SearchQuery(p, COLLECTION, 10, SearchLimits().default_candidates) for p in prepared]
+    engine.search_batch(queries[:batch])  # warm-up
+    started = time.perf_counter()
+    for q in queries:
+        engine.search_batch([q])
+    alone = len(queries) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for i in range(0, len(queries), batch):
+        engine.search_batch(queries[i : i + batch])
+    together = len(queries) / (time.perf_counter() - started)
+    return {"batch": batch, "alone_qps": alone, "batched_qps": together, "gain": together / alone}
+
+
 # ---- two-stage vs exhaustive ----------------------------------------------------------------------
 
 
@@ -262,6 +280,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     command = "python bench/bench_search.py " + " ".join(sys.argv[1:])
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; torch threads {torch.get_num_threads()}")
     rng = np.random.default_rng(args.seed)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -301,6 +320,13 @@ def main() -> None:
                     f"mean batch {r['mean_batch']:.2f}; errors {r['errors']}/{r['queries']}"
                 )
 
+        gain = batching_gain(engine, queries[:64])
+        figures["batching_in_process"] = gain
+        print(
+            f"in-process search_batch, {len(queries[:64])} queries: one at a time {gain['alone_qps']:.1f} queries/s, "
+            f"in batches of {gain['batch']} {gain['batched_qps']:.1f} queries/s ({gain['gain']:.2f}x)"
+        )
+
         agreement = agreement_curve(
             engine, images[: args.images], queries[: args.agreement_queries], sorted(set(args.k_curve + [default_k]))
         )
@@ -330,6 +356,7 @@ def main() -> None:
         engine.close()
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2))
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (other work on the machine skews every timing)")
     print(f"reproduce: {command}")
 
 
