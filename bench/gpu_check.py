@@ -1,7 +1,7 @@
 """GPU check for stage 2: does CUDA re-ranking give the CPU's ranking, and how fast is each?
 
 One short, self-contained script for a machine with a GPU (a few minutes at the defaults):
-a random ``tiny`` model, N random images indexed into a temporary library, Q noise queries.
+a random ``tiny`` model, N random blocky images indexed into a temporary library, Q noise queries.
 For each query the same two-stage search runs on a CPU engine and a CUDA engine; it reports
 top-10 agreement (identical lists, and set overlap), the largest score difference, and stage-2
 latency (feature-map read + MISA on the candidates) per device, plus the bare score_matrix time.
@@ -14,7 +14,6 @@ Exits 1 if any top-10 differs beyond near-ties (score gaps < 1e-4), so it can ga
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import sys
 import tempfile
@@ -22,33 +21,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import soundfile
 import torch
-from PIL import Image
+
+# The benchmarks' shared inputs (bench/ is on sys.path when this file runs as a script).
+from bench_search import distractor_images, noise_wav
 
 from encoders import create_model, save_checkpoint, score_matrix
 from indexer import Library
 from search.engine import SearchEngine, SearchQuery
 
 
-def noise_wav(rng: np.random.Generator, seconds: float) -> bytes:
-    """Speech-like enough for a random model: amplitude-modulated noise."""
-    n = int(16000 * seconds)
-    envelope = 0.5 + 0.5 * np.sin(np.linspace(0, 6 * np.pi * seconds, n))
-    buffer = io.BytesIO()
-    soundfile.write(buffer, (0.2 * rng.standard_normal(n) * envelope).astype(np.float32), 16000, format="WAV")
-    return buffer.getvalue()
-
-
 def build_library(folder: Path, images: int, model, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    image_dir = folder / "images"
-    image_dir.mkdir(parents=True)
-    for i in range(images):
-        pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8).repeat(16, 0).repeat(16, 1)  # blocky scenes
-        Image.fromarray(pixels).save(image_dir / f"{i:06d}.png")
+    image_paths = distractor_images(folder / "images", images, seed)
     with Library.open(folder / "library") as library:
-        library.index("gpu-check", [str(image_dir)], model, progress=False)
+        library.index("gpu-check", [str(p) for p in image_paths], model, progress=False)
 
 
 def stage2_ms(engine: SearchEngine, queries: list[SearchQuery]) -> list[float]:

@@ -115,8 +115,16 @@ def audio_input(audio: AudioLike) -> search_pb2.AudioInput:
     return search_pb2.AudioInput(encoded=bytes(audio))
 
 
-def _heatmap_values(rows: int, cols: int, values) -> np.ndarray:
-    return np.asarray(values, dtype=np.float32).reshape(rows, cols)
+def _heatmap_fields(response: search_pb2.LocalizeResponse | search_pb2.HighlightResponse) -> dict:
+    """The Heatmap fields of a Localize or Highlight response."""
+    return {
+        "values": np.asarray(response.heatmap, dtype=np.float32).reshape(response.rows, response.cols),
+        "box": tuple(response.heatmap_box),
+        "start_seconds": response.start_seconds,
+        "end_seconds": response.end_seconds,
+        "heat_min": response.heat_min,
+        "heat_max": response.heat_max,
+    }
 
 
 class SearchClient:
@@ -191,12 +199,7 @@ class SearchClient:
         _set_image(request, image_id, image)
         r = self._call(self._stub.Localize, request)
         return LocalizeResult(
-            values=_heatmap_values(r.rows, r.cols, r.heatmap),
-            box=tuple(r.heatmap_box),
-            start_seconds=r.start_seconds,
-            end_seconds=r.end_seconds,
-            heat_min=r.heat_min,
-            heat_max=r.heat_max,
+            **_heatmap_fields(r),
             frame_seconds=r.frame_seconds,
             frame_scores=np.asarray(r.frame_scores, dtype=np.float32),
             frame_best_regions=np.asarray(r.frame_best_regions, dtype=np.int64),
@@ -230,14 +233,7 @@ class SearchClient:
         try:
             # A stream may last as long as its audio: no overall deadline.
             for r in self._stub.Highlight(requests(), metadata=self._metadata):
-                yield Heatmap(
-                    values=_heatmap_values(r.rows, r.cols, r.heatmap),
-                    box=tuple(r.heatmap_box),
-                    start_seconds=r.start_seconds,
-                    end_seconds=r.end_seconds,
-                    heat_min=r.heat_min,
-                    heat_max=r.heat_max,
-                )
+                yield Heatmap(**_heatmap_fields(r))
         except grpc.RpcError as error:
             raise _service_error(error) from None
 

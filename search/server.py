@@ -108,8 +108,18 @@ def _audio_source(audio: search_pb2.AudioInput, field: str = "audio") -> tuple[b
     raise InvalidQuery(f"{field} is missing: set {field}.encoded (a WAV/FLAC/OGG file) or {field}.pcm (raw PCM)")
 
 
-def _box(image: ImageMap) -> list[float]:
-    return [float(v) for v in image.box]
+def _heatmap_fields(result: Localization, image: ImageMap) -> dict:
+    """The fields LocalizeResponse and HighlightResponse share."""
+    return {
+        "rows": result.rows,
+        "cols": result.cols,
+        "heatmap": result.heatmap.reshape(-1).tolist(),
+        "heatmap_box": [float(v) for v in image.box],
+        "start_seconds": result.start_seconds,
+        "end_seconds": result.end_seconds,
+        "heat_min": result.heat_min,
+        "heat_max": result.heat_max,
+    }
 
 
 class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
@@ -185,14 +195,7 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
             functools.partial(self.engine.localize, data, image, span, sample_rate=sample_rate)
         )
         return search_pb2.LocalizeResponse(
-            rows=result.rows,
-            cols=result.cols,
-            heatmap=result.heatmap.reshape(-1).tolist(),
-            heatmap_box=_box(image),
-            heat_min=result.heat_min,
-            heat_max=result.heat_max,
-            start_seconds=result.start_seconds,
-            end_seconds=result.end_seconds,
+            **_heatmap_fields(result, image),
             frame_seconds=result.frame_seconds,
             frame_scores=result.frame_scores.tolist(),
             frame_best_regions=result.frame_best_regions.tolist(),
@@ -240,16 +243,7 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
                     pending.clear()
                     result = await self._in_model_thread(highlighter.localize_latest)
                     if result is not None:
-                        yield search_pb2.HighlightResponse(
-                            rows=result.rows,
-                            cols=result.cols,
-                            heatmap=result.heatmap.reshape(-1).tolist(),
-                            start_seconds=result.start_seconds,
-                            end_seconds=result.end_seconds,
-                            heat_min=result.heat_min,
-                            heat_max=result.heat_max,
-                            heatmap_box=_box(image),
-                        )
+                        yield search_pb2.HighlightResponse(**_heatmap_fields(result, image))
                 elif reader.done():
                     reader.result()  # raises what the reader met (a malformed message)
                     return
