@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import platform
 import tempfile
 import time
@@ -68,6 +69,7 @@ def main() -> None:
     val_pairs = args.pairs // 5
     train_pairs = args.pairs - val_pairs
 
+    load_before = os.getloadavg()[0]  # other work on the machine slows every figure below
     with tempfile.TemporaryDirectory(prefix="bench_synth_") as tmp:
         out = Path(tmp)
         start = time.perf_counter()
@@ -86,7 +88,8 @@ def main() -> None:
             load_ms[label] = 1000 * (time.perf_counter() - t) * per_1000
 
     stages = stage_times()
-    print(f"machine: {platform.processor() or platform.machine()}, {default_workers()} usable cores")
+    print(f"machine: {platform.processor() or platform.machine()}, {default_workers()} usable cores, "
+          f"load average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f}")
     print(f"generate: {args.pairs} pairs ({train_pairs} train + {val_pairs} val) with {workers} worker(s) "
           f"in {elapsed:.1f} s = {args.pairs / elapsed:.1f} pairs/s")
     print("stages, ms per pair in one process: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
