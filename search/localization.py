@@ -9,6 +9,7 @@ span (max over the span's frames of the matchmap M[r, c, t]), rescaled to 0..1.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -187,6 +188,7 @@ class LiveHighlighter:
         self._tail = bytearray()
         self._partial = b""  # a chunk may end in the middle of a 16-bit sample
         self.received_samples = 0
+        self._lock = threading.Lock()  # chunks may arrive while a heatmap is computed
 
     @property
     def received_seconds(self) -> float:
@@ -194,23 +196,26 @@ class LiveHighlighter:
 
     def push(self, samples_s16le: bytes) -> None:
         """Append a chunk of mono signed 16-bit little-endian samples at ``sample_rate``."""
-        data = self._partial + bytes(samples_s16le)
-        whole = len(data) - len(data) % 2
-        self._partial = data[whole:]
-        self._tail += data[:whole]
-        self.received_samples += whole // 2
-        if len(self._tail) > self._keep_bytes:
-            del self._tail[: len(self._tail) - self._keep_bytes]
+        with self._lock:
+            data = self._partial + bytes(samples_s16le)
+            whole = len(data) - len(data) % 2
+            self._partial = data[whole:]
+            self._tail += data[:whole]
+            self.received_samples += whole // 2
+            if len(self._tail) > self._keep_bytes:
+                del self._tail[: len(self._tail) - self._keep_bytes]
 
     def localize_latest(self) -> Localization | None:
         """Heatmap of the latest ``window_seconds`` (times from the stream's start); None before any audio."""
-        if not self._tail:
+        with self._lock:
+            tail, received_seconds = bytes(self._tail), self.received_seconds
+        if not tail:
             return None
-        waveform = waveform_from_pcm(bytes(self._tail), self.sample_rate, self.model.config.audio.sample_rate)
-        tail_seconds = len(self._tail) / 2 / self.sample_rate
-        offset = self.received_seconds - tail_seconds
+        waveform = waveform_from_pcm(tail, self.sample_rate, self.model.config.audio.sample_rate)
+        tail_seconds = len(tail) / 2 / self.sample_rate
+        offset = received_seconds - tail_seconds
         start = max(0.0, tail_seconds - self.window_seconds)
         result = localize(self.model, self.image_map, waveform, (start, 0.0))
         result.start_seconds += offset
-        result.end_seconds = min(result.end_seconds + offset, self.received_seconds)
+        result.end_seconds = min(result.end_seconds + offset, received_seconds)
         return result

@@ -220,7 +220,6 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
             start = first.start
             image = await self._image_map(start.WhichOneof("image"), start.image_id, start.image_bytes, start.collection)
             highlighter = self.engine.highlighter(image, start.sample_rate, start.window_seconds)
-            pending: list[bytes] = []
             arrived = asyncio.Event()
 
             async def read_chunks() -> None:
@@ -228,7 +227,7 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
                     if message.WhichOneof("message") != "samples_s16le":
                         raise InvalidQuery("after `start`, every Highlight message must carry samples_s16le")
                     if message.samples_s16le:
-                        pending.append(message.samples_s16le)
+                        highlighter.push(message.samples_s16le)  # keeps only the latest seconds
                         arrived.set()
 
             reader = asyncio.create_task(read_chunks())
@@ -236,11 +235,8 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
                 waiter = asyncio.create_task(arrived.wait())
                 await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
-                if pending:
+                if arrived.is_set():
                     arrived.clear()
-                    for chunk in pending:
-                        highlighter.push(chunk)
-                    pending.clear()
                     result = await self._in_model_thread(highlighter.localize_latest)
                     if result is not None:
                         yield search_pb2.HighlightResponse(**_heatmap_fields(result, image))

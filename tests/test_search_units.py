@@ -19,7 +19,7 @@ from search.audio import decode_audio
 from search.batcher import MicroBatcher
 from search.engine import SearchEngine, center_crop_box, length_groups
 from search.errors import InvalidQuery, Overloaded, QueryOutOfRange
-from search.localization import localize_audio_map, span_frames
+from search.localization import LiveHighlighter, localize_audio_map, span_frames
 
 RATE = 16000
 
@@ -227,3 +227,21 @@ def test_batched_encoding_equals_encoding_each_query_alone(tmp_path):
             assert int(lengths[i]) == int(alone_length[0])
             torch.testing.assert_close(audio[i, : lengths[i]], alone[0, : lengths[i]], rtol=1e-4, atol=1e-5)
             assert not audio[i, lengths[i] :].any()
+
+
+def test_live_highlighter_localizes_the_latest_window_timed_from_the_stream_start():
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    image_map = torch.randn(*model.image_grid, model.embed_dim)
+    highlighter = LiveHighlighter(model, image_map, 8000, window_seconds=1.0, context_seconds=1.0)
+    assert highlighter.localize_latest() is None
+    pcm = (tone(6.0, rate=8000) * 32767).astype("<i2").tobytes()
+    for i in range(0, len(pcm), 1001):  # odd-sized chunks split samples in half
+        highlighter.push(pcm[i : i + 1001])
+    assert highlighter.received_samples == 6 * 8000
+    latest = highlighter.localize_latest()
+    assert latest.end_seconds == pytest.approx(6.0, abs=0.01)
+    assert 4.8 <= latest.start_seconds <= 5.0 + 1e-6  # the last second, in whole audio frames
+    assert latest.heatmap.shape == model.image_grid and float(latest.heatmap.max()) == 1.0
+    with pytest.raises(QueryOutOfRange):
+        LiveHighlighter(model, image_map, 8000, window_seconds=0.0)
