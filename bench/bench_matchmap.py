@@ -137,7 +137,9 @@ def bench_shapes(s: Shapes, repeats: int) -> dict:
     same_set = torch.tensor(
         [len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(top_fp32, top_bf16, strict=True)]
     ).mean()
-    true_top1 = (fp32.argmax(dim=1) == torch.arange(s.captions) % s.images).float().mean().item()
+    truth = torch.arange(s.captions) % s.images
+    true_top1 = (fp32.argmax(dim=1) == truth).float().mean().item()
+    true_top1_bf16 = (bf16.argmax(dim=1) == truth).float().mean().item()
 
     total_flop = flop_per_pair * pairs
     for key, seconds in (
@@ -160,6 +162,7 @@ def bench_shapes(s: Shapes, repeats: int) -> dict:
     results["bf16_top10_set_overlap"] = float(same_set)
     results["bf16_max_abs_error"] = (bf16 - fp32).abs().max().item()
     results["fp32_true_match_top1"] = true_top1
+    results["bf16_true_match_top1"] = true_top1_bf16
     return results
 
 
@@ -224,7 +227,8 @@ def report(results: list[dict], train_steps: list[dict], argv: list[str], load_b
             f"bf16 / fp32 speed: {r['bf16_vs_fp32']:.2f}x; top-10 lists identical for "
             f"{100 * r['bf16_top10_identical_lists']:.1f}% of captions, top-10 sets overlap "
             f"{100 * r['bf16_top10_set_overlap']:.1f}%; max |bf16 - fp32| = {r['bf16_max_abs_error']:.4f}; "
-            f"fp32 top-1 is the true match for {100 * r['fp32_true_match_top1']:.1f}%"
+            f"top-1 is the true match for {100 * r['fp32_true_match_top1']:.1f}% (fp32), "
+            f"{100 * r['bf16_true_match_top1']:.1f}% (bf16)"
         )
     for r in train_steps:
         print(
