@@ -46,3 +46,115 @@ def synth(out: Path, pairs: int, val_pairs: int, seed: int, engines: str, worker
     except (CorpusExistsError, SpeechEngineError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"wrote {pairs} pairs to {train_path} and {val_pairs} pairs to {val_path}")
+
+
+def _load_manifest_or_exit(path: str, skip_bad: bool):
+    from training.manifest import ManifestError, load_manifest
+
+    try:
+        return load_manifest(path, skip_bad=skip_bad)
+    except (ManifestError, OSError, ValueError) as exc:
+        raise click.ClickException(f"{path}: {exc}") from exc
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--train", "train_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Training manifest (Places JSON), e.g. corpus/train.json.")
+@click.option("--val", "val_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Validation manifest, evaluated after every epoch (its voices should be unheard).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory: last.pt, best.pt, metrics.jsonl, learning_curves.png, summary.json.")
+@click.option("--config", "model", default="tiny", help="Model config from `matchmap models`, or a checkpoint to fine-tune.")
+@click.option("--loss", type=click.Choice(["infonce", "margin"]), default="infonce",
+              help="infonce: symmetric softmax over the in-batch matrix; margin: the paper's sampled margin ranking.")
+@click.option("--epochs", type=int, default=20)
+@click.option("--batch-size", type=int, default=64, help="Pairs per step (per process under torchrun).")
+@click.option("--lr", type=float, default=1e-3)
+@click.option("--sisa-weight", type=float, default=0.25,
+              help="Weight of the same loss on SISA scores (trains the stage-1 pooled vectors).")
+@click.option("--augment", default="speed,specaugment",
+              help="Comma-separated: speed, noise, reverb, eq, vtlp, specaugment; or none.")
+@click.option("--seed", type=int, default=0)
+@click.option("--max-minutes", type=float, default=None, help="Stop after the epoch that crosses this wall-clock budget.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--workers", type=int, default=0, help="DataLoader worker processes.")
+@click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Continue a run exactly from its last.pt.")
+@click.option("--skip-bad", is_flag=True, help="Skip (and count) manifest entries with missing or unreadable files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+def train(train_path, val_path, out_dir, model, loss, epochs, batch_size, lr, sisa_weight, augment, seed,
+          max_minutes, device, workers, resume, skip_bad, as_json):
+    """Train a matchmap model on spoken captions and their images.
+
+    Evaluates recall@1/5/10 on --val after every epoch, keeps the best checkpoint by mean MISA R@10
+    and draws learning curves. Launch with `torchrun --nproc_per_node N -m matchmap train ...` for
+    DistributedDataParallel (gloo on CPU, NCCL on GPUs).
+    """
+    import json
+
+    from training.plots import plot_learning_curves
+    from training.train import TrainConfig
+    from training.train import train as run_training
+
+    cfg = TrainConfig(model=model, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr, sisa_weight=sisa_weight,
+                      augment=augment, seed=seed, max_minutes=max_minutes, device=device, num_workers=workers)
+    train_manifest = _load_manifest_or_exit(train_path, skip_bad)
+    val_manifest = _load_manifest_or_exit(val_path, skip_bad)
+    try:
+        summary = run_training(cfg, train_manifest, val_manifest, out_dir, resume=resume, progress=not as_json)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if summary:  # rank 0
+        plot_learning_curves([out_dir], Path(out_dir) / "learning_curves.png")
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+        else:
+            click.echo(f"best mean MISA R@10 {summary['best_mean_r10']:.3f}; checkpoints in {out_dir}")
+
+
+@click.command("eval", context_settings={"show_default": True})
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.option("--checkpoint", default=None, help="Model checkpoint; the shipped default model when omitted.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (recall as fractions 0..1).")
+@click.option("--batch-size", type=int, default=64)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--skip-bad", is_flag=True, help="Skip (and count) entries with missing or unreadable files.")
+@click.option("--server", default=None, metavar="HOST:PORT",
+              help="Evaluate through a live search service instead (speech_to_image recall only).")
+@click.option("--collection", default=None, help="With --server: the collection holding the manifest's images.")
+@click.option("--index-first", is_flag=True, help="With --server: index the manifest's images into --collection first.")
+@click.option("--data-dir", default=None, help="With --index-first: the server's data directory.")
+@click.option("--token", envvar="MATCHMAP_TOKEN", default=None, help="With --server: bearer token.")
+def evaluate(manifest, checkpoint, as_json, batch_size, device, skip_bad, server, collection, index_first,
+             data_dir, token):
+    """Recall@1/5/10 in both directions for MISA, SISA and SIMA on MANIFEST.
+
+    speech_to_image: each spoken caption retrieves its image among all images of the manifest;
+    image_to_speech: the reverse. With --server, the captions are sent to a running search
+    service and its ranking is measured (speech_to_image only).
+    """
+    import json
+
+    if server:
+        from search.remote_eval import remote_recall
+
+        if not collection:
+            raise click.UsageError("--server needs --collection (the collection that holds the manifest's images)")
+        result = remote_recall(server, manifest, collection, token=token, index_first=index_first, data_dir=data_dir)
+        click.echo(json.dumps(result, indent=2) if as_json else
+                   "\n".join(f"speech_to_image {k}: {v:.3f}" for k, v in result["MISA"]["speech_to_image"].items()))
+        return
+
+    from encoders import create_model
+    from training.evaluate import evaluate as run_evaluation
+    from training.evaluate import format_table
+    from training.train import _resolve_device
+
+    loaded = _load_manifest_or_exit(manifest, skip_bad)
+    torch_device = _resolve_device(device)
+    try:
+        model = create_model(checkpoint).to(torch_device)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    result = run_evaluation(model, loaded, batch_size=batch_size, device=torch_device, progress=not as_json)
+    click.echo(json.dumps(result) if as_json else format_table(result))

@@ -1,0 +1,136 @@
+"""Training, losses, recall evaluation, resume and DistributedDataParallel, on a tiny real corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from encoders import create_model, load_checkpoint
+from encoders.matchmap import score_matrix
+from training.evaluate import recall_at_k
+from training.losses import SampledMarginRankingLoss, SymmetricInfoNCELoss
+from training.manifest import load_manifest
+from training.train import TrainConfig, train, weights_digest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_margin_loss_is_zero_when_every_positive_beats_every_imposter_by_the_margin():
+    scores = torch.full((6, 6), -5.0)
+    scores.fill_diagonal_(5.0)
+    assert SampledMarginRankingLoss(margin=1.0)(scores).item() == 0.0
+    scores.fill_diagonal_(-4.5)  # positives only 0.5 above imposters: 2 terms of 0.5 per pair
+    assert SampledMarginRankingLoss(margin=1.0)(scores).item() == pytest.approx(1.0)
+
+
+def test_infonce_prefers_a_matrix_with_a_dominant_diagonal():
+    loss = SymmetricInfoNCELoss()
+    noisy = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    assert loss(noisy + 10 * torch.eye(8)).item() < loss(noisy).item() < loss(noisy - 10 * torch.eye(8)).item()
+
+
+def test_recall_at_k_on_a_known_ranking():
+    # caption a ranks its image at position a (0-based) in speech->image
+    n = 12
+    scores = torch.zeros(n, n)
+    for a in range(n):
+        others = [i for i in range(n) if i != a]
+        order = others[:a] + [a] + others[a:]
+        for position, image in enumerate(order):
+            scores[a, image] = n - position
+    result = recall_at_k(scores)
+    assert result["speech_to_image"] == {"R@1": 1 / n, "R@5": 5 / n, "R@10": 10 / n}
+
+
+def test_recall_counts_ties_against_the_model():
+    assert recall_at_k(torch.ones(4, 4))["speech_to_image"]["R@1"] == 0.0
+
+
+def test_recall_from_chunked_scores_equals_full_matrix():
+    g = torch.Generator().manual_seed(1)
+    audio, lengths = torch.randn(20, 9, 16, generator=g), torch.randint(2, 10, (20,), generator=g)
+    images = torch.randn(20, 4, 4, 16, generator=g)
+    full = score_matrix(audio, lengths, images, kinds=("misa",))["misa"]
+    chunked = score_matrix(audio, lengths, images, kinds=("misa",), chunk_size=3)["misa"]
+    assert recall_at_k(full) == recall_at_k(chunked)
+
+
+def _cfg(**overrides) -> TrainConfig:
+    base = dict(model="tiny", epochs=2, batch_size=8, lr=2e-3, warmup_steps=2, seed=3, augment="speed,specaugment")
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_resume_continues_exactly(tiny_corpus, tmp_path):
+    train_m = load_manifest(tiny_corpus / "train.json")
+    val_m = load_manifest(tiny_corpus / "val.json")
+    train(_cfg(epochs=2), train_m, val_m, tmp_path / "straight", progress=False)
+    # max_minutes=0 interrupts the run after its first epoch, as a crash or a pre-emption would
+    train(_cfg(epochs=2, max_minutes=0), train_m, val_m, tmp_path / "split", progress=False)
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 1
+    train(_cfg(epochs=2), train_m, val_m, tmp_path / "split", resume=tmp_path / "split" / "last.pt", progress=False)
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert straight["step"] == resumed["step"] == 2 * (len(train_m.entries) // 8)
+    for name, tensor in straight["state_dict"].items():
+        assert torch.equal(tensor, resumed["state_dict"][name]), name
+    records = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert (tmp_path / "straight" / "best.pt").exists()
+
+
+def test_train_and_eval_commands_end_to_end(tiny_corpus, tmp_path):
+    from matchmap.cli import main
+
+    runner = CliRunner()
+    run = tmp_path / "run"
+    result = runner.invoke(main, ["train", "--train", str(tiny_corpus / "train.json"), "--val",
+                                  str(tiny_corpus / "val.json"), "--out", str(run), "--epochs", "1",
+                                  "--batch-size", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["epochs"] == 1
+    assert (run / "learning_curves.png").stat().st_size > 1000
+    result = runner.invoke(main, ["eval", "--checkpoint", str(run / "best.pt"), str(tiny_corpus / "val.json"),
+                                  "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["pairs"] == len(load_manifest(tiny_corpus / "val.json").entries)
+    for kind in ("MISA", "SISA", "SIMA"):
+        for direction in ("speech_to_image", "image_to_speech"):
+            values = report[kind][direction]
+            assert set(values) == {"R@1", "R@5", "R@10"}
+            assert 0.0 <= values["R@1"] <= values["R@5"] <= values["R@10"] <= 1.0
+
+
+def test_eval_reports_a_missing_checkpoint_clearly(tiny_corpus, tmp_path):
+    from matchmap.cli import main
+
+    result = CliRunner().invoke(main, ["eval", "--checkpoint", str(tmp_path / "nope.pt"),
+                                       str(tiny_corpus / "val.json")])
+    assert result.exit_code != 0
+    assert "nope.pt" in result.output
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_keep_identical_weights_and_learn(tiny_corpus, tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "matchmap", "train", "--train", str(tiny_corpus / "train.json"), "--val",
+           str(tiny_corpus / "val.json"), "--out", str(run), "--epochs", "4", "--batch-size", "4",
+           "--lr", "3e-3", "--augment", "none", "--device", "cpu"]
+    subprocess.run(cmd, check=True, env=env, cwd=REPO, timeout=420, capture_output=True)
+    replicas = [json.loads((run / f"replica-{rank}.json").read_text()) for rank in (0, 1)]
+    assert replicas[0]["weights_digest"] == replicas[1]["weights_digest"]
+    model = create_model(run / "last.pt")
+    assert weights_digest(model) == replicas[0]["weights_digest"]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < records[0]["loss"]

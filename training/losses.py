@@ -1,0 +1,67 @@
+"""Training objectives over the in-batch matchmap similarity matrix.
+
+Every loss takes ``scores``: (B, B) float, scores[a, i] = similarity of caption a and image i (from
+``encoders.matchmap.score_matrix``), with matching pairs on the diagonal.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOSSES = ("infonce", "margin")
+
+
+class SampledMarginRankingLoss(nn.Module):
+    """The paper's loss: per pair one random imposter image and one random imposter caption.
+
+    L = sum_j max(0, S(I_j, A_imp) - S(I_j, A_j) + eta) + max(0, S(I_imp, A_j) - S(I_j, A_j) + eta),
+    averaged over the batch. Imposters are drawn uniformly from the other members of the batch.
+    """
+
+    def __init__(self, margin: float = 1.0) -> None:
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        batch = scores.shape[0]
+        if batch < 2:
+            raise ValueError("the margin ranking loss needs a batch of at least 2 pairs")
+        index = torch.arange(batch, device=scores.device)
+        # offsets in 1..B-1 guarantee an imposter differs from its anchor
+        imposter_image = (index + torch.randint(1, batch, (batch,), generator=generator).to(scores.device)) % batch
+        imposter_caption = (index + torch.randint(1, batch, (batch,), generator=generator).to(scores.device)) % batch
+        positive = scores.diagonal()
+        image_term = F.relu(self.margin + scores[index, imposter_image] - positive)  # caption j vs a wrong image
+        caption_term = F.relu(self.margin + scores[imposter_caption, index] - positive)  # image j vs a wrong caption
+        return (image_term + caption_term).mean()
+
+
+class SymmetricInfoNCELoss(nn.Module):
+    """Symmetric softmax cross-entropy over the full B x B matrix (every other member is a negative).
+
+    A learnable temperature multiplies the raw scores; it is kept in [1/100, 100].
+    """
+
+    def __init__(self, initial_scale: float = 1.0) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(float(initial_scale)).log())
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.clamp(-4.6, 4.6).exp()
+
+    def forward(self, scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        logits = scores * self.scale
+        target = torch.arange(scores.shape[0], device=scores.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def make_loss(name: str, **kwargs: float) -> nn.Module:
+    """Build a loss by name: ``infonce`` (in-batch, default) or ``margin`` (the paper's)."""
+    if name == "infonce":
+        return SymmetricInfoNCELoss(**kwargs)
+    if name == "margin":
+        return SampledMarginRankingLoss(**kwargs)
+    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")

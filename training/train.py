@@ -1,0 +1,241 @@
+"""The training loop: single process, or many through torchrun (DistributedDataParallel).
+
+Epochs are exact functions of (seed, epoch): the sampler order and every random draw of an epoch
+come from generators seeded with both, so resuming from an epoch's checkpoint continues exactly as an
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from encoders import create_model, load_checkpoint, save_checkpoint
+from encoders.matchmap import score_matrix
+from training.augment import AugmentConfig
+from training.data import Batch, CaptionedImages, collate
+from training.evaluate import embed_pairs, evaluate_embeddings, format_table, mean_r10
+from training.losses import make_loss
+from training.manifest import Manifest
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; saved in every checkpoint."""
+
+    model: str = "tiny"  # a registry name, or a checkpoint path to start from (fine-tuning)
+    loss: str = "infonce"  # infonce (in-batch, symmetric) | margin (the paper's sampled margin ranking)
+    margin: float = 1.0  # eta of the margin loss
+    sisa_weight: float = 0.25  # weight of the same loss on SISA scores: trains the stage-1 pooled vectors
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    seed: int = 0
+    augment: str = "speed,specaugment"
+    num_workers: int = 0
+    max_minutes: float | None = None  # wall-clock budget: the run stops after the epoch that crosses it
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class PairObjective(nn.Module):
+    """Model + loss as one module, so DistributedDataParallel sees a single forward and syncs both."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module, sisa_weight: float) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.sisa_weight = sisa_weight
+
+    def forward(self, images: torch.Tensor, logmel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        image_maps = self.model.encode_images(images)
+        audio, out_lengths = self.model.encode_audio(logmel, lengths)
+        kinds = ("misa", "sisa") if self.sisa_weight > 0 else ("misa",)
+        scores = score_matrix(audio, out_lengths, image_maps, kinds=kinds)
+        total = self.loss(scores["misa"])
+        if self.sisa_weight > 0:
+            total = total + self.sisa_weight * self.loss(scores["sisa"])
+        return total
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local world size) from torchrun's environment; (0, 1, 1) when not launched by it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 1
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:6], "little")
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A short hash of every parameter and buffer: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _lr_lambda(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, out_dir: str | Path, *,
+          resume: str | Path | None = None, progress: bool = True) -> dict:
+    """Train, evaluating on ``val_manifest`` after every epoch; returns the run summary.
+
+    Writes out_dir/last.pt (every epoch), out_dir/best.pt (best mean MISA R@10), out_dir/metrics.jsonl,
+    out_dir/summary.json and out_dir/replica-<rank>.json (each rank's final weights digest).
+    """
+    rank, world, local_world = _distributed()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    device = _resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    main_process = rank == 0
+
+    torch.manual_seed(cfg.seed)
+    state = load_checkpoint(resume) if resume else None
+    model = create_model(resume if resume else cfg.model).to(device)
+    loss_fn = make_loss(cfg.loss, **({"margin": cfg.margin} if cfg.loss == "margin" else {}))
+    objective = PairObjective(model, loss_fn, cfg.sisa_weight).to(device)
+
+    augment = AugmentConfig.from_names(cfg.augment)
+    train_set = CaptionedImages(train_manifest, model, train=True, augment=augment, progress=progress and main_process)
+    val_set = CaptionedImages(val_manifest, model, train=False, progress=progress and main_process) if main_process else None
+    if world > 1:
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=True)
+    else:
+        sampler = RandomSampler(train_set, generator=torch.Generator())
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
+                        num_workers=cfg.num_workers, persistent_workers=False)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training manifest has {len(train_set)} pairs, fewer than one batch of "
+                         f"{cfg.batch_size} per process; lower --batch-size")
+
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.epochs * steps_per_epoch))
+    start_epoch, step, best, history = 0, 0, -1.0, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loss_fn.load_state_dict(state["extra"]["loss_state"])
+        start_epoch, step = state["epoch"], state["step"]
+        best = state["extra"].get("best_mean_r10", -1.0)
+        history = state["extra"].get("history", [])
+    trainable = DistributedDataParallel(objective) if world > 1 else objective
+
+    metrics_path = out_dir / "metrics.jsonl"
+    started = time.monotonic()
+    summary: dict = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        epoch_seed = _epoch_seed(cfg.seed, epoch)
+        torch.manual_seed(epoch_seed + rank)
+        if world > 1:
+            sampler.set_epoch(epoch)
+        else:
+            sampler.generator.manual_seed(epoch_seed)
+        objective.train()
+        epoch_start, seen, loss_sum, step_losses = time.monotonic(), 0, 0.0, []
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not (progress and main_process))
+        for batch in bar:
+            batch: Batch = batch.to(device)
+            loss = trainable(batch.images, batch.logmel, batch.lengths)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(objective.parameters(), 10.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            seen += batch.images.shape[0] * world
+            loss_sum += loss.item()
+            step_losses.append(round(loss.item(), 5))
+            rate = seen / max(1e-9, time.monotonic() - epoch_start)
+            bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.0f}")
+        record = {"epoch": epoch + 1, "step": step, "loss": loss_sum / steps_per_epoch, "step_losses": step_losses,
+                  "lr": scheduler.get_last_lr()[0], "samples_per_s": seen / (time.monotonic() - epoch_start),
+                  "elapsed_s": time.monotonic() - started}
+        if world > 1:
+            # DDP keeps parameters in step; BatchNorm running statistics each rank updates from its own
+            # batches, so replicas take rank 0's at every epoch end (what rank 0 evaluates and saves).
+            for buffer in objective.buffers():
+                dist.broadcast(buffer, src=0)
+        if main_process:
+            result = evaluate_embeddings(embed_pairs(model, val_set, batch_size=cfg.batch_size, device=device,
+                                                     progress=False))
+            record["val"] = result
+            score = mean_r10(result)
+            history.append({k: v for k, v in record.items() if k != "step_losses"})
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            extra = {"train_config": asdict(cfg), "loss_state": loss_fn.state_dict(), "history": history,
+                     "best_mean_r10": max(best, score), "val_result": result}
+            save_checkpoint(out_dir / "last.pt", model, optimizer=optimizer, scheduler=scheduler, step=step,
+                            epoch=epoch + 1, extra=extra)
+            if score > best:
+                best = score
+                save_checkpoint(out_dir / "best.pt", model, step=step, epoch=epoch + 1, extra=extra)
+            if progress:
+                tqdm.write(f"epoch {epoch + 1}: loss {record['loss']:.4f}, {record['samples_per_s']:.0f} samples/s, "
+                           f"mean MISA R@10 {score:.3f} (best {best:.3f})\n{format_table(result)}")
+            summary = {"epochs": epoch + 1, "steps": step, "best_mean_r10": best, "last": result,
+                       "elapsed_s": record["elapsed_s"]}
+        if world > 1:
+            dist.barrier()
+        over_budget = cfg.max_minutes is not None and (time.monotonic() - started) > cfg.max_minutes * 60
+        if world > 1:  # every rank must agree to stop, or the next all-reduce hangs
+            flag = torch.tensor([int(over_budget)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            over_budget = bool(flag.item())
+        if over_budget:
+            break
+
+    (out_dir / f"replica-{rank}.json").write_text(json.dumps({"rank": rank, "weights_digest": weights_digest(model),
+                                                               "step": step}))
+    if main_process:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
