@@ -314,6 +314,20 @@ def test_remove_images_keeps_index_store_and_catalog_consistent(library, model, 
     assert library.collection("photos").size == N_IMAGES
 
 
+def test_stage1_file_is_derived_and_rebuilt_when_missing_or_torn(library, model, images):
+    library.index("photos", [str(images[0].parent)], model, progress=False)
+    queries = np.random.default_rng(5).standard_normal((3, model.config.embed_dim)).astype(np.float32)
+    collection = library.collection("photos")
+    expected = ranked_uris(collection, queries, 10)
+    [stage1_file] = collection.folder.glob("stage1-g*.faiss")
+    assert stage1_file.name.endswith(f"{collection.generation:012d}.faiss")
+
+    stage1_file.write_bytes(stage1_file.read_bytes()[:100])  # torn
+    assert ranked_uris(library.collection("photos"), queries, 10) == expected
+    stage1_file.unlink()  # gone
+    assert ranked_uris(library.collection("photos"), queries, 10) == expected
+
+
 def test_remove_collection(library, model, images):
     library.index("a", [str(images[0])], model, progress=False)
     library.index("b", [str(images[1])], model, progress=False)
