@@ -26,12 +26,13 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # x: (B, C, L), mask: (B, L) bool
-        valid = mask.unsqueeze(1)
-        x = torch.where(valid, x, 0)
+        valid = mask.unsqueeze(1).to(x.dtype)
+        x = x * valid
         if self.training:
-            count = valid.sum() * 1.0
+            # One pass of sums over the valid positions (padding is zero): E[x] and E[x^2] - E[x]^2.
+            count = valid.sum()
             mean = x.sum(dim=(0, 2)) / count
-            var = (torch.where(valid, x - mean[:, None], 0) ** 2).sum(dim=(0, 2)) / count
+            var = ((x * x).sum(dim=(0, 2)) / count - mean * mean).clamp_min(0)
             if self.track_running_stats:
                 with torch.no_grad():
                     self.num_batches_tracked += 1
@@ -43,10 +44,14 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
                     self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
         else:
             mean, var = self.running_mean, self.running_var
-        y = (x - mean[:, None]) * torch.rsqrt(var[:, None] + self.eps)
+        scale = torch.rsqrt(var + self.eps)
         if self.affine:
-            y = y * self.weight[:, None] + self.bias[:, None]
-        return torch.where(valid, y, 0)
+            scale = scale * self.weight
+        shift = -mean * scale
+        if self.affine:
+            shift = shift + self.bias
+        # affine map as one fused op, then zero the padding again
+        return torch.addcmul(shift[:, None], x, scale[:, None]) * valid
 
 
 def pooled_length(lengths: Tensor, pools: int) -> Tensor:

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The main job end to end with the shipped model: a small spoken-scenes corpus is made, its images
+# indexed into a collection, the search service started, spoken captions sent as queries, the hits
+# printed, the service stopped. Everything lives in .demo/ (delete it to start over).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MM=.venv/bin/matchmap
+PY=.venv/bin/python
+DEMO=.demo
+DATA=$DEMO/data
+PORT=${MATCHMAP_DEMO_PORT:-50561}
+
+if [ ! -f "$DEMO/corpus/val.json" ]; then
+  echo "== 1. a spoken-scenes corpus: 60 images with spoken captions, voices the model never heard"
+  $MM synth "$DEMO/corpus" --pairs 1 --val-pairs 60 --seed 2026 --force
+fi
+
+echo "== 2. index the corpus images into the collection 'demo' (shipped model, SQLite catalog in $DATA)"
+$MM index --data-dir "$DATA" --collection demo "$DEMO/corpus/val.json" || [ $? -eq 1 ]
+$MM collections --data-dir "$DATA"
+
+echo "== 3. start the search service on localhost:$PORT"
+$MM serve --data-dir "$DATA" --port "$PORT" --host 127.0.0.1 > "$DEMO/server.log" 2>&1 &
+SERVER=$!
+trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 120); do
+  $PY -m search.healthcheck --target "127.0.0.1:$PORT" >/dev/null 2>&1 && break
+  kill -0 $SERVER 2>/dev/null || { cat "$DEMO/server.log"; exit 1; }
+  sleep 0.5
+done
+
+echo "== 4. speak: three captions from the corpus are the queries"
+for i in 3 17 42; do
+  wav=$(printf "%s/corpus/audio/val/val_%06d.wav" "$DEMO" "$i")
+  $PY - "$DEMO/corpus/val.json" "$i" <<'PYEOF'
+import json, sys
+entry = json.load(open(sys.argv[1]))["data"][int(sys.argv[2])]
+print(f"\nquery: \"{entry['asr_text']}\"  (spoken by {entry['speaker']}; its image is {entry['image']})")
+PYEOF
+  $MM query --server "127.0.0.1:$PORT" --collection demo --top-k 5 "$wav"
+done
+
+echo
+echo "== 5. stop the service"
+kill -TERM $SERVER
+wait $SERVER 2>/dev/null || true
+trap - EXIT
+echo "done. Next: see README.md (your own images: matchmap index --collection photos ~/Pictures)."
