@@ -1,108 +1,66 @@
-"""Where speech lands in an image: matchmap heatmaps for a span of a spoken caption.
+"""Where speech lands in an image: matchmap heatmaps for a span of a spoken caption, live and offline.
 
-Plain functions of (model, image map, waveform, span), shared by the server's Localize and
-Highlight calls and usable offline (e.g. a ``matchmap localize`` command that paints the heatmap).
+The heatmap math is ``encoders.grounding`` (shared with the training-side pointing game and concept
+discovery); this module adds what the service and the CLI need on top: model-level ``localize``
+(waveform in, Localization out) with span errors as ``QueryOutOfRange`` (OUT_OF_RANGE), the live
+highlighter of a PCM stream, and pictures: a heatmap painted over its image, and a grid of them.
 The heatmap of a span is, for each image region, its best similarity to any audio frame of the
 span (max over the span's frames of the matchmap M[r, c, t]), rescaled to 0..1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
-from torchvision.transforms import v2 as T
 
-from encoders import waveform_from_pcm
-from encoders.matchmap import matchmap, pair_score
+from encoders import grounding, waveform_from_pcm
+from encoders.grounding import (
+    SPAN_REDUCTIONS,
+    Localization,
+    SpanOutOfRange,
+    encode_audio_map,
+    encode_whole_image,
+    model_device,
+)
 from search.errors import QueryOutOfRange
 
-SPAN_REDUCTIONS = ("max", "mean")
 
-
-@dataclass
-class Localization:
-    """A heatmap of one speech span over one image map, plus per-frame grounding of the whole utterance."""
-
-    heatmap: Tensor  # (H, W) float32 in 0..1, 1 = the region the span matches best
-    heat_min: float  # the raw matchmap values that 0 and 1 stand for
-    heat_max: float
-    start_seconds: float  # the span used: whole audio frames covering the requested span
-    end_seconds: float
-    frame_seconds: float  # seconds per audio frame of the model
-    frame_scores: Tensor  # (T,) float32: per frame of the utterance, max over regions of M (what MISA averages)
-    frame_best_regions: Tensor  # (T,) int64: that region's row-major index
-    score: float  # MISA of the whole utterance against the image
-
-    @property
-    def rows(self) -> int:
-        return int(self.heatmap.shape[0])
-
-    @property
-    def cols(self) -> int:
-        return int(self.heatmap.shape[1])
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device holding ``model``'s weights."""
-    return next(model.parameters()).device
-
-
-@torch.inference_mode()
-def encode_audio_map(model, waveform: Tensor, sample_rate: int | None = None) -> Tensor:
-    """waveform: (N,) float at ``sample_rate`` (default: the model's) -> (T, D) audio map, true frames only."""
-    logmel = model.audio_frontend.logmel(waveform, sample_rate)  # (n_mels, F), no padding
-    lengths = torch.tensor([logmel.shape[1]])
-    audio, out_lengths = model.encode_audio(logmel.unsqueeze(0).to(model_device(model)), lengths)
-    return audio[0, : int(out_lengths[0])]
-
-
-@torch.inference_mode()
-def encode_whole_image(model, image: Image.Image) -> Tensor:
-    """image: a PIL image -> (H, W, D) feature map spanning the WHOLE image.
-
-    The indexer's front end centre-crops (as in training); for a heatmap over an image as given,
-    the whole image is resized to ``resize_size`` square instead (the scale objects had in training),
-    so the map's grid may differ from the stored maps' (e.g. 10 x 10 rather than 8 x 8 for ``tiny``).
-    """
-    cfg = model.config.image
-    to_tensor = T.Compose(
-        [
-            T.Resize((cfg.resize_size, cfg.resize_size), antialias=True),
-            T.ToImage(),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(list(cfg.mean), list(cfg.std)),
-        ]
-    )
-    pixels = to_tensor(image.convert("RGB")).unsqueeze(0).to(model_device(model))
-    return model.encode_images(pixels)[0]
+@contextlib.contextmanager
+def _span_errors_out_of_range() -> Iterator[None]:
+    """A span the audio cannot honour is the client's OUT_OF_RANGE, not a server fault."""
+    try:
+        yield
+    except SpanOutOfRange as error:
+        raise QueryOutOfRange(str(error)) from None
 
 
 def span_frames(span: tuple[float, float] | None, frames: int, frame_seconds: float) -> tuple[int, int]:
-    """(start, end) seconds -> [first, last) audio frames covering it, clipped to ``frames``.
+    """(start, end) seconds -> [first, last) audio frames covering it (encoders.grounding.span_frames);
+    QueryOutOfRange for a negative or reversed span, or one starting after the audio ends."""
+    with _span_errors_out_of_range():
+        return grounding.span_frames(span, frames, frame_seconds)
 
-    None or (0, 0) is the whole utterance; end 0 means "to the end". Raises QueryOutOfRange for a
-    negative or reversed span, or one starting after the audio ends.
-    """
-    start, end = span if span is not None else (0.0, 0.0)
-    duration = frames * frame_seconds
-    if not (math.isfinite(start) and math.isfinite(end)) or start < 0 or end < 0:
-        raise QueryOutOfRange(f"span ({start}, {end}) s: start and end must be finite and >= 0")
-    if start >= duration:
-        raise QueryOutOfRange(
-            f"span starts at {start:.2f} s but the audio the model hears lasts only {duration:.2f} s"
-        )
-    if end == 0:
-        end = duration
-    if end <= start:
-        raise QueryOutOfRange(f"span ({start}, {end}) s: end must come after start (or be 0 for 'to the end')")
-    first = min(int(start / frame_seconds), frames - 1)
-    last = min(max(math.ceil(end / frame_seconds - 1e-9), first + 1), frames)
-    return first, last
+
+def localize_audio_map(
+    image_map: Tensor,
+    audio: Tensor,
+    frame_seconds: float,
+    span: tuple[float, float] | None = None,
+    *,
+    reduce: str = "max",
+) -> Localization:
+    """image_map: (H, W, D), audio: (T, D) true frames -> Localization (encoders.grounding.localize_audio_map);
+    QueryOutOfRange for a span the audio cannot honour."""
+    with _span_errors_out_of_range():
+        return grounding.localize_audio_map(image_map, audio, frame_seconds, span, reduce=reduce)
 
 
 def localize(
@@ -122,42 +80,6 @@ def localize(
     """
     audio = encode_audio_map(model, waveform, sample_rate)
     return localize_audio_map(image_map, audio, model.audio_frame_seconds, span, reduce=reduce)
-
-
-@torch.inference_mode()
-def localize_audio_map(
-    image_map: Tensor,
-    audio: Tensor,
-    frame_seconds: float,
-    span: tuple[float, float] | None = None,
-    *,
-    reduce: str = "max",
-) -> Localization:
-    """image_map: (H, W, D), audio: (T, D) true frames, frame_seconds per audio frame -> Localization."""
-    if reduce not in SPAN_REDUCTIONS:
-        raise ValueError(f"reduce must be one of {SPAN_REDUCTIONS}, got {reduce!r}")
-    if image_map.dim() != 3:
-        raise ValueError(f"image_map must be (H, W, D), got {tuple(image_map.shape)}")
-    image_map = image_map.to(audio.device, audio.dtype)
-    h, w, _ = image_map.shape
-    first, last = span_frames(span, audio.shape[0], frame_seconds)
-    m = matchmap(image_map, audio)  # (H, W, T)
-    span_m = m[:, :, first:last]
-    heat = span_m.amax(dim=2) if reduce == "max" else span_m.mean(dim=2)
-    low, high = float(heat.min()), float(heat.max())
-    scaled = (heat - low) / (high - low) if high > low else torch.zeros_like(heat)
-    per_frame = m.reshape(h * w, -1).max(dim=0)
-    return Localization(
-        heatmap=scaled.float().cpu(),
-        heat_min=low,
-        heat_max=high,
-        start_seconds=first * frame_seconds,
-        end_seconds=last * frame_seconds,
-        frame_seconds=frame_seconds,
-        frame_scores=per_frame.values.float().cpu(),
-        frame_best_regions=per_frame.indices.cpu(),
-        score=float(pair_score(image_map, audio, "misa")),
-    )
 
 
 class LiveHighlighter:
@@ -219,3 +141,113 @@ class LiveHighlighter:
         result.start_seconds += offset
         result.end_seconds = min(result.end_seconds + offset, received_seconds)
         return result
+
+
+# ---- pictures -----------------------------------------------------------------------------------
+
+HEATMAP_COLORMAP = "jet"
+TITLE_FONT_SIZE = 13
+
+
+def overlay_heatmap(
+    image: Image.Image,
+    heatmap: Tensor | np.ndarray,
+    box: Sequence[float] | None = None,
+    *,
+    max_alpha: float = 0.6,
+    colormap: str = HEATMAP_COLORMAP,
+) -> Image.Image:
+    """Paint ``heatmap`` (rows, cols) in 0..1 over the part ``box`` [x0, y0, x1, y1] (default: all) of
+    ``image``: upsampled smoothly (bicubic) to the box's pixels, coloured by ``colormap`` and blended
+    with an opacity growing with the heat (0 = the image shows through, 1 = ``max_alpha``). Returns RGB.
+    """
+    from matplotlib import colormaps  # only pictures need matplotlib; the server never imports it
+
+    values = torch.as_tensor(np.asarray(heatmap, dtype=np.float32))
+    if values.dim() != 2 or values.numel() == 0:
+        raise ValueError(f"heatmap must be a non-empty (rows, cols) array, got shape {tuple(values.shape)}")
+    if not 0 <= max_alpha <= 1:
+        raise ValueError(f"max_alpha must lie in 0..1, got {max_alpha}")
+    picture = image.convert("RGB")
+    x0, y0, x1, y1 = box if box is not None else (0, 0, picture.width, picture.height)
+    left, top = max(0, round(x0)), max(0, round(y0))
+    right, bottom = min(picture.width, round(x1)), min(picture.height, round(y1))
+    if right <= left or bottom <= top:
+        raise ValueError(f"box {tuple(box)} covers no pixel of the {picture.width} x {picture.height} image")
+    smooth = F.interpolate(values[None, None], size=(bottom - top, right - left), mode="bicubic", align_corners=False)
+    heat = smooth[0, 0].clamp(0, 1).numpy()
+    colours = colormaps[colormap](heat)[..., :3]  # (h, w, 3) in 0..1
+    alpha = (max_alpha * heat)[..., None]
+    region = np.asarray(picture.crop((left, top, right, bottom)), dtype=np.float32) / 255
+    blended = (1 - alpha) * region + alpha * colours
+    picture.paste(Image.fromarray(np.rint(blended * 255).astype(np.uint8)), (left, top))
+    return picture
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and draw.textlength(candidate, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
+
+
+def titled(image: Image.Image, title: str, *, font_size: int = TITLE_FONT_SIZE) -> Image.Image:
+    """``image`` with ``title`` (wrapped to its width; newlines kept) on a white strip below it."""
+    font = _font(font_size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = _wrap(measure, title, font, image.width - 8)
+    line_height = font_size + 4
+    out = Image.new("RGB", (image.width, image.height + line_height * len(lines) + 6), "white")
+    out.paste(image.convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((4, image.height + 3 + i * line_height), line, fill="black", font=font)
+    return out
+
+
+def image_grid(tiles: Sequence[Image.Image], columns: int = 4, *, gap: int = 6) -> Image.Image:
+    """Tiles laid out row by row, ``columns`` to a row, each cell as large as the largest tile."""
+    if not tiles:
+        raise ValueError("image_grid needs at least one tile")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    columns = min(columns, len(tiles))
+    rows = math.ceil(len(tiles) / columns)
+    cell_w, cell_h = max(t.width for t in tiles), max(t.height for t in tiles)
+    grid = Image.new("RGB", (columns * cell_w + (columns + 1) * gap, rows * cell_h + (rows + 1) * gap), "white")
+    for i, tile in enumerate(tiles):
+        row, col = divmod(i, columns)
+        grid.paste(tile.convert("RGB"), (gap + col * (cell_w + gap), gap + row * (cell_h + gap)))
+    return grid
+
+
+__all__ = [  # the heatmap math lives in encoders.grounding; re-exported where the service always had it
+    "HEATMAP_COLORMAP",
+    "SPAN_REDUCTIONS",
+    "LiveHighlighter",
+    "Localization",
+    "encode_audio_map",
+    "encode_whole_image",
+    "image_grid",
+    "localize",
+    "localize_audio_map",
+    "model_device",
+    "overlay_heatmap",
+    "span_frames",
+    "titled",
+]
