@@ -158,3 +158,55 @@ def evaluate(manifest, checkpoint, as_json, batch_size, device, skip_bad, server
         raise click.ClickException(str(exc)) from exc
     result = run_evaluation(model, loaded, batch_size=batch_size, device=torch_device, progress=not as_json)
     click.echo(json.dumps(result) if as_json else format_table(result))
+
+
+@click.command("discover", context_settings={"show_default": True})
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.option("--checkpoint", default=None, help="Model checkpoint; the shipped default model when omitted.")
+@click.option("--clusters", type=click.IntRange(min=2), required=True, help="k of the k-means over grounded segments.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Report directory: index.html, summary.json, segments.json, cluster_<id>.png.")
+@click.option("--keep", type=click.FloatRange(0, 1, min_open=True), default=0.5,
+              help="Share of all grounding peaks kept as segments (the most strongly grounded).")
+@click.option("--half-width", type=click.IntRange(min=0), default=1,
+              help="Audio frames either side of a peak in its segment.")
+@click.option("--max-pairs", type=click.IntRange(min=1), default=None, help="Use only the manifest's first N pairs.")
+@click.option("--seed", type=int, default=0, help="k-means seed.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--skip-bad", is_flag=True, help="Skip (and count) entries with missing or unreadable files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def discover(manifest, checkpoint, clusters, out_dir, keep, half_width, max_pairs, seed, batch_size, device,
+             skip_bad, as_json):
+    """Audio-visual concept discovery on MANIFEST, as in the paper.
+
+    Finds speech segments that ground strongly in their images (peaks over time of each frame's best
+    matchmap value), pools their audio frames and the image region they ground in, clusters them
+    with faiss k-means, and names each cluster by the transcript word its segments overlap most
+    (needs the manifest's 'words'). The report lists every cluster with its word, purity, size and
+    example image patches; the summary gives mean purity and how many of the 8 shapes and 8 colors
+    name a cluster.
+    """
+    import json
+
+    from encoders import create_model
+    from training.grounding import discover_concepts, write_report
+    from training.train import _resolve_device
+
+    loaded = _load_manifest_or_exit(manifest, skip_bad)
+    if not any(entry.words for entry in loaded.entries):
+        raise click.ClickException(f"{manifest}: no entry has word timings ('words'); clusters could not be named")
+    try:
+        model = create_model(checkpoint).to(_resolve_device(device))
+        discovery = discover_concepts(model, loaded, clusters, keep=keep, half_width=half_width,
+                                      batch_size=batch_size, limit=max_pairs, seed=seed, progress=not as_json)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    index = write_report(discovery, loaded, out_dir)
+    s = discovery.summary
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+    else:
+        click.echo(f"{s['segments']} segments from {s['pairs']} pairs in {s['clusters']} clusters: mean purity "
+                   f"{s['mean_purity']:.3f}, shapes named {s['shapes_found']}/8, colors {s['colors_found']}/8; "
+                   f"report: {index}")
