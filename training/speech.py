@@ -2,7 +2,9 @@
 
 An engine (``SpeechEngine``) lists its voices and turns a caption into an ``Utterance``: a waveform
 at 16 kHz and the time span of every spoken word. ``ENGINES`` maps engine names to their classes;
-adding an engine (festival, ...) means writing one class and one row there.
+adding an engine means writing one class and one row there. Two exist: ``espeak`` (formant
+synthesis, many accents and variants) and ``festival`` (diphone and HTS voices, see
+``FestivalEngine``): different enough that a model trained on one can be tested on the other.
 
 The espeak-ng engine drives libespeak-ng through ctypes in synchronous mode. Word onsets come from
 its word events (and its phoneme events where espeak speaks two words as one, e.g. "on the"); word
@@ -19,14 +21,22 @@ import hashlib
 import math
 import os
 import re
+import select
+import shutil
 import struct
+import subprocess
+import tempfile
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import soundfile
 
 SAMPLE_RATE = 16_000
 VAL_VOICE_FRACTION = 0.2
@@ -115,6 +125,24 @@ def caption_words(text: str) -> list[tuple[str, int]]:
     return words
 
 
+def check_request(engine_name: str, text: str, voice: Voice, rate: int, pitch: int) -> list[tuple[str, int]]:
+    """Validate the arguments of ``SpeechEngine.synthesize``; returns ``caption_words(text)``.
+
+    ValueError when the voice belongs to another engine, rate is outside 80-450 words per minute,
+    pitch outside 0-100, or the text holds no word.
+    """
+    if voice.engine != engine_name:
+        raise ValueError(f"voice {voice.id} belongs to engine {voice.engine!r}, not {engine_name!r}")
+    if not 80 <= rate <= 450:
+        raise ValueError(f"rate must be 80-450 words per minute, got {rate}")
+    if not 0 <= pitch <= 100:
+        raise ValueError(f"pitch must be 0-100 (50 = normal), got {pitch}")
+    words = caption_words(text)
+    if not words:
+        raise ValueError(f"nothing to speak in text {text!r}")
+    return words
+
+
 # ----------------------------------------------------------------------------------------------
 # Signal helpers shared by every engine
 
@@ -181,29 +209,32 @@ def speech_frames(levels_db: np.ndarray) -> np.ndarray:
     return levels_db > max(reference - SPEECH_RANGE_DB, -80.0)
 
 
-def timed_words(waveform: np.ndarray, sample_rate: int, words: list[str], onsets: list[float]) -> list[TimedWord]:
-    """Word spans from onsets and the audio: each word runs from its onset to the next word's onset,
-    with the silence at both ends of that stretch removed (10 ms energy frames); the last word ends
-    where speech energy ends.
+def timed_words(waveform: np.ndarray, sample_rate: int, words: list[str], onsets: list[float],
+                ends: list[float] | None = None) -> list[TimedWord]:
+    """Word spans from onsets and the audio: each word runs from its onset to its end, with the
+    silence at both ends of that stretch removed (10 ms energy frames).
 
-    waveform: (N,) float; words and onsets (seconds, non-decreasing): one per word.
+    waveform: (N,) float; words and onsets (seconds, non-decreasing): one per word. ends (seconds,
+    one per word): where each word ends when the engine knows it; without them a word ends at the
+    next word's onset, and the last one where speech energy ends.
     """
-    if len(words) != len(onsets):
-        raise ValueError(f"timed_words: {len(words)} words but {len(onsets)} onsets")
+    if len(words) != len(onsets) or (ends is not None and len(ends) != len(words)):
+        raise ValueError(f"timed_words: {len(words)} words but {len(onsets)} onsets"
+                         + ("" if ends is None else f" and {len(ends)} ends"))
     frame = FRAME_SECONDS
     active = speech_frames(frame_levels_db(waveform, sample_rate))
     n_frames = len(active)
-    bounds = [*onsets, len(waveform) / sample_rate]
     duration = len(waveform) / sample_rate
+    stops = [*onsets[1:], duration] if ends is None else ends
     out = []
     for i, word in enumerate(words):
-        lo = min(int(round(bounds[i] / frame)), n_frames)
-        hi = min(max(int(round(bounds[i + 1] / frame)), lo + 1), n_frames)
+        lo = min(int(round(onsets[i] / frame)), n_frames)
+        hi = min(max(int(round(stops[i] / frame)), lo + 1), n_frames)
         speech = np.flatnonzero(active[lo:hi])
         if speech.size:  # trim the silence on both sides of the word
             start, end = (lo + speech[0]) * frame, (lo + speech[-1] + 1) * frame
-        else:  # no energy above threshold: keep the onset-to-onset stretch
-            start, end = bounds[i], max(bounds[i], bounds[i + 1])
+        else:  # no energy above threshold: keep the whole stretch
+            start, end = onsets[i], max(onsets[i], stops[i])
         out.append(TimedWord(word, float(min(start, duration)), float(min(end, duration))))
     return out
 
@@ -439,15 +470,7 @@ class EspeakEngine:
 
     def synthesize(self, text: str, voice: Voice, rate: int, pitch: int) -> Utterance:
         """Speak ``text`` (see ``SpeechEngine.synthesize``) -> 16 kHz Utterance with timed words."""
-        if voice.engine != self.name:
-            raise ValueError(f"voice {voice.id} belongs to engine {voice.engine!r}, not {self.name!r}")
-        if not 80 <= rate <= 450:
-            raise ValueError(f"rate must be 80-450 words per minute, got {rate}")
-        if not 0 <= pitch <= 100:
-            raise ValueError(f"pitch must be 0-100 (50 = normal), got {pitch}")
-        words = caption_words(text)
-        if not words:
-            raise ValueError(f"nothing to speak in text {text!r}")
+        words = check_request(self.name, text, voice, rate, pitch)
         with _espeak_lock:
             espeak = _espeak_library(self.library)
             samples, events = espeak.speak(text, voice.name, int(rate), int(pitch))
@@ -509,7 +532,294 @@ def _split_merged(onsets: list, first: int, stop: int, end: float, letters: list
             onsets[first + k] = begin + fraction * (end - begin)
 
 
-ENGINES: dict[str, Callable[[], SpeechEngine]] = {"espeak": EspeakEngine}
+# ----------------------------------------------------------------------------------------------
+# Festival
+
+FESTIVAL_BINARY = "festival"
+# Base voices the corpus uses (festival voice names) -> language; those installed here are offered.
+# Debian packages: festvox-kallpc16k (kal_diphone), festvox-kdlpc16k (ked_diphone), festvox-us-slt-hts.
+FESTIVAL_BASE_VOICES = {"cmu_us_slt_arctic_hts": "en-us", "kal_diphone": "en-us", "ked_diphone": "en-us"}
+# Vocal-tract variants of each base voice: its spectral envelope (formants) scaled by this factor
+# (> 1: a shorter vocal tract). Voice "kal_diphone+tract108" is kal_diphone scaled by 1.08; the
+# factor 1.00 is the base voice as recorded, named without a suffix.
+FESTIVAL_TRACT_FACTORS = (0.88, 0.92, 0.96, 1.00, 1.04, 1.08, 1.12)
+# The speaking rate (words per minute) at which a festival voice speaks at its own default speed.
+FESTIVAL_REFERENCE_WPM = 175
+# Pitch 0..100 moves the voice's f0 by this many octaves at most (0 -> down, 100 -> up).
+PITCH_RANGE_OCTAVES = 0.5
+FESTIVAL_TIMEOUT_SECONDS = 60.0
+_FESTIVAL_INSTALL_HINT = ("install it with `apt-get install festival festvox-kallpc16k festvox-kdlpc16k "
+                          "festvox-us-slt-hts` (Debian/Ubuntu)")
+
+# Scheme loaded once into each festival process, after its base voice is selected. ``mm_say`` speaks
+# one text with every per-utterance setting given explicitly (so no setting of an earlier
+# utterance carries over), writes the wave to a file and prints, for each top-level token of the
+# text, the span of its words ("MM-T start end token", "MM-T - - token" when it has no spoken word),
+# then "MM-END ok" (or "MM-END error").
+_FESTIVAL_SCHEME = r"""
+(set! mm_stretch (Parameter.get 'Duration_Stretch))
+(if (not mm_stretch) (set! mm_stretch 1.0))
+(set! mm_int_lr (if (symbol-bound? 'int_lr_params) int_lr_params nil))
+(set! mm_hts (if (symbol-bound? 'hts_engine_params) hts_engine_params nil))
+(define (mm_f0 params factor)
+  (mapcar (lambda (p) (if (member (car p) '(target_f0_mean target_f0_std))
+                          (list (car p) (* factor (car (cdr p)))) p))
+          params))
+(define (mm_words tok)
+  (let ((words nil))
+    (mapcar (lambda (w) (if (item.relation w 'Word) (set! words (cons w words)))) (item.daughters tok))
+    (reverse words)))
+(define (mm_token tok)
+  (let ((words (mm_words tok)))
+    (if words
+        (format t "MM-T %f %f %s\n" (item.feat (car words) 'word_start)
+                (item.feat (car (last words)) 'word_end) (item.name tok))
+        (format t "MM-T - - %s\n" (item.name tok)))))
+(define (mm_say text stretch f0 speed wavefile)
+  (unwind-protect
+    (let ((u nil))
+      (Parameter.set 'Duration_Stretch (* mm_stretch stretch))
+      (if mm_int_lr (set! int_lr_params (mm_f0 mm_int_lr f0)))
+      (if mm_hts (set! hts_engine_params (append mm_hts (list (list "-r" speed)))))
+      (set! u (utt.synth (eval (list 'Utterance 'Text text))))
+      (utt.save.wave u wavefile 'riff)
+      (mapcar (lambda (tok) (if (not (item.parent tok)) (mm_token tok))) (utt.relation.items u 'Token))
+      (format t "MM-END ok\n"))
+    (format t "MM-END error\n"))
+  (fflush))
+(format t "MM-READY\n")
+(fflush)
+"""
+
+
+@dataclass(frozen=True)
+class FestivalVoice:
+    """What a festival voice name means: a base voice, and the factor its formants are scaled by."""
+
+    base: str
+    tract: float
+
+    @classmethod
+    def parse(cls, name: str) -> FestivalVoice:
+        """``"kal_diphone+tract108"`` -> FestivalVoice("kal_diphone", 1.08); ValueError for other names."""
+        base, _, variant = name.partition("+")
+        tract = 1.0
+        if variant:
+            if not re.fullmatch(r"tract\d{3}", variant):
+                raise ValueError(f"festival voice {name!r}: the variant must look like '+tract108', got {variant!r}")
+            tract = int(variant[5:]) / 100
+        if base not in FESTIVAL_BASE_VOICES or tract not in FESTIVAL_TRACT_FACTORS:
+            raise ValueError(f"festival voice {name!r} is not one of the corpus voices (bases "
+                             f"{', '.join(FESTIVAL_BASE_VOICES)}; tract factors {FESTIVAL_TRACT_FACTORS})")
+        return cls(base, tract)
+
+    @property
+    def name(self) -> str:
+        return self.base if self.tract == 1.0 else f"{self.base}+tract{round(self.tract * 100):03d}"
+
+
+def _scheme_string(text: str) -> str:
+    # A Scheme string literal; whitespace of any kind becomes a plain space (festival splits on it anyway).
+    flat = " ".join(text.split())
+    return '"' + flat.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class _FestivalProcess:
+    """One long-lived ``festival --pipe`` with one base voice loaded, speaking one text at a time.
+
+    Festival keeps no state between utterances that changes the audio (checked by the tests): the
+    same text with the same settings gives the same samples whatever the process said before.
+    """
+
+    def __init__(self, binary: str, base_voice: str):
+        self.base_voice = base_voice
+        self.workdir = Path(tempfile.mkdtemp(prefix="matchmap-festival-"))
+        self.wav_path = self.workdir / "utterance.wav"
+        try:
+            self.process = subprocess.Popen([binary, "--pipe"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, cwd=self.workdir)
+        except OSError as exc:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise SpeechEngineError(f"cannot start festival ({binary!r}: {exc}); {_FESTIVAL_INSTALL_HINT}") from exc
+        self._buffer = b""
+        self._send(f"(voice_{base_voice})\n{_FESTIVAL_SCHEME}")
+        lines = self._read_until(b"MM-READY", what=f"loading voice {base_voice}")
+        if any(b"SIOD ERROR" in line or b"not found" in line.lower() for line in lines):
+            output = b"\n".join(lines).decode(errors="replace")
+            self.close()
+            raise SpeechEngineError(f"festival could not load voice {base_voice!r}: {output.strip()}")
+
+    def _send(self, commands: str) -> None:
+        try:
+            self.process.stdin.write(commands.encode("utf-8") + b"\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError) as exc:
+            raise SpeechEngineError(f"festival ({self.base_voice}) exited unexpectedly: {exc}") from exc
+
+    def _read_until(self, marker: bytes, what: str) -> list[bytes]:
+        """Output lines up to and including the first line that starts with ``marker``."""
+        deadline = time.monotonic() + FESTIVAL_TIMEOUT_SECONDS
+        fd = self.process.stdout.fileno()
+        lines: list[bytes] = []
+        while True:
+            while b"\n" in self._buffer:
+                line, self._buffer = self._buffer.split(b"\n", 1)
+                lines.append(line)
+                if line.startswith(marker):
+                    return lines
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([fd], [], [], max(left, 0.0))
+            if not ready:
+                self.close()
+                raise SpeechEngineError(f"festival ({self.base_voice}) gave no answer within "
+                                        f"{FESTIVAL_TIMEOUT_SECONDS:.0f} s while {what}")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                output = b"\n".join(lines).decode(errors="replace").strip()
+                self.close()
+                raise SpeechEngineError(f"festival ({self.base_voice}) exited while {what}: {output}")
+            self._buffer += chunk
+
+    def say(self, text: str, stretch: float, f0_factor: float, speed: float) -> tuple[np.ndarray, int, list[bytes]]:
+        """Samples (N,) int16, their sample rate and the "MM-T" token lines of one utterance."""
+        self._send(f"(mm_say {_scheme_string(text)} {stretch:.6f} {f0_factor:.6f} {speed:.6f} "
+                   f"{_scheme_string(str(self.wav_path))})")
+        lines = self._read_until(b"MM-END", what=f"speaking {text!r}")
+        if lines[-1].strip() != b"MM-END ok":
+            output = b"\n".join(lines[:-1]).decode(errors="replace").strip()
+            raise SpeechEngineError(f"festival ({self.base_voice}) failed to speak {text!r}: {output}")
+        samples, native_rate = soundfile.read(self.wav_path, dtype="int16")
+        return samples, int(native_rate), [line for line in lines if line.startswith(b"MM-T ")]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.close()
+                self.process.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _close_festival_processes(processes: dict[str, _FestivalProcess]) -> None:
+    for process in processes.values():
+        process.close()
+    processes.clear()
+
+
+@cache
+def _installed_festival_voices(binary: str) -> frozenset[str]:
+    try:
+        result = subprocess.run([binary, "-b", "(print (voice.list))"], capture_output=True, text=True, timeout=60,
+                                check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SpeechEngineError(f"cannot run festival ({binary!r}: {exc}); {_FESTIVAL_INSTALL_HINT}") from exc
+    return frozenset(re.findall(r"[\w-]+", result.stdout))
+
+
+class FestivalEngine:
+    """Festival through long-lived ``festival --pipe`` processes (one per base voice, started on first use).
+
+    Voices are base voice x vocal-tract factor (FESTIVAL_BASE_VOICES x FESTIVAL_TRACT_FACTORS). Per
+    utterance, ``rate`` sets the duration (diphone voices: Duration_Stretch; HTS: the engine's
+    speed) and ``pitch`` the f0 (diphone voices: the intonation model's target mean and spread).
+    The tract factor f is applied by reading festival's output as if sampled f times faster, which
+    scales formants, f0 and tempo by f; festival speaks f times slower beforehand and, for diphone
+    voices, at an f0 target divided by f, so only the formants move. The HTS voice has no f0
+    control here, so its ``pitch`` joins that resampling factor: its pitch and formants move together.
+    Word spans come from festival's own segment timings (word_start and word_end of the words of
+    each caption word), trimmed to speech energy by ``timed_words``.
+    """
+
+    name = "festival"
+
+    def __init__(self, binary: str = FESTIVAL_BINARY):
+        self.binary = binary
+        self._processes: dict[str, _FestivalProcess] = {}
+        self._owner_pid = os.getpid()
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _close_festival_processes, self._processes)
+
+    def __getstate__(self) -> dict:
+        return {"binary": self.binary}  # worker processes start their own festival
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["binary"])
+
+    def close(self) -> None:
+        """Stop this engine's festival processes (they also stop when the engine is garbage collected)."""
+        with self._lock:
+            _close_festival_processes(self._processes)
+
+    def voices(self) -> list[Voice]:
+        """Base voice x tract factor for the base voices installed here, sorted by id."""
+        installed = _installed_festival_voices(self.binary)
+        bases = [base for base in FESTIVAL_BASE_VOICES if base in installed]
+        if not bases:
+            raise SpeechEngineError(f"festival has none of the voices {', '.join(FESTIVAL_BASE_VOICES)} "
+                                    f"(it lists {sorted(installed) or 'none'}); {_FESTIVAL_INSTALL_HINT}")
+        voices = [Voice(self.name, FestivalVoice(base, tract).name, FESTIVAL_BASE_VOICES[base])
+                  for base in bases for tract in FESTIVAL_TRACT_FACTORS]
+        return sorted(voices, key=lambda v: v.id)
+
+    def _process(self, base_voice: str) -> _FestivalProcess:
+        if os.getpid() != self._owner_pid:  # a forked copy must not share its parent's pipes
+            self._processes.clear()
+            self._owner_pid = os.getpid()
+        process = self._processes.get(base_voice)
+        if process is None or process.process.poll() is not None:
+            process = self._processes[base_voice] = _FestivalProcess(self.binary, base_voice)
+        return process
+
+    def synthesize(self, text: str, voice: Voice, rate: int, pitch: int) -> Utterance:
+        """Speak ``text`` (see ``SpeechEngine.synthesize``) -> 16 kHz Utterance with timed words."""
+        words = check_request(self.name, text, voice, rate, pitch)
+        variant = FestivalVoice.parse(voice.name)
+        pitch_factor = 2.0 ** ((pitch - 50) / 50 * PITCH_RANGE_OCTAVES)
+        hts = variant.base.endswith("_hts")
+        warp = variant.tract * pitch_factor if hts else variant.tract
+        tempo = FESTIVAL_REFERENCE_WPM / rate  # duration relative to the voice's own, after the warp
+        with self._lock:
+            process = self._process(variant.base)
+            samples, native_rate, token_lines = process.say(
+                text, stretch=tempo * warp, f0_factor=pitch_factor / variant.tract, speed=1.0 / (tempo * warp))
+        if samples.size == 0:
+            raise SpeechEngineError(f"festival produced no audio for {text!r} with {voice.id}")
+        # Read the samples as if recorded at native_rate * warp: every frequency and the tempo scale by warp.
+        warped_rate = round(native_rate * warp)
+        scale = native_rate / warped_rate
+        spans = _festival_word_spans(text, words, token_lines)
+        waveform = resample(samples.astype(np.float32) / 32768.0, warped_rate, SAMPLE_RATE)
+        return Utterance(waveform, SAMPLE_RATE, timed_words(waveform, SAMPLE_RATE, [w for w, _ in words],
+                                                            [start * scale for start, _ in spans],
+                                                            [end * scale for _, end in spans]))
+
+
+def _festival_word_spans(text: str, words: list[tuple[str, int]], token_lines: list[bytes]) -> list[tuple[float, float]]:
+    """(start, end) in seconds of each caption word from festival's token lines ("MM-T start end token").
+
+    Festival splits the text at whitespace into tokens, strips their punctuation and speaks each as
+    zero or more words ("25" -> "twenty five"); a caption word spans its token's words. Tokens that
+    normalize to nothing (a lone comma) are not caption words and are skipped.
+    """
+    spans = []
+    for line in token_lines:
+        _, start, end, *name = line.decode("utf-8", errors="replace").split(" ", 3)
+        word = _WORD_CHARS.sub("", name[0] if name else "").lower()
+        if word:
+            spans.append((word, None if start == "-" else (float(start), float(end))))
+    spoken = [w for w, _ in spans]
+    expected = [w for w, _ in words]
+    if spoken != expected:
+        raise SpeechEngineError(f"festival read {text!r} as the words {spoken}, not {expected}")
+    missing = [w for w, span in spans if span is None]
+    if missing:
+        raise SpeechEngineError(f"festival spoke no sound for the word(s) {missing} of {text!r}")
+    return [span for _, span in spans]
+
+
+ENGINES: dict[str, Callable[[], SpeechEngine]] = {"espeak": EspeakEngine, "festival": FestivalEngine}
 
 
 def get_engine(name: str) -> SpeechEngine:
