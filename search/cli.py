@@ -1,16 +1,23 @@
-"""``matchmap serve`` (run the search service) and ``matchmap query`` (search it by speaking)."""
+"""``matchmap serve`` (run the search service), ``matchmap query`` (search it by speaking),
+``matchmap localize`` (offline heatmaps of where words land in an image) and ``matchmap highlight``
+(stream speech to the service and render its live heatmaps as a GIF)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
+import numpy as np
+from PIL import Image
 
 from search import DEFAULT_PORT
-from search.client import SearchClient, SearchHits, SearchServiceError, ServerUnreachable
+from search.client import Heatmap, SearchClient, SearchHits, SearchServiceError, ServerUnreachable
 
 DEFAULT_SERVER = f"localhost:{DEFAULT_PORT}"
 
@@ -204,3 +211,302 @@ def query(
     if as_json:
         click.echo(json.dumps({"server": server, "collection": collection, "queries": answers}, indent=2))
     sys.exit(EXIT_QUERY_FAILED if failed else EXIT_OK)
+
+
+# ---- localize (offline) and highlight (live) ----------------------------------------------------
+
+
+def _parse_span(text: str) -> tuple[float, float]:
+    try:
+        start, end = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not START:END in seconds (e.g. 1.2:1.8)", param_hint="--span") from None
+    return start, end
+
+
+def _words_of(manifest_path: Path, uttid: str | None, audio: Path):
+    """The manifest entry for ``uttid`` (default: the entry whose wav is ``audio``) -> (entry, manifest)."""
+    # Manifests are the training package's format; the CLI (not the search library) reads them, and
+    # only when --words asks for it.
+    from training.manifest import ManifestError, load_manifest
+
+    try:
+        manifest = load_manifest(manifest_path, check_files=False)
+    except (ManifestError, OSError) as error:
+        raise click.ClickException(str(error)) from error
+    for entry in manifest.entries:
+        if entry.uttid == uttid or (uttid is None and manifest.audio_path(entry).resolve() == audio.resolve()):
+            if not entry.words:
+                raise click.ClickException(f"{manifest_path}: entry {entry.uttid} has no word timings ('words')")
+            return entry
+    wanted = f"uttid {uttid!r}" if uttid else f"an entry whose wav is {audio} (give --uttid)"
+    raise click.ClickException(f"{manifest_path} holds no {wanted}")
+
+
+def _panel_spans(spans: tuple[tuple[float, float], ...], entry, panels: str) -> list[tuple[str, tuple[float, float]]]:
+    """(title, (start, end) seconds) of each panel after the whole caption's."""
+    rows = [(f"{start:.2f}-{end:.2f} s", (start, end)) for start, end in spans]
+    if entry is None:
+        return rows
+    if panels == "objects":
+        from training.grounding import object_mentions  # the corpus's ground truth, read by the CLI only
+
+        mentions, _ = object_mentions(entry)
+        rows += [(f"{m.object.size} {m.object.color} {m.object.shape}\n{m.start:.2f}-{m.end:.2f} s", (m.start, m.end))
+                 for m in mentions]
+    else:
+        rows += [(f"'{w.word}'\n{w.start:.2f}-{w.end:.2f} s", (w.start, w.end)) for w in entry.words if w.end > w.start]
+    return rows
+
+
+def _heatmap_json(title: str, requested: tuple[float, float] | None, result, box: tuple[float, ...]) -> dict:
+    from encoders.grounding import heatmap_peak
+
+    x, y = heatmap_peak(result.heatmap, box)
+    return {
+        "label": title,
+        "requested": list(requested) if requested else None,
+        "start_seconds": result.start_seconds,
+        "end_seconds": result.end_seconds,
+        "heat_min": result.heat_min,
+        "heat_max": result.heat_max,
+        "peak": {"x": x, "y": y},
+        "values": result.heatmap.tolist(),
+    }
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("audio", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG to write: the whole caption's heatmap, then one panel per span / word / object.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Model checkpoint. [default: the shipped model]")
+@click.option("--span", "spans", multiple=True, metavar="START:END", help="A span of the speech in seconds (repeatable).")
+@click.option("--words", "words_manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A manifest with word timings: one panel per word (or object, see --panels) of the caption.")
+@click.option("--uttid", default=None, help="With --words: the caption's uttid. [default: the entry whose wav is AUDIO]")
+@click.option("--panels", type=click.Choice(["words", "objects"]), default="words",
+              help="With --words: a panel per spoken word, or per object mention (color word to shape word).")
+@click.option("--columns", type=click.IntRange(min=1), default=4, help="Panels per row of the picture.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", help="Where the model runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the heatmaps (rows, cols, values, spans) as JSON.")
+def localize(image: Path, audio: Path, out: Path, checkpoint: Path | None, spans: tuple[str, ...],
+             words_manifest: Path | None, uttid: str | None, panels: str, columns: int, device: str,
+             as_json: bool) -> None:
+    """Paint where the speech of AUDIO lands in IMAGE (offline: no server needed).
+
+    The heatmap of a span is the matchmap's max over the span's audio frames for every image region,
+    rescaled to 0..1 and drawn over the whole image (encoded whole, as the Localize call does for a
+    sent image). The first panel is the whole caption; then one per --span, or per word / object
+    of --words. --json prints {"rows", "cols", "box", "frame_seconds", "score", "panels": [{"label",
+    "start_seconds", "end_seconds", "values" (rows x cols, 0..1), "peak": {"x", "y"}, ...}]}.
+    """
+    from encoders import AudioDecodeError, ImageDecodeError, create_model, load_audio, load_image
+    from encoders.grounding import encode_audio_map, encode_whole_image
+    from search.engine import resolve_device
+    from search.errors import QueryOutOfRange
+    from search.localization import image_grid, localize_audio_map, overlay_heatmap, titled
+
+    requested = tuple(_parse_span(s) for s in spans)
+    if uttid is not None and words_manifest is None:
+        raise click.UsageError("--uttid needs --words MANIFEST")
+    entry = _words_of(words_manifest, uttid, audio) if words_manifest is not None else None
+    try:
+        model = create_model(str(checkpoint) if checkpoint else None, device=resolve_device(device))
+        picture = load_image(image)
+        image_map = encode_whole_image(model, picture)
+        audio_map = encode_audio_map(model, load_audio(audio, model.config.audio.sample_rate))
+    except (FileNotFoundError, ValueError, AudioDecodeError, ImageDecodeError) as error:
+        raise click.ClickException(str(error)) from error
+    box = (0.0, 0.0, float(picture.width), float(picture.height))
+    fs = model.audio_frame_seconds
+    whole_title = "whole caption" + (f": {entry.asr_text}" if entry is not None else "")
+    rows: list[tuple[str, tuple[float, float] | None]] = [(whole_title, None), *_panel_spans(requested, entry, panels)]
+    tiles, data = [], []
+    for title, span in rows:
+        try:
+            result = localize_audio_map(image_map, audio_map, fs, span)
+        except QueryOutOfRange as error:
+            raise click.ClickException(f"{title.splitlines()[0]}: {error}") from error
+        tiles.append(titled(overlay_heatmap(picture, result.heatmap, box), title))
+        data.append(_heatmap_json(title, span, result, box))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(tiles, columns).save(out)
+    if as_json:
+        whole = localize_audio_map(image_map, audio_map, fs)
+        click.echo(json.dumps({
+            "image": str(image), "audio": str(audio), "out": str(out), "model_version": model.version,
+            "rows": whole.rows, "cols": whole.cols, "box": list(box), "frame_seconds": fs, "score": whole.score,
+            "panels": data,
+        }, indent=2))
+    else:
+        click.echo(f"wrote {out}: {len(tiles)} panel(s) over a {image_map.shape[0]} x {image_map.shape[1]} heatmap")
+
+
+@dataclass
+class TimedHeatmap:
+    """A Highlight answer and when it came: ``latency_ms`` from sending the newest chunk it covers."""
+
+    heatmap: Heatmap
+    received_s: float  # seconds since the stream started
+    latency_ms: float
+
+
+@dataclass
+class HighlightStream:
+    """What one streamed file gave: the heatmaps in order and the latency of every chunk."""
+
+    frames: list[TimedHeatmap]
+    chunk_latencies_ms: list[float]  # per chunk sent: until the first heatmap covering it arrived
+    chunks: int
+    audio_seconds: float
+
+
+def pcm_chunks(samples_s16le: bytes, sample_rate: int, chunk_ms: float) -> list[bytes]:
+    """Cut mono s16le PCM into chunks of ``chunk_ms`` milliseconds (the last one may be shorter)."""
+    step = 2 * max(1, round(sample_rate * chunk_ms / 1000))
+    return [samples_s16le[i : i + step] for i in range(0, len(samples_s16le), step)]
+
+
+def stream_highlights(
+    client: SearchClient,
+    samples_s16le: bytes,
+    sample_rate: int,
+    *,
+    chunk_ms: float = 100.0,
+    realtime: bool = True,
+    image: Path | bytes | None = None,
+    image_id: str | None = None,
+    collection: str = "",
+    window_seconds: float = 0.0,
+) -> HighlightStream:
+    """Stream PCM to the Highlight call in ``chunk_ms`` chunks, at the pace of speech when ``realtime``
+    (chunk i leaves i * chunk_ms after the start), and time each chunk until a heatmap covers it."""
+    chunks = pcm_chunks(samples_s16le, sample_rate, chunk_ms)
+    chunk_ends = np.cumsum([len(c) // 2 for c in chunks]) / sample_rate  # seconds of audio after each chunk
+    sent_at: list[float] = []
+    started = time.perf_counter()
+
+    def paced() -> Iterator[bytes]:
+        for i, chunk in enumerate(chunks):
+            if realtime:
+                time.sleep(max(0.0, started + i * chunk_ms / 1000 - time.perf_counter()))
+            sent_at.append(time.perf_counter())
+            yield chunk
+
+    frames: list[TimedHeatmap] = []
+    latencies: list[float | None] = [None] * len(chunks)
+    covered = 0  # chunks covered by a heatmap so far
+    for heatmap in client.highlight(paced(), sample_rate, image=image, image_id=image_id, collection=collection,
+                                    window_seconds=window_seconds):
+        now = time.perf_counter()
+        newest = int(np.searchsorted(chunk_ends, heatmap.end_seconds + 1e-6, side="right"))  # chunks it covers
+        for i in range(covered, min(newest, len(sent_at))):
+            latencies[i] = 1000 * (now - sent_at[i])
+        covered = max(covered, newest)
+        newest_sent = sent_at[min(newest, len(sent_at)) - 1] if newest else started
+        frames.append(TimedHeatmap(heatmap, now - started, 1000 * (now - newest_sent)))
+    return HighlightStream(frames, [x for x in latencies if x is not None], len(chunks), float(chunk_ends[-1]))
+
+
+def highlight_frames(picture: Image.Image | None, frames: list[TimedHeatmap]) -> list[Image.Image]:
+    """One picture per heatmap: the image (or a grey canvas the size of the heatmap's box) with the
+    heatmap painted over its box and the time it covers written below."""
+    from search.localization import overlay_heatmap, titled
+
+    pictures = []
+    for f in frames:
+        h = f.heatmap
+        if picture is None:
+            x0, y0, x1, y1 = h.box
+            picture = Image.new("RGB", (max(1, round(x0 + x1)), max(1, round(y0 + y1))), (128, 128, 128))
+        caption = f"heard {h.start_seconds:.2f}-{h.end_seconds:.2f} s (+{f.latency_ms:.0f} ms)"
+        pictures.append(titled(overlay_heatmap(picture, h.values, h.box), caption))
+    return pictures
+
+
+def save_gif(pictures: list[Image.Image], frames: list[TimedHeatmap], out: Path) -> None:
+    """An animated GIF that shows each picture for as long as the speech it covers lasted."""
+    ends = [f.heatmap.end_seconds for f in frames]
+    durations = [max(20, round(1000 * (b - a))) for a, b in zip([0.0, *ends[:-1]], ends, strict=True)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pictures[0].save(out, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+
+
+def latency_summary(latencies_ms: list[float]) -> dict:
+    """{"chunks", "p50_ms", "p95_ms", "max_ms"} of per-chunk latencies."""
+    ordered = np.asarray(sorted(latencies_ms))
+    return {
+        "chunks": len(ordered),
+        "p50_ms": float(np.percentile(ordered, 50)) if len(ordered) else None,
+        "p95_ms": float(np.percentile(ordered, 95)) if len(ordered) else None,
+        "max_ms": float(ordered[-1]) if len(ordered) else None,
+    }
+
+
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+    epilog="Exit codes: 0 done; 1 the server returned an error; 2 usage error; 3 server unreachable.",
+)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                metavar="[IMAGE] AUDIO")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Animated GIF to write.")
+@click.option("--server", default=DEFAULT_SERVER, envvar="MATCHMAP_SERVER", help="HOST:PORT of the service. [env MATCHMAP_SERVER]")
+@click.option("--collection", default="", help="With --image-id: the collection holding the image.")
+@click.option("--image-id", default=None, help="Highlight over an indexed image instead of sending IMAGE.")
+@click.option("--chunk-ms", type=click.FloatRange(min=10), default=100.0, help="Audio per streamed chunk.")
+@click.option("--window", "window_seconds", type=click.FloatRange(min=0), default=0.0,
+              help="Seconds of the latest speech each heatmap covers (0 = the server's default, 1 s).")
+@click.option("--fast", is_flag=True, help="Send as fast as possible instead of at the pace of speech.")
+@click.option("--token", default=None, envvar="MATCHMAP_TOKEN", help="Bearer token, if the server needs one. [env MATCHMAP_TOKEN]")
+@click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="PEM CA certificate of a TLS server (switches to TLS).")
+@click.option("--json", "as_json", is_flag=True, help="Print the latency summary and the frames' spans as JSON.")
+def highlight(paths: tuple[Path, ...], out: Path, server: str, collection: str, image_id: str | None,
+              chunk_ms: float, window_seconds: float, fast: bool, token: str | None, tls_ca: Path | None,
+              as_json: bool) -> None:
+    """Stream AUDIO to the server at the pace of speech and render its live heatmaps as a GIF.
+
+    Give IMAGE (sent with the call) or --collection C --image-id ID (an indexed image; IMAGE, if also
+    given, is only the picture drawn under the heatmaps). Each GIF frame shows the heatmap of the
+    latest speech over the image and the time it covers. Prints per-chunk latency (from sending a
+    chunk to receiving the first heatmap that covers it): p50 / p95 / max.
+    """
+    from encoders import AudioDecodeError, ImageDecodeError, load_audio, load_image
+
+    if len(paths) not in (1, 2) or (len(paths) == 1 and image_id is None):
+        raise click.UsageError("give IMAGE AUDIO, or AUDIO with --collection C --image-id ID")
+    if image_id is not None and not collection:
+        raise click.UsageError("--image-id needs --collection")
+    audio_path = paths[-1]
+    picture_path = paths[0] if len(paths) == 2 else None
+    try:
+        waveform = load_audio(audio_path, 16000)  # the service resamples any rate; 16 kHz keeps chunks small
+        picture = load_image(picture_path) if picture_path else None
+    except (AudioDecodeError, ImageDecodeError) as error:
+        raise click.ClickException(str(error)) from error
+    pcm = np.clip(np.rint(waveform.numpy() * 32767), -32768, 32767).astype("<i2").tobytes()
+    send_image = None if image_id is not None else picture_path
+    try:
+        with SearchClient(server, token=token, tls_ca=tls_ca) as client:
+            stream = stream_highlights(client, pcm, 16000, chunk_ms=chunk_ms, realtime=not fast, image=send_image,
+                                       image_id=image_id, collection=collection, window_seconds=window_seconds)
+    except ServerUnreachable as error:
+        click.echo(f"matchmap highlight: cannot reach a server at {server}: {error.details}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+    except SearchServiceError as error:
+        click.echo(f"matchmap highlight: {error.code.name}: {error.details}", err=True)
+        sys.exit(EXIT_QUERY_FAILED)
+    if not stream.frames:
+        raise click.ClickException("the server sent no heatmap (was the audio empty?)")
+    save_gif(highlight_frames(picture, stream.frames), stream.frames, out)
+    summary = {"out": str(out), "frames": len(stream.frames), "chunk_ms": chunk_ms, "audio_seconds": stream.audio_seconds,
+               "latency": latency_summary(stream.chunk_latencies_ms)}
+    if as_json:
+        summary["spans"] = [[f.heatmap.start_seconds, f.heatmap.end_seconds] for f in stream.frames]
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        lat = summary["latency"]
+        click.echo(f"wrote {out}: {len(stream.frames)} frames for {stream.chunks} chunks of {chunk_ms:g} ms; "
+                   f"chunk latency p50 {lat['p50_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms, max {lat['max_ms']:.1f} ms")
