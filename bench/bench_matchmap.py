@@ -27,6 +27,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,7 @@ class Shapes:
 
 SHAPES = (
     Shapes(
-        "tiny", captions=256, images=1000, frames=32, regions=64, dim=256, loop_captions=16, loop_images=250
+        "tiny", captions=256, images=1000, frames=32, regions=64, dim=256, loop_captions=16, loop_images=125
     ),
     Shapes(
         "davenet-vgg16",
@@ -83,15 +84,21 @@ def make_data(s: Shapes, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, tor
     return audio, lengths, images
 
 
-def best_of(fn, repeats: int) -> float:
-    """Fastest of ``repeats`` timed calls after one warm-up call (seconds)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def best_of(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Fastest of ``repeats`` timed calls of each method after one warm-up call each (seconds).
+
+    The methods take turns within each round, so a burst of load from other processes on a shared
+    machine falls on all of them rather than on whichever happened to run then.
+    """
+    for fn in methods.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    best = dict.fromkeys(methods, math.inf)
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def bench_shapes(s: Shapes, repeats: int) -> dict:
@@ -106,12 +113,6 @@ def bench_shapes(s: Shapes, repeats: int) -> dict:
             for j in range(s.loop_images):
                 pair_score(images[j], a, "misa")
 
-    # The loop's own FLOP count uses the padded T, like the others, so per-pair rates compare.
-    loop_pairs = s.loop_captions * s.loop_images
-    t_loop = best_of(loop, 1) / loop_pairs * pairs
-
-    t_scores = best_of(lambda: score_matrix(audio, lengths, images, ("misa",)), repeats)
-
     caption_chunk, image_chunk = chunk_sizes(s.captions, s.frames, s.images, s.regions, 4)
     buffer = torch.empty(caption_chunk * s.frames, image_chunk * s.regions)
     flat_audio = audio.reshape(-1, s.dim)
@@ -124,12 +125,20 @@ def bench_shapes(s: Shapes, repeats: int) -> dict:
                 im = flat_images[c0 : c0 + image_chunk * s.regions]
                 torch.mm(a, im.T, out=buffer[: a.shape[0], : im.shape[0]])
 
-    t_matmul = best_of(matmul_only, repeats)
+    loop_pairs = s.loop_captions * s.loop_images
+    seconds = best_of(
+        {
+            "loop": loop,
+            "score_matrix": lambda: score_matrix(audio, lengths, images, ("misa",)),
+            "matmul": matmul_only,
+            "bf16": lambda: score_matrix(audio, lengths, images, ("misa",), compute_dtype=torch.bfloat16),
+        },
+        repeats,
+    )
+    # Per pair, the loop is scaled to all pairs; FLOPs use the padded T for every method alike.
+    seconds["loop"] *= pairs / loop_pairs
 
     fp32 = score_matrix(audio, lengths, images, ("misa",))["misa"]
-    t_bf16 = best_of(
-        lambda: score_matrix(audio, lengths, images, ("misa",), compute_dtype=torch.bfloat16), repeats
-    )
     bf16 = score_matrix(audio, lengths, images, ("misa",), compute_dtype=torch.bfloat16)["misa"]
     top_fp32 = fp32.topk(10, dim=1).indices
     top_bf16 = bf16.topk(10, dim=1).indices
@@ -142,22 +151,17 @@ def bench_shapes(s: Shapes, repeats: int) -> dict:
     true_top1_bf16 = (bf16.argmax(dim=1) == truth).float().mean().item()
 
     total_flop = flop_per_pair * pairs
-    for key, seconds in (
-        ("loop", t_loop),
-        ("score_matrix", t_scores),
-        ("matmul", t_matmul),
-        ("bf16", t_bf16),
-    ):
+    for key, t in seconds.items():
         results[key] = {
-            "seconds": seconds,
-            "gflops": total_flop / seconds / 1e9,
-            "pairs_per_second": pairs / seconds,
-            "seconds_per_1000x1000": seconds / pairs * 1e6,
+            "seconds": t,
+            "gflops": total_flop / t / 1e9,
+            "pairs_per_second": pairs / t,
+            "seconds_per_1000x1000": t / pairs * 1e6,
         }
     results["chunk"] = {"captions": caption_chunk, "images": image_chunk}
-    results["score_matrix_vs_matmul"] = t_matmul / t_scores
-    results["score_matrix_vs_loop"] = t_loop / t_scores
-    results["bf16_vs_fp32"] = t_scores / t_bf16
+    results["score_matrix_vs_matmul"] = seconds["matmul"] / seconds["score_matrix"]
+    results["score_matrix_vs_loop"] = seconds["loop"] / seconds["score_matrix"]
+    results["bf16_vs_fp32"] = seconds["score_matrix"] / seconds["bf16"]
     results["bf16_top10_identical_lists"] = same_list
     results["bf16_top10_set_overlap"] = float(same_set)
     results["bf16_max_abs_error"] = (bf16 - fp32).abs().max().item()
@@ -193,7 +197,7 @@ def bench_train_step(name: str, batch: int, caption_seconds: float, repeats: int
         "caption_seconds": caption_seconds,
         "log_mel_frames": frames,
         "image_size": size,
-        "seconds_per_step": best_of(step, repeats),
+        "seconds_per_step": best_of({"step": step}, repeats)["step"],
     }
 
 
