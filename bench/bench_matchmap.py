@@ -15,7 +15,7 @@ scaled per pair; pair counts below 1000 x 1000 are extrapolated to it, labelled 
 It also times one training step of the ``tiny`` model (forward and backward of both branches and
 the symmetric in-batch MISA cross-entropy) on a batch of 64 images of 128 px and 4 s captions.
 
-    .venv/bin/python bench/bench_matchmap.py [--only tiny|davenet-vgg16|train-step] [--json OUT.json]
+    .venv/bin/python bench/bench_matchmap.py [--only tiny|davenet-vgg16|train-step] [--threads N] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -249,8 +249,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--only", choices=[*(s.name for s in SHAPES), "train-step"], help="run one section (default: all)"
     )
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     results = [bench_shapes(s, args.repeats) for s in SHAPES if args.only in (None, s.name)]
     train_steps = (
