@@ -82,8 +82,22 @@ def localize(
     return localize_audio_map(image_map, audio, model.audio_frame_seconds, span, reduce=reduce)
 
 
+def pad_to_whole_frames(waveform: Tensor, frontend) -> Tensor:
+    """waveform: (N,) -> (N',) zero-padded so that the front end's log-mel frames reach its last sample.
+
+    Framing otherwise drops the samples after the last whole window; in a live stream those are the
+    newest speech, which would show up in a heatmap only once later audio completes their frame.
+    """
+    frames = max(1, math.ceil(waveform.numel() / frontend.hop_length))
+    needed = (frames - 1) * frontend.hop_length + frontend.window_length
+    return F.pad(waveform, (0, max(0, needed - waveform.numel())))
+
+
 class LiveHighlighter:
     """Live highlighting of a PCM stream: keep the latest audio, localize its last ``window_seconds``.
+
+    Every sample received counts: the audio is padded to whole log-mel frames (pad_to_whole_frames),
+    so a heatmap's span ends where the received audio ends.
 
     Only the last ``window_seconds + context_seconds`` of audio are kept (the context lets the
     audio branch see the speech leading into the window), so a stream may run indefinitely.
@@ -133,7 +147,9 @@ class LiveHighlighter:
             tail, received_seconds = bytes(self._tail), self.received_seconds
         if not tail:
             return None
-        waveform = waveform_from_pcm(tail, self.sample_rate, self.model.config.audio.sample_rate)
+        waveform = pad_to_whole_frames(
+            waveform_from_pcm(tail, self.sample_rate, self.model.config.audio.sample_rate), self.model.audio_frontend
+        )
         tail_seconds = len(tail) / 2 / self.sample_rate
         offset = received_seconds - tail_seconds
         start = max(0.0, tail_seconds - self.window_seconds)
@@ -248,6 +264,7 @@ __all__ = [  # the heatmap math lives in encoders.grounding; re-exported where t
     "localize_audio_map",
     "model_device",
     "overlay_heatmap",
+    "pad_to_whole_frames",
     "span_frames",
     "titled",
 ]

@@ -17,6 +17,7 @@ from encoders import create_model, save_checkpoint
 from search.cli import highlight, latency_summary, localize, pcm_chunks
 from search.client import SearchClient
 from search.engine import SearchEngine
+from search.localization import LiveHighlighter
 from search.server import ServerThread
 from training.manifest import load_manifest
 
@@ -101,3 +102,19 @@ def test_chunks_and_latency_summary():
     assert b"".join(pcm_chunks(pcm, 8000, 30.0)) == pcm
     summary = latency_summary([5.0, 1.0, 3.0, 2.0, 4.0])
     assert summary == {"chunks": 5, "p50_ms": 3.0, "p95_ms": pytest.approx(4.8), "max_ms": 5.0}
+
+
+def test_live_heatmaps_reach_the_last_sample_received():
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    image_map = torch.randn(*model.image_grid, model.embed_dim)
+    highlighter = LiveHighlighter(model, image_map, 16000, window_seconds=1.0, context_seconds=1.0)
+    rng = np.random.default_rng(0)
+    received = 0
+    for samples in (1000, 2345, 7001, 16000, 24011):  # ends that fall inside an audio frame
+        highlighter.push((rng.normal(0, 3000, samples)).astype("<i2").tobytes())
+        received += samples
+        latest = highlighter.localize_latest()
+        assert latest.end_seconds == pytest.approx(received / 16000, abs=1e-9)
+        assert latest.end_seconds - latest.start_seconds <= 1.0 + model.audio_frame_seconds
+        assert latest.heatmap.shape == model.image_grid

@@ -1,0 +1,105 @@
+"""Pointing game on a manifest: does the heatmap of each spoken object mention peak inside its box?
+
+For every object mention of the captions (color word start -> shape word end, from the word timings)
+the whole image is encoded, the mention's heatmap computed (max over its frames of the matchmap),
+and its peak cell centre tested against the object's box. Baselines: a uniform random point (the
+exact expectation: box area / image area) and the image centre. Overall and per shape, color, size.
+
+    .venv/bin/python bench/bench_pointing.py --checkpoint /work/data/runs/tiny-infonce/best.pt \\
+        --manifest /work/data/corpus/val.json --examples docs/img/pointing_examples.png
+
+Writes the JSON summary to --out (default bench/out/pointing.json) and prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from encoders import create_model, load_audio, load_image
+from encoders.grounding import (
+    encode_audio_map,
+    encode_whole_image,
+    normalize_heatmap,
+    span_frames,
+    span_heatmap,
+)
+from search.localization import image_grid, overlay_heatmap, titled
+from training.grounding import PointingTrial, pointing_game
+from training.manifest import Manifest, load_manifest
+
+
+def print_tables(summary: dict) -> None:
+    a = summary["accuracy"]
+    print(f"{summary['mentions']} mentions in {summary['pairs']} pairs ({summary['unmatched_objects']} objects unmatched)")
+    print(f"{'':<12} {'n':>5} {'model':>7} {'random':>7} {'center':>7}")
+    print(f"{'overall':<12} {summary['mentions']:>5} {a['model']:>7.3f} {a['random']:>7.3f} {a['center']:>7.3f}")
+    for group in ("by_shape", "by_color", "by_size"):
+        for key, row in summary[group].items():
+            print(f"{key:<12} {row['mentions']:>5} {row['model']:>7.3f} {row['random']:>7.3f} {row['center']:>7.3f}")
+
+
+def example_picture(model, manifest: Manifest, trials: list[PointingTrial], count: int) -> Image.Image:
+    """A grid of ``count`` mentions (hits and misses in their measured proportion, first ones first):
+    heatmap over the image, the object's box in white, the peak as a cross (green hit, red miss)."""
+    by_uttid = {e.uttid: e for e in manifest.entries}
+    tiles = []
+    for t in trials[:count]:
+        entry = by_uttid[t.uttid]
+        image = load_image(manifest.image_path(entry))
+        audio = encode_audio_map(model, load_audio(manifest.audio_path(entry), model.config.audio.sample_rate))
+        first, last = span_frames((t.start_seconds, t.end_seconds), audio.shape[0], model.audio_frame_seconds)
+        heat, _, _ = normalize_heatmap(span_heatmap(encode_whole_image(model, image), audio, first, last))
+        picture = overlay_heatmap(image, heat)
+        draw = ImageDraw.Draw(picture)
+        draw.rectangle([t.bbox[0], t.bbox[1], t.bbox[2] - 1, t.bbox[3] - 1], outline="white", width=2)
+        colour = (0, 200, 0) if t.hit else (230, 0, 0)
+        draw.line([t.peak_x - 8, t.peak_y, t.peak_x + 8, t.peak_y], fill=colour, width=3)
+        draw.line([t.peak_x, t.peak_y - 8, t.peak_x, t.peak_y + 8], fill=colour, width=3)
+        tiles.append(titled(picture.resize((160, 160)), f"{t.color} {t.shape}: {'hit' if t.hit else 'miss'}"))
+    return image_grid(tiles, columns=6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=None, help="model checkpoint (default: the shipped model)")
+    parser.add_argument("--manifest", default="/work/data/corpus/val.json")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N pairs")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", default="bench/out/pointing.json")
+    parser.add_argument("--examples", default=None, help="PNG of example mentions to write")
+    parser.add_argument("--example-count", type=int, default=12)
+    args = parser.parse_args()
+
+    torch.set_grad_enabled(False)
+    model = create_model(args.checkpoint)
+    manifest = load_manifest(args.manifest)
+    started = time.perf_counter()
+    report = pointing_game(model, manifest, batch_size=args.batch_size, limit=args.limit)
+    elapsed = time.perf_counter() - started
+    summary = {
+        **report.summary,
+        "checkpoint": args.checkpoint or "shipped default",
+        "model_version": model.version,
+        "manifest": args.manifest,
+        "seconds": elapsed,
+        "load_average": os.getloadavg(),
+    }
+    print_tables(summary)
+    print(f"{elapsed:.1f} s; load average {summary['load_average'][0]:.1f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2))
+    if args.examples:
+        Path(args.examples).parent.mkdir(parents=True, exist_ok=True)
+        example_picture(model, manifest, report.trials, args.example_count).save(args.examples, optimize=True)
+        print(f"wrote {args.examples}")
+
+
+if __name__ == "__main__":
+    main()
