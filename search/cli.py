@@ -225,7 +225,7 @@ def _parse_span(text: str) -> tuple[float, float]:
 
 
 def _words_of(manifest_path: Path, uttid: str | None, audio: Path):
-    """The manifest entry for ``uttid`` (default: the entry whose wav is ``audio``) -> (entry, manifest)."""
+    """The manifest entry for ``uttid`` (default: the entry whose wav is ``audio``), with its word timings."""
     # Manifests are the training package's format; the CLI (not the search library) reads them, and
     # only when --words asks for it.
     from training.manifest import ManifestError, load_manifest
@@ -323,7 +323,7 @@ def localize(image: Path, audio: Path, out: Path, checkpoint: Path | None, spans
     fs = model.audio_frame_seconds
     whole_title = "whole caption" + (f": {entry.asr_text}" if entry is not None else "")
     rows: list[tuple[str, tuple[float, float] | None]] = [(whole_title, None), *_panel_spans(requested, entry, panels)]
-    tiles, data = [], []
+    tiles, data, results = [], [], []
     for title, span in rows:
         try:
             result = localize_audio_map(image_map, audio_map, fs, span)
@@ -331,10 +331,11 @@ def localize(image: Path, audio: Path, out: Path, checkpoint: Path | None, spans
             raise click.ClickException(f"{title.splitlines()[0]}: {error}") from error
         tiles.append(titled(overlay_heatmap(picture, result.heatmap, box), title))
         data.append(_heatmap_json(title, span, result, box))
+        results.append(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(tiles, columns).save(out)
     if as_json:
-        whole = localize_audio_map(image_map, audio_map, fs)
+        whole = results[0]  # the first panel is the whole caption
         click.echo(json.dumps({
             "image": str(image), "audio": str(audio), "out": str(out), "model_version": model.version,
             "rows": whole.rows, "cols": whole.cols, "box": list(box), "frame_seconds": fs, "score": whole.score,
