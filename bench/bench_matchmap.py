@@ -5,12 +5,14 @@ it times, on the same captions and images:
 
   (a) loop    -- pair_score(image, caption, "misa") for every pair, the reference style
   (b) scores  -- score_matrix(..., ("misa",)), the batched, chunked path
-  (c) matmul  -- the (B*T, D) @ (D, N*R) products alone, in the same chunks, into a reused buffer
+  (c) matmul  -- the products alone: (true frames of all captions, D) @ (D, N*R), in chunks of the
+                 same size as (b)'s, into a reused buffer
   (d) bf16    -- score_matrix with compute_dtype=torch.bfloat16, and whether its top-10 rankings
                  match fp32
 
-GFLOP/s counts 2 * B * N * T * R * D for every method. The loop runs on a subset of pairs and is
-scaled per pair; pair counts below 1000 x 1000 are extrapolated to it, labelled as such.
+GFLOP/s counts the useful work, 2 * (true frames of all captions) * N * R * D, for every method,
+so (b) pays for whatever padding it computes. The loop runs on a subset of pairs and is scaled per
+pair; pair counts below 1000 x 1000 are extrapolated to it, labelled as such.
 
 It also times one training step of the ``tiny`` model (forward and backward of both branches and
 the symmetric in-batch MISA cross-entropy) on a batch of 64 images of 128 px and 4 s captions.
@@ -103,9 +105,9 @@ def best_of(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str,
 
 def bench_shapes(s: Shapes, repeats: int) -> dict:
     audio, lengths, images = make_data(s)
-    flop_per_pair = 2 * s.frames * s.regions * s.dim
     pairs = s.captions * s.images
-    results: dict = {"shapes": s.__dict__, "pairs": pairs, "flop_per_pair": flop_per_pair}
+    total_flop = 2 * int(lengths.sum()) * s.images * s.regions * s.dim
+    results: dict = {"shapes": s.__dict__, "pairs": pairs, "useful_flop": total_flop}
 
     def loop() -> None:
         for i in range(s.loop_captions):
@@ -114,13 +116,14 @@ def bench_shapes(s: Shapes, repeats: int) -> dict:
                 pair_score(images[j], a, "misa")
 
     caption_chunk, image_chunk = chunk_sizes(s.captions, s.frames, s.images, s.regions, 4)
-    buffer = torch.empty(caption_chunk * s.frames, image_chunk * s.regions)
-    flat_audio = audio.reshape(-1, s.dim)
+    chunk_rows = caption_chunk * s.frames
+    buffer = torch.empty(chunk_rows, image_chunk * s.regions)
+    true_frames = audio[frame_mask(lengths, s.frames)]  # (sum of lengths, D)
     flat_images = images.reshape(-1, s.dim)
 
     def matmul_only() -> None:
-        for r0 in range(0, s.captions * s.frames, caption_chunk * s.frames):
-            a = flat_audio[r0 : r0 + caption_chunk * s.frames]
+        for r0 in range(0, true_frames.shape[0], chunk_rows):
+            a = true_frames[r0 : r0 + chunk_rows]
             for c0 in range(0, s.images * s.regions, image_chunk * s.regions):
                 im = flat_images[c0 : c0 + image_chunk * s.regions]
                 torch.mm(a, im.T, out=buffer[: a.shape[0], : im.shape[0]])
@@ -135,7 +138,6 @@ def bench_shapes(s: Shapes, repeats: int) -> dict:
         },
         repeats,
     )
-    # Per pair, the loop is scaled to all pairs; FLOPs use the padded T for every method alike.
     seconds["loop"] *= pairs / loop_pairs
 
     fp32 = score_matrix(audio, lengths, images, ("misa",))["misa"]
@@ -150,7 +152,6 @@ def bench_shapes(s: Shapes, repeats: int) -> dict:
     true_top1 = (fp32.argmax(dim=1) == truth).float().mean().item()
     true_top1_bf16 = (bf16.argmax(dim=1) == truth).float().mean().item()
 
-    total_flop = flop_per_pair * pairs
     for key, t in seconds.items():
         results[key] = {
             "seconds": t,

@@ -161,8 +161,8 @@ def score_matrix(
     kinds: any of "sisa", "misa", "sima"; region_mask: (N, R) bool, True for valid regions.
     Returns {kind: (B, N) float32 (or the inputs' dtype if wider)}.
 
-    MISA and SIMA come from one (Bc*T, D) @ (D, Nc*R) product per chunk, reshaped (Bc, T, Nc, R) and
-    reduced; SISA from pooled vectors (exactly equal, see pool_audio). chunk_size: images per chunk;
+    MISA and SIMA come from one (Bc*Tc, D) @ (D, Nc*R) product per chunk, reshaped (Bc, Tc, Nc, R) and
+    reduced, where chunks take captions in order of length and Tc is the chunk's longest caption; SISA from pooled vectors (exactly equal, see pool_audio). chunk_size: images per chunk;
     by default chunks are chosen so each similarity block stays near chunk_bytes (default
     CPU_CHUNK_BYTES on CPU, ACCELERATOR_CHUNK_BYTES elsewhere). compute_dtype (e.g.
     torch.bfloat16) runs the products in that dtype, with reductions in float32. Differentiable.
@@ -197,33 +197,39 @@ def score_matrix(
         chunk_bytes = CPU_CHUNK_BYTES if audio.device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
     element_bytes = torch.finfo(mm_dtype).bits // 8
     caption_chunk, image_chunk = chunk_sizes(b, t, n, r, element_bytes, chunk_size, chunk_bytes)
-    frames_valid = frame_mask(lengths, t)  # (B, T)
-    audio_mm = audio.to(mm_dtype)
+    # Captions go through in order of length, each chunk cut to its own longest caption, so that
+    # padding costs little even when one long caption pads all the others.
+    sorted_lengths, order = lengths.sort(descending=True)
+    chunk_longest = sorted_lengths[::caption_chunk].tolist()
+    audio_sorted = audio.to(mm_dtype)[order]
     regions_mm = regions.to(mm_dtype)
     rows: dict[str, list[Tensor]] = {k: [] for k in fine_kinds}
-    for b0 in range(0, b, caption_chunk):
-        a = audio_mm[b0 : b0 + caption_chunk]
+    for b0, tc in zip(range(0, b, caption_chunk), chunk_longest, strict=True):
+        a = audio_sorted[b0 : b0 + caption_chunk, :tc]
         bc = a.shape[0]
-        fv = frames_valid[b0 : b0 + bc]  # (Bc, T)
+        fv = frame_mask(sorted_lengths[b0 : b0 + bc], tc)  # (Bc, Tc)
+        a = a.reshape(bc * tc, d)
         cols: dict[str, list[Tensor]] = {k: [] for k in fine_kinds}
         for n0 in range(0, n, image_chunk):
             im = regions_mm[n0 : n0 + image_chunk]
             nc = im.shape[0]
-            sim = (a.reshape(bc * t, d) @ im.reshape(nc * r, d).T).view(bc, t, nc, r)
+            sim = (a @ im.reshape(nc * r, d).T).view(bc, tc, nc, r)
             rm = None if region_mask is None else region_mask[n0 : n0 + nc]  # (Nc, R)
             if rm is not None:
                 sim = sim.masked_fill(~rm.view(1, 1, nc, r), float("-inf"))
             if "misa" in cols:
-                best_region = sim.amax(dim=3).to(out_dtype)  # (Bc, T, Nc)
+                best_region = sim.amax(dim=3).to(out_dtype)  # (Bc, Tc, Nc)
                 cols["misa"].append(_masked_mean(best_region, fv.unsqueeze(-1), dim=1))
             if "sima" in cols:
-                best_frame = sim.masked_fill(~fv.view(bc, t, 1, 1), float("-inf")).amax(dim=1).to(out_dtype)
+                best_frame = sim.masked_fill(~fv.view(bc, tc, 1, 1), float("-inf")).amax(dim=1).to(out_dtype)
                 if rm is None:
                     cols["sima"].append(best_frame.mean(dim=2))  # (Bc, Nc)
                 else:
                     cols["sima"].append(_masked_mean(best_frame, rm.unsqueeze(0), dim=2))
         for k in fine_kinds:
             rows[k].append(torch.cat(cols[k], dim=1))
+    restore = torch.empty_like(order)
+    restore[order] = torch.arange(b, device=order.device)
     for k in fine_kinds:
-        scores[k] = torch.cat(rows[k], dim=0)
+        scores[k] = torch.cat(rows[k], dim=0)[restore]
     return {k: scores[k] for k in kinds}
