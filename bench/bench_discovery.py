@@ -2,8 +2,8 @@
 segments, and how many of the 8 shapes and 8 colors name a cluster?
 
 The segments (every grounding peak, its audio frames pooled with the image region it grounds in)
-are collected once; then, for each (--clusters, --keep) setting, the strongest ``keep`` share is
-clustered with faiss k-means and summarized. --report writes the full HTML report of the first
+are collected once per --half-width; then, for each (--clusters, --keep, --image-weight) setting,
+the strongest ``keep`` share is clustered with faiss k-means and summarized. --report writes the full HTML report of the first
 setting (what `matchmap discover` writes).
 
     .venv/bin/python bench/bench_discovery.py --checkpoint /work/data/runs/tiny-infonce/best.pt \\
@@ -36,7 +36,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N pairs")
     parser.add_argument("--clusters", default="32,64", help="comma-separated k values")
     parser.add_argument("--keep", default="0.3,0.5,1.0", help="comma-separated shares of peaks kept")
-    parser.add_argument("--half-width", type=int, default=1)
+    parser.add_argument("--half-width", default="1", help="comma-separated frames either side of a peak")
+    parser.add_argument("--image-weight", default="0,1", help="comma-separated weights of the image region feature")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/out/discovery.json")
     parser.add_argument("--report", default=None, help="write the first setting's HTML report here")
@@ -45,29 +46,31 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model = create_model(args.checkpoint)
     manifest = load_manifest(args.manifest)
-    started = time.perf_counter()
-    pool = collect_segments(model, manifest, half_width=args.half_width, limit=args.limit)
-    collect_s = time.perf_counter() - started
-    print(f"{len(pool.segments)} grounding peaks in {pool.pairs} pairs ({collect_s:.1f} s)")
-    print(f"{'k':>4} {'keep':>5} {'segments':>8} {'purity':>7} {'weighted':>8} {'shapes':>6} {'colors':>6}  named")
-    runs = []
-    for k in _numbers(args.clusters, int):
-        for keep in _numbers(args.keep, float):
-            t0 = time.perf_counter()
-            discovery = cluster_segments(pool, k, keep=keep, seed=args.seed)
-            s = {**discovery.summary, "cluster_seconds": time.perf_counter() - t0}
-            runs.append(s)
-            print(f"{k:>4} {keep:>5.2f} {s['segments']:>8} {s['mean_purity']:>7.3f} {s['weighted_purity']:>8.3f} "
-                  f"{s['shapes_found']:>5}/8 {s['colors_found']:>5}/8  {' '.join(s['shapes'] + s['colors'])}")
-            if args.report and len(runs) == 1:
-                print(f"report: {write_report(discovery, manifest, args.report)}")
+    print(f"{'half':>4} {'k':>4} {'keep':>5} {'img':>4} {'segments':>8} {'purity':>7} {'weighted':>8} "
+          f"{'shapes':>6} {'colors':>6}  named")
+    runs, pools = [], []
+    for half_width in _numbers(args.half_width, int):
+        started = time.perf_counter()
+        pool = collect_segments(model, manifest, half_width=half_width, limit=args.limit, progress=False)
+        pools.append({"half_width": half_width, "peaks": len(pool.segments), "pairs": pool.pairs,
+                      "collect_seconds": time.perf_counter() - started})
+        for k in _numbers(args.clusters, int):
+            for keep in _numbers(args.keep, float):
+                for weight in _numbers(args.image_weight, float):
+                    t0 = time.perf_counter()
+                    discovery = cluster_segments(pool, k, keep=keep, image_weight=weight, seed=args.seed)
+                    s = {**discovery.summary, "cluster_seconds": time.perf_counter() - t0}
+                    runs.append(s)
+                    print(f"{half_width:>4} {k:>4} {keep:>5.2f} {weight:>4.1f} {s['segments']:>8} {s['mean_purity']:>7.3f} "
+                          f"{s['weighted_purity']:>8.3f} {s['shapes_found']:>5}/8 {s['colors_found']:>5}/8  "
+                          f"{' '.join(s['shapes'] + s['colors'])}")
+                    if args.report and len(runs) == 1:
+                        print(f"report: {write_report(discovery, manifest, args.report)}")
     result = {
         "checkpoint": args.checkpoint or "shipped default",
         "model_version": model.version,
         "manifest": args.manifest,
-        "pairs": pool.pairs,
-        "peaks": len(pool.segments),
-        "collect_seconds": collect_s,
+        "pools": pools,
         "load_average": os.getloadavg(),
         "runs": runs,
     }

@@ -170,14 +170,16 @@ def evaluate(manifest, checkpoint, as_json, batch_size, device, skip_bad, server
               help="Share of all grounding peaks kept as segments (the most strongly grounded).")
 @click.option("--half-width", type=click.IntRange(min=0), default=1,
               help="Audio frames either side of a peak in its segment.")
+@click.option("--image-weight", type=click.FloatRange(min=0), default=1.0,
+              help="Weight of the grounded image region beside the pooled audio in the clustered features (0 = audio alone).")
 @click.option("--max-pairs", type=click.IntRange(min=1), default=None, help="Use only the manifest's first N pairs.")
 @click.option("--seed", type=int, default=0, help="k-means seed.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--skip-bad", is_flag=True, help="Skip (and count) entries with missing or unreadable files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def discover(manifest, checkpoint, clusters, out_dir, keep, half_width, max_pairs, seed, batch_size, device,
-             skip_bad, as_json):
+def discover(manifest, checkpoint, clusters, out_dir, keep, half_width, image_weight, max_pairs, seed, batch_size,
+             device, skip_bad, as_json):
     """Audio-visual concept discovery on MANIFEST, as in the paper.
 
     Finds speech segments that ground strongly in their images (peaks over time of each frame's best
@@ -199,7 +201,7 @@ def discover(manifest, checkpoint, clusters, out_dir, keep, half_width, max_pair
     try:
         model = create_model(checkpoint).to(_resolve_device(device))
         discovery = discover_concepts(model, loaded, clusters, keep=keep, half_width=half_width,
-                                      batch_size=batch_size, limit=max_pairs, seed=seed, progress=not as_json)
+                                      image_weight=image_weight, batch_size=batch_size, limit=max_pairs, seed=seed, progress=not as_json)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     index = write_report(discovery, loaded, out_dir)

@@ -408,19 +408,26 @@ def collect_segments(model, manifest: Manifest, *, half_width: int = 1, batch_si
     return SegmentPool(segments, torch.cat(features), pairs, half_width)
 
 
-def cluster_segments(pool: SegmentPool, clusters: int, *, keep: float = 0.5, seed: int = 0) -> Discovery:
+def cluster_segments(pool: SegmentPool, clusters: int, *, keep: float = 0.5, image_weight: float = 1.0,
+                     seed: int = 0) -> Discovery:
     """Keep the strongest ``keep`` share (0 < keep <= 1) of the pool's segments by grounding score and
-    cluster them into ``clusters`` with k-means; returns copies, the pool is left as it was."""
+    cluster them into ``clusters`` with k-means on [audio, image_weight * image] features (0 = the
+    audio alone); returns copies, the pool is left as it was."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must lie in (0, 1], got {keep}")
+    if image_weight < 0:
+        raise ValueError(f"image_weight must be >= 0, got {image_weight}")
     scores = np.array([s.score for s in pool.segments])
     threshold = np.quantile(scores, 1 - keep) if keep < 1 else -np.inf
     kept = np.flatnonzero(scores >= threshold)
-    assignment = cluster_features(pool.features[kept].numpy(), clusters, seed=seed)
+    d = pool.features.shape[1] // 2
+    features = pool.features[kept]
+    features = features[:, :d] if image_weight == 0 else torch.cat([features[:, :d], image_weight * features[:, d:]], 1)
+    assignment = cluster_features(features.numpy(), clusters, seed=seed)
     segments = [replace(pool.segments[i], cluster=int(c)) for i, c in zip(kept, assignment, strict=True)]
     described = describe_clusters(segments, clusters)
     summary = summarize_discovery(described, pairs=pool.pairs, peaks=len(pool.segments), segments=len(segments))
-    summary.update(keep=keep, half_width=pool.half_width, seed=seed)
+    summary.update(keep=keep, half_width=pool.half_width, image_weight=image_weight, seed=seed)
     return Discovery(segments, described, summary)
 
 
@@ -431,6 +438,7 @@ def discover_concepts(
     *,
     keep: float = 0.5,
     half_width: int = 1,
+    image_weight: float = 1.0,
     batch_size: int = 32,
     limit: int | None = None,
     seed: int = 0,
@@ -440,7 +448,7 @@ def discover_concepts(
     (collect_segments, then cluster_segments)."""
     pool = collect_segments(model, manifest, half_width=half_width, batch_size=batch_size, limit=limit,
                             progress=progress)
-    return cluster_segments(pool, clusters, keep=keep, seed=seed)
+    return cluster_segments(pool, clusters, keep=keep, image_weight=image_weight, seed=seed)
 
 
 def example_patches(discovery: Discovery, cluster: Cluster, manifest: Manifest) -> Image.Image:
