@@ -16,6 +16,7 @@ the voice id only, never on a seed, so val voices never occur in any training co
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import math
@@ -28,7 +29,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
@@ -430,12 +430,15 @@ _espeak: _EspeakLibrary | None = None
 _espeak_lock = threading.Lock()
 
 
-def _reset_lock_after_fork() -> None:
-    global _espeak_lock
+def _reset_after_fork() -> None:
+    # A forked child gets fresh locks, and never talks to its parent's festival processes.
+    global _espeak_lock, _festival_lock
     _espeak_lock = threading.Lock()
+    _festival_lock = threading.Lock()
+    _festival_processes.clear()
 
 
-os.register_at_fork(after_in_child=_reset_lock_after_fork)
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _espeak_library(library: str) -> _EspeakLibrary:
@@ -702,10 +705,29 @@ class _FestivalProcess:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _close_festival_processes(processes: dict[str, _FestivalProcess]) -> None:
-    for process in processes.values():
-        process.close()
-    processes.clear()
+# This process's festival processes, (binary, base voice) -> process: started on first use, shared
+# by every FestivalEngine of the process (the corpus generator makes one per split), stopped at exit.
+_festival_processes: dict[tuple[str, str], _FestivalProcess] = {}
+_festival_lock = threading.Lock()
+
+
+def _festival_process(binary: str, base_voice: str) -> _FestivalProcess:
+    # The caller holds _festival_lock.
+    process = _festival_processes.get((binary, base_voice))
+    if process is None or process.process.poll() is not None:
+        process = _festival_processes[binary, base_voice] = _FestivalProcess(binary, base_voice)
+    return process
+
+
+def stop_festival() -> None:
+    """Stop this process's festival processes (the next utterance starts them again)."""
+    with _festival_lock:
+        for process in _festival_processes.values():
+            process.close()
+        _festival_processes.clear()
+
+
+atexit.register(stop_festival)
 
 
 @cache
@@ -719,7 +741,8 @@ def _installed_festival_voices(binary: str) -> frozenset[str]:
 
 
 class FestivalEngine:
-    """Festival through long-lived ``festival --pipe`` processes (one per base voice, started on first use).
+    """Festival through long-lived ``festival --pipe`` processes (one per base voice and process, started
+    on first use, stopped at exit or by ``stop_festival``).
 
     Voices are base voice x vocal-tract factor (FESTIVAL_BASE_VOICES x FESTIVAL_TRACT_FACTORS). Per
     utterance, ``rate`` sets the duration (diphone voices: Duration_Stretch; HTS: the engine's
@@ -736,21 +759,6 @@ class FestivalEngine:
 
     def __init__(self, binary: str = FESTIVAL_BINARY):
         self.binary = binary
-        self._processes: dict[str, _FestivalProcess] = {}
-        self._owner_pid = os.getpid()
-        self._lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _close_festival_processes, self._processes)
-
-    def __getstate__(self) -> dict:
-        return {"binary": self.binary}  # worker processes start their own festival
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["binary"])
-
-    def close(self) -> None:
-        """Stop this engine's festival processes (they also stop when the engine is garbage collected)."""
-        with self._lock:
-            _close_festival_processes(self._processes)
 
     def voices(self) -> list[Voice]:
         """Base voice x tract factor for the base voices installed here, sorted by id."""
@@ -763,15 +771,6 @@ class FestivalEngine:
                   for base in bases for tract in FESTIVAL_TRACT_FACTORS]
         return sorted(voices, key=lambda v: v.id)
 
-    def _process(self, base_voice: str) -> _FestivalProcess:
-        if os.getpid() != self._owner_pid:  # a forked copy must not share its parent's pipes
-            self._processes.clear()
-            self._owner_pid = os.getpid()
-        process = self._processes.get(base_voice)
-        if process is None or process.process.poll() is not None:
-            process = self._processes[base_voice] = _FestivalProcess(self.binary, base_voice)
-        return process
-
     def synthesize(self, text: str, voice: Voice, rate: int, pitch: int) -> Utterance:
         """Speak ``text`` (see ``SpeechEngine.synthesize``) -> 16 kHz Utterance with timed words."""
         words = check_request(self.name, text, voice, rate, pitch)
@@ -780,9 +779,8 @@ class FestivalEngine:
         hts = variant.base.endswith("_hts")
         warp = variant.tract * pitch_factor if hts else variant.tract
         tempo = FESTIVAL_REFERENCE_WPM / rate  # duration relative to the voice's own, after the warp
-        with self._lock:
-            process = self._process(variant.base)
-            samples, native_rate, token_lines = process.say(
+        with _festival_lock:
+            samples, native_rate, token_lines = _festival_process(self.binary, variant.base).say(
                 text, stretch=tempo * warp, f0_factor=pitch_factor / variant.tract, speed=1.0 / (tempo * warp))
         if samples.size == 0:
             raise SpeechEngineError(f"festival produced no audio for {text!r} with {voice.id}")
