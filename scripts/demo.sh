@@ -29,17 +29,11 @@ for _ in $(seq 120); do
   sleep 0.5
 done
 
-echo "== 4. speak: three captions from the corpus are the queries"
-for i in 3 17 42; do
-  wav=$(printf "%s/corpus/audio/val/val_%06d.wav" "$DEMO" "$i")
-  $PY - "$DEMO/corpus/val.json" "$i" <<'PYEOF'
-import json, sys
-entry = json.load(open(sys.argv[1]))["data"][int(sys.argv[2])]
-print(f"\nquery: \"{entry['asr_text']}\"  (spoken by {entry['speaker']}; its image is {entry['image']})")
-PYEOF
-  $MM query --server "127.0.0.1:$PORT" --collection demo --top-k 5 "$wav"
-done
-
+echo "== 4. speak: three captions from the corpus are the queries (their voices were never heard in training)"
+wavs=()
+for i in 3 17 42; do wavs+=("$(printf "%s/corpus/audio/val/val_%06d.wav" "$DEMO" "$i")"); done
+$MM query --server "127.0.0.1:$PORT" --collection demo --top-k 5 --json "${wavs[@]}" > "$DEMO/hits.json"
+$PY scripts/demo_report.py "$DEMO/corpus/val.json" "$DEMO/hits.json" "$DEMO/results.png"
 echo
 echo "== 5. stop the service"
 kill -TERM $SERVER
