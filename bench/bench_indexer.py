@@ -1,7 +1,7 @@
 """Indexing throughput (images/s) and bytes on disk per image, end to end through ``Library.index``.
 
-Indexes N images (default 10,000) into a fresh SQLite-backed library with a randomly initialized
-model (throughput does not depend on the weights) and reports:
+Indexes N images (default 10,000) into a fresh SQLite-backed library with the shipped default model
+(or --checkpoint; ``--checkpoint tiny`` for a randomly initialized one) and reports:
 
   index      -- images/s of the whole pipeline: read + SHA-256, decode + crop, embed, fsync the
                 feature maps, commit the catalog rows, build and save the stage-1 index
@@ -69,6 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=10_000, help="number of images to index")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--checkpoint", default=None,
+                        help="model checkpoint or registry name [default: the shipped default model]")
     parser.add_argument(
         "--images-dir", type=Path, default=None, help="take images from here instead of drawing them"
     )
@@ -82,7 +84,7 @@ def main() -> None:
         images = work / "images"
         mean_file = prepare_images(images, args.images, args.images_dir)
         torch.manual_seed(0)
-        model = create_model("tiny").eval()
+        model = create_model(args.checkpoint).eval()
 
         with Library.open(work / "data") as library:
             started = time.perf_counter()
@@ -105,13 +107,14 @@ def main() -> None:
     n = args.images
     print(
         f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads); model tiny (random init), "
+        f"({torch.get_num_threads()} threads); model {model.version}, "
         f"{model.config.image.input_size} px input, grid {model.image_grid}, D={model.config.embed_dim}; "
         f"load average {os.getloadavg()[0]:.1f} (the CPUs are shared: figures vary with it)"
     )
     print(
         f"# command: {sys.executable} bench/bench_indexer.py --images {n} --batch-size {args.batch_size}"
         + (f" --images-dir {args.images_dir}" if args.images_dir else "")
+        + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
     )
     print(
         f"images           {n} ({'from ' + str(args.images_dir) if args.images_dir else 'rendered spoken-scenes PNGs'}, "

@@ -276,6 +276,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=10_000, help="collection size (corpus images + distractors)")
     parser.add_argument("--corpus", type=Path, default=None, help="a `matchmap synth` output: its images and val captions")
+    parser.add_argument("--extra-corpus", type=Path, nargs="*", default=[],
+                        help="more `matchmap synth` outputs whose images join the collection (realistic distractors)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="model (default: a RANDOM tiny model)")
     parser.add_argument("--queries", type=int, default=200, help="queries per load run")
     parser.add_argument("--agreement-queries", type=int, default=100)
@@ -301,6 +303,8 @@ def main() -> None:
             print("model: a RANDOMLY INITIALIZED tiny model (timing figures only; agreement is of random scores)")
         if args.corpus is not None:
             images, queries = corpus_inputs(args.corpus)
+            for extra in args.extra_corpus:  # more corpus images (as distractors), no queries
+                images += corpus_inputs(extra)[0]
         else:
             images, queries = [], [noise_wav(rng, float(rng.uniform(1.5, 5.0))) for _ in range(64)]
         images += distractor_images(work / "distractors", max(0, args.images - len(images)), args.seed)
