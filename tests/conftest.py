@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+from encoders import create_model, save_checkpoint
 from training.synth import synthesize_corpus
 
 TINY_TRAIN_PAIRS = 24
@@ -22,3 +24,15 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_corpus")
     synthesize_corpus(out, pairs=TINY_TRAIN_PAIRS, val_pairs=TINY_VAL_PAIRS, seed=0, workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly initialized ``tiny`` model (seed 0) saved as a checkpoint: real files, random weights.
+
+    Tests of plumbing (indexing, serving, streaming) use it so they never depend on the shipped model.
+    """
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(path, create_model("tiny"))
+    return path

@@ -79,14 +79,6 @@ def write_bad_files(folder: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(path, create_model("tiny"))
-    return path
-
-
-@pytest.fixture(scope="module")
 def model(checkpoint):
     return create_model(checkpoint)
 

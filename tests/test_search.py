@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from encoders import create_model, load_audio, save_checkpoint, score_matrix
+from encoders import create_model, load_audio, score_matrix
 from encoders.matchmap import pool_audio, pool_images
 from indexer import Library
 from protos.matchmap.v1 import search_pb2, search_pb2_grpc
@@ -43,14 +43,6 @@ OK = grpc.StatusCode.OK
 
 
 # ---- fixtures: one model, one indexed collection, one server for the module ---------------------
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(path, create_model("tiny"))
-    return path
 
 
 @pytest.fixture(scope="module")
