@@ -13,6 +13,7 @@ setting (what `matchmap discover` writes).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -34,11 +35,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="model checkpoint (default: the shipped model)")
     parser.add_argument("--manifest", default="/work/data/corpus/val.json")
     parser.add_argument("--limit", type=int, default=None, help="only the first N pairs")
-    parser.add_argument("--clusters", default="32,64", help="comma-separated k values")
-    parser.add_argument("--keep", default="0.3,0.5,1.0", help="comma-separated shares of peaks kept")
-    parser.add_argument("--half-width", default="1", help="comma-separated frames either side of a peak")
+    parser.add_argument("--clusters", default="32,64,100", help="comma-separated k values")
+    parser.add_argument("--keep", default="0.5,1.0", help="comma-separated shares of peaks kept")
+    parser.add_argument("--half-width", default="0,1", help="comma-separated frames either side of a peak")
     parser.add_argument("--image-weight", default="0,1", help="comma-separated weights of the image region feature")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated k-means seeds")
     parser.add_argument("--out", default="bench/out/discovery.json")
     parser.add_argument("--report", default=None, help="write the first setting's HTML report here")
     args = parser.parse_args()
@@ -46,7 +47,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model = create_model(args.checkpoint)
     manifest = load_manifest(args.manifest)
-    print(f"{'half':>4} {'k':>4} {'keep':>5} {'img':>4} {'segments':>8} {'purity':>7} {'weighted':>8} "
+    print(f"{'half':>4} {'k':>4} {'keep':>5} {'img':>4} {'seed':>4} {'segments':>8} {'purity':>7} {'weighted':>8} "
           f"{'shapes':>6} {'colors':>6}  named")
     runs, pools = [], []
     for half_width in _numbers(args.half_width, int):
@@ -56,12 +57,12 @@ def main() -> None:
                       "collect_seconds": time.perf_counter() - started})
         for k in _numbers(args.clusters, int):
             for keep in _numbers(args.keep, float):
-                for weight in _numbers(args.image_weight, float):
+                for weight, seed in itertools.product(_numbers(args.image_weight, float), _numbers(args.seeds, int)):
                     t0 = time.perf_counter()
-                    discovery = cluster_segments(pool, k, keep=keep, image_weight=weight, seed=args.seed)
+                    discovery = cluster_segments(pool, k, keep=keep, image_weight=weight, seed=seed)
                     s = {**discovery.summary, "cluster_seconds": time.perf_counter() - t0}
                     runs.append(s)
-                    print(f"{half_width:>4} {k:>4} {keep:>5.2f} {weight:>4.1f} {s['segments']:>8} {s['mean_purity']:>7.3f} "
+                    print(f"{half_width:>4} {k:>4} {keep:>5.2f} {weight:>4.1f} {seed:>4} {s['segments']:>8} {s['mean_purity']:>7.3f} "
                           f"{s['weighted_purity']:>8.3f} {s['shapes_found']:>5}/8 {s['colors_found']:>5}/8  "
                           f"{' '.join(s['shapes'] + s['colors'])}")
                     if args.report and len(runs) == 1:

@@ -31,7 +31,7 @@ from encoders.grounding import (
     span_heatmap,
 )
 from search.localization import image_grid, overlay_heatmap, titled
-from training.grounding import PointingTrial, pointing_game
+from training.grounding import PointingTrial, point_in_box, pointing_game
 from training.manifest import Manifest, load_manifest
 
 
@@ -45,12 +45,33 @@ def print_tables(summary: dict) -> None:
             print(f"{key:<12} {row['mentions']:>5} {row['model']:>7.3f} {row['random']:>7.3f} {row['center']:>7.3f}")
 
 
+def miss_breakdown(manifest: Manifest, trials: list[PointingTrial]) -> dict[str, int]:
+    """Where the misses peaked: in another object of the caption sharing the mention's color, its shape,
+    neither, or on no object (the background)."""
+    by_uttid = {e.uttid: e for e in manifest.entries}
+    counts = {"same_color_object": 0, "same_shape_object": 0, "other_object": 0, "background": 0}
+    for t in trials:
+        if t.hit:
+            continue
+        others = [o for o in by_uttid[t.uttid].objects or [] if (o.color, o.shape) != (t.color, t.shape)
+                  and point_in_box(t.peak_x, t.peak_y, o.bbox)]
+        if any(o.color == t.color for o in others):
+            counts["same_color_object"] += 1
+        elif any(o.shape == t.shape for o in others):
+            counts["same_shape_object"] += 1
+        else:
+            counts["other_object" if others else "background"] += 1
+    return counts
+
+
 def example_picture(model, manifest: Manifest, trials: list[PointingTrial], count: int) -> Image.Image:
-    """A grid of ``count`` mentions (hits and misses in their measured proportion, first ones first):
+    """A grid of ``count`` mentions, the first hits and (a third of the grid) the first misses:
     heatmap over the image, the object's box in white, the peak as a cross (green hit, red miss)."""
     by_uttid = {e.uttid: e for e in manifest.entries}
+    misses = [t for t in trials if not t.hit][: count // 3]
+    shown = [t for t in trials if t.hit][: count - len(misses)] + misses
     tiles = []
-    for t in trials[:count]:
+    for t in shown:
         entry = by_uttid[t.uttid]
         image = load_image(manifest.image_path(entry))
         audio = encode_audio_map(model, load_audio(manifest.audio_path(entry), model.config.audio.sample_rate))
@@ -62,7 +83,7 @@ def example_picture(model, manifest: Manifest, trials: list[PointingTrial], coun
         colour = (0, 200, 0) if t.hit else (230, 0, 0)
         draw.line([t.peak_x - 8, t.peak_y, t.peak_x + 8, t.peak_y], fill=colour, width=3)
         draw.line([t.peak_x, t.peak_y - 8, t.peak_x, t.peak_y + 8], fill=colour, width=3)
-        tiles.append(titled(picture.resize((160, 160)), f"{t.color} {t.shape}: {'hit' if t.hit else 'miss'}"))
+        tiles.append(titled(picture.resize((128, 128)), f"{t.color} {t.shape}: {'hit' if t.hit else 'miss'}", font_size=11))
     return image_grid(tiles, columns=6)
 
 
@@ -88,16 +109,19 @@ def main() -> None:
         "checkpoint": args.checkpoint or "shipped default",
         "model_version": model.version,
         "manifest": args.manifest,
+        "misses": miss_breakdown(manifest, report.trials),
         "seconds": elapsed,
         "load_average": os.getloadavg(),
     }
     print_tables(summary)
+    print("misses peaked on:", ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["misses"].items()))
     print(f"{elapsed:.1f} s; load average {summary['load_average'][0]:.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))
     if args.examples:
         Path(args.examples).parent.mkdir(parents=True, exist_ok=True)
-        example_picture(model, manifest, report.trials, args.example_count).save(args.examples, optimize=True)
+        picture = example_picture(model, manifest, report.trials, args.example_count)
+        picture.quantize(128).save(args.examples, optimize=True)  # a palette keeps the docs' pictures small
         print(f"wrote {args.examples}")
 
 

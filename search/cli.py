@@ -252,8 +252,8 @@ def _panel_spans(spans: tuple[tuple[float, float], ...], entry, panels: str) -> 
         from training.grounding import object_mentions  # the corpus's ground truth, read by the CLI only
 
         mentions, _ = object_mentions(entry)
-        rows += [(f"{m.object.size} {m.object.color} {m.object.shape}\n{m.start:.2f}-{m.end:.2f} s", (m.start, m.end))
-                 for m in mentions]
+        rows += [(f"{m.object.color} {m.object.shape} ({m.object.size})\n{m.start:.2f}-{m.end:.2f} s", (m.start, m.end))
+                 for m in sorted(mentions, key=lambda m: m.start)]
     else:
         rows += [(f"'{w.word}'\n{w.start:.2f}-{w.end:.2f} s", (w.start, w.end)) for w in entry.words if w.end > w.start]
     return rows

@@ -185,6 +185,7 @@ def test_discover_writes_a_consistent_report(tiny_corpus, checkpoint, tmp_path):
     assert sum(c["size"] for c in summary["cluster_words"]) == summary["segments"]
     assert summary["mean_purity"] == pytest.approx(sum(c["purity"] for c in summary["cluster_words"]) / summary["clusters"])
     assert summary["shapes_found"] == len(summary["shapes"]) and summary["colors_found"] == len(summary["colors"])
+    assert (summary["keep"], summary["half_width"], summary["image_weight"]) == (0.5, 0, 0.0)  # the defaults
     named = {c["word"] for c in summary["cluster_words"]}
     assert set(summary["shapes"]) == named & {"circle", "square", "triangle", "star", "heart", "cross", "diamond", "hexagon"}
     by_uttid = {e.uttid: e for e in val.entries}
@@ -237,7 +238,9 @@ def test_localize_draws_a_panel_per_word_and_prints_the_heatmaps(tiny_corpus, ch
     objects = CliRunner().invoke(localize, [*args[:6], "--words", str(tiny_corpus / "val.json"), "--panels", "objects",
                                             "--json"])
     assert objects.exit_code == 0, objects.output
-    assert len(json.loads(objects.stdout)["panels"]) == 1 + len(entry.objects)
+    object_panels = json.loads(objects.stdout)["panels"][1:]
+    assert len(object_panels) == len(entry.objects)  # in the order they are spoken
+    assert [p["requested"][0] for p in object_panels] == sorted(p["requested"][0] for p in object_panels)
 
 
 def test_localize_refuses_a_span_after_the_audio(tiny_corpus, checkpoint, tmp_path):

@@ -168,10 +168,11 @@ def evaluate(manifest, checkpoint, as_json, batch_size, device, skip_bad, server
               help="Report directory: index.html, summary.json, segments.json, cluster_<id>.png.")
 @click.option("--keep", type=click.FloatRange(0, 1, min_open=True), default=0.5,
               help="Share of all grounding peaks kept as segments (the most strongly grounded).")
-@click.option("--half-width", type=click.IntRange(min=0), default=1,
-              help="Audio frames either side of a peak in its segment.")
-@click.option("--image-weight", type=click.FloatRange(min=0), default=1.0,
-              help="Weight of the grounded image region beside the pooled audio in the clustered features (0 = audio alone).")
+@click.option("--half-width", type=click.IntRange(min=0), default=0,
+              help="Audio frames either side of a peak in its segment (0 = the peak frame alone, measured best).")
+@click.option("--image-weight", type=click.FloatRange(min=0), default=0.0,
+              help="Weight of the grounded image region beside the pooled audio in the clustered features "
+                   "(0 = audio alone: purer word clusters, bench/bench_discovery.py).")
 @click.option("--max-pairs", type=click.IntRange(min=1), default=None, help="Use only the manifest's first N pairs.")
 @click.option("--seed", type=int, default=0, help="k-means seed.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)

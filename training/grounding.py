@@ -13,8 +13,10 @@ exactly) and the image centre.
 
 Concept discovery: speech segments that ground strongly (local peaks over time of the per-frame
 grounding score, the best region's similarity, kept when among the strongest ``keep`` share of
-all peaks) are pooled (audio frames of the segment, plus the image region they ground in), clustered
-with faiss k-means, and each cluster is named by the transcript word its segments overlap most.
+all peaks) are pooled (audio frames of the segment, optionally beside the image region they ground
+in), clustered with faiss k-means, and each cluster is named by the transcript word its segments
+overlap most. Audio alone is the default: on the val split it gave purer clusters at every k tried
+(docs/grounding.md).
 """
 
 from __future__ import annotations
@@ -389,7 +391,7 @@ class SegmentPool:
     half_width: int
 
 
-def collect_segments(model, manifest: Manifest, *, half_width: int = 1, batch_size: int = 32,
+def collect_segments(model, manifest: Manifest, *, half_width: int = 0, batch_size: int = 32,
                      limit: int | None = None, progress: bool = True) -> SegmentPool:
     """The segments around every grounding peak of ``manifest``'s first ``limit`` pairs (default all);
     half_width: audio frames either side of a peak in its segment."""
@@ -408,7 +410,7 @@ def collect_segments(model, manifest: Manifest, *, half_width: int = 1, batch_si
     return SegmentPool(segments, torch.cat(features), pairs, half_width)
 
 
-def cluster_segments(pool: SegmentPool, clusters: int, *, keep: float = 0.5, image_weight: float = 1.0,
+def cluster_segments(pool: SegmentPool, clusters: int, *, keep: float = 0.5, image_weight: float = 0.0,
                      seed: int = 0) -> Discovery:
     """Keep the strongest ``keep`` share (0 < keep <= 1) of the pool's segments by grounding score and
     cluster them into ``clusters`` with k-means on [audio, image_weight * image] features (0 = the
@@ -437,8 +439,8 @@ def discover_concepts(
     clusters: int,
     *,
     keep: float = 0.5,
-    half_width: int = 1,
-    image_weight: float = 1.0,
+    half_width: int = 0,
+    image_weight: float = 0.0,
     batch_size: int = 32,
     limit: int | None = None,
     seed: int = 0,
