@@ -64,7 +64,7 @@ def miss_breakdown(manifest: Manifest, trials: list[PointingTrial]) -> dict[str,
     return counts
 
 
-def example_picture(model, manifest: Manifest, trials: list[PointingTrial], count: int) -> Image.Image:
+def example_picture(model, manifest: Manifest, trials: list[PointingTrial], count: int, reduce: str) -> Image.Image:
     """A grid of ``count`` mentions, the first hits and (a third of the grid) the first misses:
     heatmap over the image, the object's box in white, the peak as a cross (green hit, red miss)."""
     by_uttid = {e.uttid: e for e in manifest.entries}
@@ -76,7 +76,7 @@ def example_picture(model, manifest: Manifest, trials: list[PointingTrial], coun
         image = load_image(manifest.image_path(entry))
         audio = encode_audio_map(model, load_audio(manifest.audio_path(entry), model.config.audio.sample_rate))
         first, last = span_frames((t.start_seconds, t.end_seconds), audio.shape[0], model.audio_frame_seconds)
-        heat, _, _ = normalize_heatmap(span_heatmap(encode_whole_image(model, image), audio, first, last))
+        heat, _, _ = normalize_heatmap(span_heatmap(encode_whole_image(model, image), audio, first, last, reduce))
         picture = overlay_heatmap(image, heat)
         draw = ImageDraw.Draw(picture)
         draw.rectangle([t.bbox[0], t.bbox[1], t.bbox[2] - 1, t.bbox[3] - 1], outline="white", width=2)
@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="model checkpoint (default: the shipped model)")
     parser.add_argument("--manifest", default="/work/data/corpus/val.json")
     parser.add_argument("--limit", type=int, default=None, help="only the first N pairs")
+    parser.add_argument("--reduce", choices=["max", "mean"], default="max",
+                        help="a region's heat over the mention's frames: max (the service's heatmap) or mean")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="bench/out/pointing.json")
     parser.add_argument("--examples", default=None, help="PNG of example mentions to write")
@@ -102,10 +104,11 @@ def main() -> None:
     model = create_model(args.checkpoint)
     manifest = load_manifest(args.manifest)
     started = time.perf_counter()
-    report = pointing_game(model, manifest, batch_size=args.batch_size, limit=args.limit)
+    report = pointing_game(model, manifest, reduce=args.reduce, batch_size=args.batch_size, limit=args.limit)
     elapsed = time.perf_counter() - started
     summary = {
         **report.summary,
+        "reduce": args.reduce,
         "checkpoint": args.checkpoint or "shipped default",
         "model_version": model.version,
         "manifest": args.manifest,
@@ -120,7 +123,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(summary, indent=2))
     if args.examples:
         Path(args.examples).parent.mkdir(parents=True, exist_ok=True)
-        picture = example_picture(model, manifest, report.trials, args.example_count)
+        picture = example_picture(model, manifest, report.trials, args.example_count, args.reduce)
         picture.quantize(128).save(args.examples, optimize=True)  # a palette keeps the docs' pictures small
         print(f"wrote {args.examples}")
 

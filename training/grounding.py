@@ -163,8 +163,11 @@ class PointingTrial:
     random_hit_rate: float
 
 
-def point_mentions(pair: GroundingPair, entry: Entry, frame_seconds: float) -> tuple[list[PointingTrial], int]:
-    """Localize every mention of ``entry`` in ``pair``'s maps -> (trials, objects with no mention found)."""
+def point_mentions(pair: GroundingPair, entry: Entry, frame_seconds: float,
+                   reduce: str = "max") -> tuple[list[PointingTrial], int]:
+    """Localize every mention of ``entry`` in ``pair``'s maps -> (trials, objects with no mention found).
+
+    reduce: how a region's heat gathers the mention's frames, "max" (the service's heatmap) or "mean"."""
     mentions, missing = object_mentions(entry)
     trials = []
     frames = pair.audio.shape[0]
@@ -173,7 +176,7 @@ def point_mentions(pair: GroundingPair, entry: Entry, frame_seconds: float) -> t
             missing += 1
             continue
         first, last = span_frames((m.start, m.end), frames, frame_seconds)
-        x, y = heatmap_peak(span_heatmap(pair.image_map, pair.audio, first, last), pair.box)
+        x, y = heatmap_peak(span_heatmap(pair.image_map, pair.audio, first, last, reduce), pair.box)
         trials.append(
             PointingTrial(
                 uttid=entry.uttid,
@@ -232,13 +235,14 @@ class PointingReport:
     trials: list[PointingTrial]
 
 
-def pointing_game(model, manifest: Manifest, *, batch_size: int = 32, limit: int | None = None,
+def pointing_game(model, manifest: Manifest, *, reduce: str = "max", batch_size: int = 32, limit: int | None = None,
                   progress: bool = True) -> PointingReport:
-    """Play the pointing game on every object mention of ``manifest`` (first ``limit`` pairs) with ``model``."""
+    """Play the pointing game on every object mention of ``manifest`` (first ``limit`` pairs) with ``model``;
+    reduce: "max" or "mean" over each mention's frames (see point_mentions)."""
     trials: list[PointingTrial] = []
     pairs = unmatched = 0
     for pair in embed_for_grounding(model, manifest, batch_size=batch_size, limit=limit, progress=progress):
-        found, missing = point_mentions(pair, manifest.entries[pair.index], model.audio_frame_seconds)
+        found, missing = point_mentions(pair, manifest.entries[pair.index], model.audio_frame_seconds, reduce)
         trials += found
         unmatched += missing
         pairs += 1
