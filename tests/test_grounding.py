@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from encoders import create_model, save_checkpoint
 from encoders.grounding import (
     SpanOutOfRange,
     frame_grounding,
@@ -42,14 +40,6 @@ from training.grounding import (
 from training.manifest import Entry, SceneObject, Word, load_manifest
 
 FRAME = 0.16
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(path, create_model("tiny"))
-    return path
 
 
 # ---- heatmaps ------------------------------------------------------------------------------------

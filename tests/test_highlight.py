@@ -13,21 +13,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from encoders import create_model, save_checkpoint
+from encoders import create_model
 from search.cli import highlight, latency_summary, localize, pcm_chunks
 from search.client import SearchClient
 from search.engine import SearchEngine
 from search.localization import LiveHighlighter
 from search.server import ServerThread
 from training.manifest import load_manifest
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(path, create_model("tiny"))
-    return path
 
 
 @pytest.fixture(scope="module")
