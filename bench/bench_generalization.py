@@ -39,7 +39,7 @@ from encoders import create_model, load_checkpoint
 from training.augment import AugmentConfig
 from training.evaluate import evaluate
 from training.manifest import Manifest, load_manifest
-from training.train import TrainConfig, _resolve_device, train
+from training.train import TrainConfig, resolve_device, train
 
 DIRECTIONS = ("speech_to_image", "image_to_speech")
 KS = (1, 5, 10)
@@ -93,7 +93,7 @@ def run_cell(cell_dir: Path, cfg: TrainConfig, train_set: Manifest, unheard: Man
     last = run_dir / "last.pt"
     started = time.monotonic()
     train(cfg, train_set, in_engine, run_dir, resume=last if last.exists() else None, progress=progress)
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     model = create_model(last).to(device)
     result = {
         **description,

@@ -148,10 +148,10 @@ def evaluate(manifest, checkpoint, as_json, batch_size, device, skip_bad, server
     from encoders import create_model
     from training.evaluate import evaluate as run_evaluation
     from training.evaluate import format_table
-    from training.train import _resolve_device
+    from training.train import resolve_device
 
     loaded = _load_manifest_or_exit(manifest, skip_bad)
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device)
     try:
         model = create_model(checkpoint).to(torch_device)
     except (FileNotFoundError, ValueError) as exc:
@@ -194,13 +194,13 @@ def discover(manifest, checkpoint, clusters, out_dir, keep, half_width, image_we
 
     from encoders import create_model
     from training.grounding import discover_concepts, write_report
-    from training.train import _resolve_device
+    from training.train import resolve_device
 
     loaded = _load_manifest_or_exit(manifest, skip_bad)
     if not any(entry.words for entry in loaded.entries):
         raise click.ClickException(f"{manifest}: no entry has word timings ('words'); clusters could not be named")
     try:
-        model = create_model(checkpoint).to(_resolve_device(device))
+        model = create_model(checkpoint).to(resolve_device(device))
         discovery = discover_concepts(model, loaded, clusters, keep=keep, half_width=half_width,
                                       image_weight=image_weight, batch_size=batch_size, limit=max_pairs, seed=seed, progress=not as_json)
     except (FileNotFoundError, ValueError) as exc:

@@ -97,7 +97,8 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when torch sees a GPU, else the CPU; ``cuda`` without a GPU is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -126,7 +127,7 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     out_dir = Path(out_dir)
