@@ -11,7 +11,7 @@ sample, searched with ``NPROBE`` lists. NPROBE was chosen by measurement on real
 by stage 1's recall rule: on the 10,000-image bench collection (640,000 regions, nlist 3200), stage
 1's rule (recall@100 >= 0.95 for noisy stored vectors) picks nprobe 1024 and ~200 ms per query,
 while the two-stage top-10 agreement at K = 100 is 0.543 / 0.590 / 0.597 at nprobe 8 / 32 / 128
-(256 hits per frame, 60 queries) for a p50 stage 1 (SISA + region search) of 5.1 / 9.9 / 24.4 ms. Like the stage-1 file the index is
+(256 hits per frame) for ~5 / 10 / 24 ms of region search. Like the stage-1 file the index is
 derived data, named after the catalog generation it reflects (``regions-g<generation>.faiss``) and
 rebuilt by whoever finds no file of that generation.
 """
