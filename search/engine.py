@@ -1,10 +1,8 @@
 """The two-stage spoken-query search engine: a facade over the model and the indexed collections.
 
 Per query: decode the audio (checked, limited) -> log-mel -> audio map A (T, D) from the audio
-branch -> stage 1: two candidate lists, the collection's FAISS index ranking every image by
-pool(A) . pool(I) (exactly SISA), and its region index naming the images whose single regions best
-match single frames of A (what MISA rewards, which pooling can miss); the two are merged in turns up
-to ``candidates`` images -> stage 2: their stored feature maps are re-scored by MISA (and SISA)
+branch -> stage 1: the collection's FAISS index ranks every image by pool(A) . pool(I), which is
+exactly SISA -> stage 2: the best ``candidates`` images' stored feature maps are re-scored by MISA
 through ``encoders.matchmap.score_matrix`` (on CUDA when the engine runs there) -> the best
 ``top_k`` by MISA. The engine is synchronous and keeps no per-request state; ``search.server``
 calls it from one model thread, batching concurrent queries through :meth:`SearchEngine.search_batch`.
@@ -17,7 +15,6 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +34,6 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 COLLECTION_REFRESH_SECONDS = 2.0
 # Queries batched into one audio-branch pass may be padded by at most this share of their true frames.
 PADDING_BUDGET = 0.2
-# Stage 1's region candidates: each query frame's nearest stored regions vote for their images.
-# Measured on the 10,000-image bench (K = 100, region nprobe 32): top-10 agreement 0.527 / 0.590 at
-# 64 / 256 hits per frame, for 7.6 / 9.9 ms of stage 1.
-REGION_HITS_PER_FRAME = 256
 
 
 def resolve_device(device: str) -> torch.device:
@@ -138,13 +131,6 @@ def length_groups(lengths: Sequence[int], max_padding: float = PADDING_BUDGET) -
         else:
             groups.append([i])
     return groups
-
-
-def merge_candidates(first: np.ndarray, second: np.ndarray, limit: int) -> np.ndarray:
-    """Two ranked id lists (-1 pads ignored) -> (<= limit,) int64 ids taken in turns, best first, no repeats."""
-    lists = [[int(i) for i in ids if i >= 0] for ids in (first, second)]
-    merged = dict.fromkeys(i for pair in zip_longest(*lists, fillvalue=-1) for i in pair if i >= 0)
-    return np.fromiter(merged, dtype=np.int64, count=len(merged))[:limit]
 
 
 def center_crop_box(width: int, height: int, resize_size: int, input_size: int) -> tuple[float, float, float, float]:
@@ -312,7 +298,7 @@ class SearchEngine:
             try:
                 coll = self.collection(name)
                 stage1_started = time.perf_counter()
-                _, stage1_ids = coll.search_stage1(np.ascontiguousarray(pooled[members]), candidates)
+                stage1_scores, stage1_ids = coll.search_stage1(np.ascontiguousarray(pooled[members]), candidates)
                 stage1_ms = _ms_since(stage1_started)
             except (LookupError, ValueError) as error:
                 for i in members:
@@ -321,14 +307,9 @@ class SearchEngine:
             for row, i in enumerate(members):
                 q = queries[i]
                 try:
-                    frames = audio[i, : int(lengths[i])]
-                    regions_started = time.perf_counter()
-                    region_ids = coll.region_candidates(
-                        frames.float().cpu().numpy(), REGION_HITS_PER_FRAME, candidates
+                    hits, stage2_ms, reranked = self._rerank(
+                        coll, audio[i, : int(lengths[i])], stage1_ids[row], stage1_scores[row], q.top_k
                     )
-                    ids = merge_candidates(region_ids, stage1_ids[row], candidates)
-                    regions_ms = _ms_since(regions_started)
-                    hits, stage2_ms, reranked = self._rerank(coll, frames, ids, q.top_k)
                 except (LookupError, ValueError) as error:
                     results[i] = error
                     continue
@@ -342,27 +323,29 @@ class SearchEngine:
                         "decode": q.audio.decode_ms,
                         "queue": 1000 * queue_seconds[i] if queue_seconds is not None else 0.0,
                         "encode": encode_ms,
-                        "stage1": stage1_ms + regions_ms,
+                        "stage1": stage1_ms,
                         "stage2": stage2_ms,
                     },
                 )
         return results  # type: ignore[return-value]
 
-    def _rerank(self, coll: Collection, audio: Tensor, ids: np.ndarray, top_k: int) -> tuple[list[Hit], float, int]:
-        """Stage 2 for one query. audio: (T, D) true frames; ids: (K,) candidate image ids.
+    def _rerank(
+        self, coll: Collection, audio: Tensor, ids: np.ndarray, stage1_scores: np.ndarray, top_k: int
+    ) -> tuple[list[Hit], float, int]:
+        """Stage 2 for one query. audio: (T, D) true frames; ids, stage1_scores: (K,) with -1 pads.
 
-        Returns the top_k hits by MISA (each with its SISA), the stage's milliseconds and how many
-        candidates it scored.
+        Returns the top_k hits by MISA, the stage's milliseconds and how many candidates it scored.
         """
         started = time.perf_counter()
+        valid = ids >= 0
+        ids, stage1_scores = ids[valid], stage1_scores[valid]
         if ids.size == 0:
             return [], _ms_since(started), 0
         maps = torch.from_numpy(np.asarray(coll.feature_maps(ids.tolist()))).to(self.device)  # (K, R, D)
         lengths = torch.tensor([audio.shape[0]], device=self.device)
-        scores = score_matrix(audio.unsqueeze(0).float(), lengths, maps.float(), kinds=("misa", "sisa"))
-        misa = scores["misa"][0]
+        misa = score_matrix(audio.unsqueeze(0).float(), lengths, maps.float(), kinds=("misa",))["misa"][0]
         order = torch.argsort(misa, descending=True, stable=True)[:top_k].cpu().numpy()
-        misa, stage1_scores = misa.cpu().numpy(), scores["sisa"][0].cpu().numpy()
+        misa = misa.cpu().numpy()
         stage2_ms = _ms_since(started)
         best = ids[order]
         uris = {record.id: record.uri for record in coll.images(best.tolist())}
@@ -432,6 +415,5 @@ __all__ = [
     "SearchResult",
     "center_crop_box",
     "length_groups",
-    "merge_candidates",
     "resolve_device",
 ]

@@ -33,7 +33,7 @@ from indexer import Library
 from protos.matchmap.v1 import search_pb2, search_pb2_grpc
 from search.cli import query
 from search.client import PcmAudio, SearchClient, SearchServiceError, ServerUnreachable
-from search.engine import SearchEngine, merge_candidates
+from search.engine import SearchEngine
 from search.remote_eval import remote_recall
 from search.server import ServerOptions, ServerThread
 from training.manifest import load_manifest
@@ -153,37 +153,6 @@ def test_two_stage_over_the_whole_collection_equals_exhaustive_misa_and_sisa(cli
         np.testing.assert_allclose(got_misa, expected["misa"][i, want].numpy(), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(got_sisa, expected["sisa"][i, want].numpy(), rtol=1e-3, atol=1e-5)
         np.testing.assert_allclose(got_sisa, sisa_from_pooled[i, want].numpy(), rtol=1e-3, atol=1e-5)
-
-
-def test_merge_candidates_takes_turns_skips_pads_and_repeats_and_stops_at_the_limit():
-    region, sisa = np.array([3, 1, -1]), np.array([1, 5, 7, 9])
-    assert merge_candidates(region, sisa, 4).tolist() == [3, 1, 5, 7]
-    assert merge_candidates(region, sisa, 10).tolist() == [3, 1, 5, 7, 9]
-    assert merge_candidates(np.array([], dtype=np.int64), sisa, 2).tolist() == [1, 5]
-
-
-def test_candidates_are_the_sisa_and_region_lists_merged_and_rescored_exactly(engine, model, val, tiny_corpus):
-    ids, maps = stored_maps(engine, COLLECTION, image_paths(val, load_manifest(tiny_corpus / "train.json")))
-    coll = engine.collection(COLLECTION)
-    wavs = [val.audio_path(e) for e in val.entries[:3]]
-    audio, lengths = offline_audio_maps(model, wavs)
-    expected = score_matrix(audio, lengths, maps, kinds=("misa", "sisa"))
-    position = {int(image_id): j for j, image_id in enumerate(ids)}
-    for i, wav in enumerate(wavs):
-        result = engine.search(wav.read_bytes(), COLLECTION, top_k=6, candidates=6)
-        got = [h.image_id for h in result.hits]
-        assert result.candidates == 6 and len(got) == len(set(got)) == 6
-        frames = audio[i, : int(lengths[i])].numpy()
-        _, sisa_top = coll.search_stage1(pool_audio(audio[i : i + 1], lengths[i : i + 1]).numpy(), 1)
-        region_top = coll.region_candidates(frames, per_frame=16, limit=1)
-        # top_k = candidates, so every candidate is a hit: both lists' best must be among them
-        assert {int(sisa_top[0, 0]), int(region_top[0])} <= set(got)
-        want = [position[g] for g in got]
-        np.testing.assert_allclose([h.score for h in result.hits], expected["misa"][i, want].numpy(), rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(
-            [h.stage1_score for h in result.hits], expected["sisa"][i, want].numpy(), rtol=1e-3, atol=1e-5
-        )
-        assert [h.score for h in result.hits] == sorted((h.score for h in result.hits), reverse=True)
 
 
 def test_raw_pcm_and_the_encoded_file_give_the_same_hits(client, caption_wav):
