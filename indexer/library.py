@@ -36,7 +36,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
-from indexer import region_index, stage1_index
+from indexer import stage1_index
 from indexer.catalog import (
     STATUS_FAILED,
     STATUS_INDEXED,
@@ -207,7 +207,6 @@ class Collection:
         )
         self._table = _SlotTable(*library._live_slots(session, row.id))
         self._index = self._load_or_rebuild_index()
-        self._regions: faiss.Index | None = None  # the region index, loaded or built on first use
 
     # -- the public, read-only view -------------------------------------------------------------
     @property
@@ -281,34 +280,6 @@ class Collection:
                 f"got shape {queries.shape}"
             )
         return stage1_index.search(self._index, queries, k)
-
-    def region_candidates(self, audio_frames: np.ndarray, per_frame: int, limit: int) -> np.ndarray:
-        """audio_frames (T, D) float32 true query frames -> up to ``limit`` image ids (int64), best first.
-
-        The images owning each frame's ``per_frame`` nearest stored regions, ranked by the sum over
-        frames of their best hit region's inner product (how many frames hit them, how strongly): the
-        candidates MISA favours. The region index is loaded (or built from the feature store and saved
-        for this generation) on the first call.
-        """
-        frames = np.asarray(audio_frames)
-        if frames.ndim != 2 or frames.shape[1] != self.embed_dim:
-            raise ValueError(
-                f"audio_frames must be (T, {self.embed_dim}) audio frames for collection {self.name!r}, "
-                f"got shape {frames.shape}"
-            )
-        return region_index.candidates(self._region_index(), frames, self.store.layout.regions, per_frame, limit)
-
-    def _region_index(self) -> faiss.Index:
-        if self._regions is None:
-            regions = self.store.layout.regions
-            index = region_index.load(self.folder, self.generation)
-            if index is None or index.ntotal != self.size * regions or index.d != self.embed_dim:
-                ids, slots = self._table.arrays()
-                index = region_index.build(self.store.read_maps(slots), ids, self._row.flat_threshold)
-                if self.folder.exists():
-                    region_index.save(index, self.folder, self.generation)
-            self._regions = index
-        return self._regions
 
     def feature_maps(self, image_ids: Sequence[int]) -> np.ndarray:
         """image ids (K,) -> their feature maps (K, R, D) float16, R = rows * cols, in one batched store read.
@@ -392,17 +363,14 @@ class Collection:
     def _added(self, ids: np.ndarray, slots: np.ndarray, pooled: np.ndarray) -> None:
         stage1_index.add_vectors(self._index, pooled, ids)
         self._table.append(ids, slots)
-        self._regions = None
 
     def _adopt(self, other: Collection) -> None:
         """Take over the state of a fresher snapshot of the same collection."""
         _copy_state(other._row, self._row)
         self.store, self._table, self._index = other.store, other._table, other._index
-        self._regions = other._regions
 
     def _removed(self, ids: np.ndarray) -> None:
         self._table.remove(ids)
-        self._regions = None
         if len(ids) and not stage1_index.remove_ids(self._index, ids):
             self._index = self._rebuild_index(self._row.index_type, self._row.index_params)[0]
 

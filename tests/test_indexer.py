@@ -16,7 +16,6 @@ import time
 import uuid
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -366,63 +365,6 @@ def test_ivf_is_chosen_above_the_threshold_and_recorded(library, model, images):
     removed = all_ids(collection)[:2]
     collection.remove_images(removed.tolist())
     assert not set(removed) & set(all_ids(library.collection("big")))
-
-
-def strongest_region(collection, image_ids: np.ndarray) -> tuple[int, np.ndarray]:
-    """(owner image id, vector (D,) float32) of the largest-norm region among ``image_ids``' stored maps.
-
-    Among the inner products of such a vector v with the stored regions, v . v is the largest, so a
-    frame equal to it has that region as its nearest one.
-    """
-    maps = collection.feature_maps(image_ids).astype(np.float32)  # (N, R, D)
-    norms = np.linalg.norm(maps, axis=2)
-    image, region = np.unravel_index(int(np.argmax(norms)), norms.shape)
-    return int(image_ids[image]), maps[image, region]
-
-
-@pytest.mark.parametrize("flat_threshold", [None, 12])  # region index flat (default) or IVF (tuned nprobe)
-def test_region_candidates_find_the_image_whose_region_matches_a_frame(library, model, images, flat_threshold):
-    library.index("photos", [str(images[0].parent)], model, flat_threshold=flat_threshold, progress=False)
-    collection = library.collection("photos")
-    owner, vector = strongest_region(collection, all_ids(collection))
-    noise = np.random.default_rng(3).standard_normal((2, collection.embed_dim)).astype(np.float32) * 0.01
-    frames = np.vstack([noise[:1], vector[None], noise[1:]])  # (T=3, D), only frame 1 matches a region well
-    found = collection.region_candidates(frames, per_frame=4, limit=5)
-    assert found[0] == owner
-    assert len(found) == len(set(found.tolist())) <= 5
-    assert set(found.tolist()) <= set(all_ids(collection).tolist())
-    [saved] = collection.folder.glob("regions-g*.faiss")
-    assert saved.name.endswith(f"{collection.generation:012d}.faiss")
-    assert type(faiss.read_index(str(saved))).__name__ == ("IndexIVFFlat" if flat_threshold else "IndexIDMap2")
-    with pytest.raises(ValueError, match=r"audio_frames must be \(T, 256\)"):
-        collection.region_candidates(frames[:, :10], per_frame=4, limit=5)
-
-
-def test_region_index_is_rebuilt_after_adding_and_removing_images(library, model, images):
-    library.index("photos", [str(p) for p in images[:8]], model, progress=False)
-    first = library.collection("photos")
-    first_owner, first_vector = strongest_region(first, all_ids(first))
-    assert first.region_candidates(first_vector[None], per_frame=4, limit=3)[0] == first_owner
-
-    library.index("photos", [str(images[0].parent)], model, progress=False)  # 16 more images
-    grown = library.collection("photos")
-    added = np.setdiff1d(all_ids(grown), all_ids(first))
-    owner, vector = strongest_region(grown, added)
-    found = grown.region_candidates(vector[None], per_frame=4, limit=grown.size)
-    assert owner in found.tolist()
-    [saved] = grown.folder.glob("regions-g*.faiss")  # the old generation's file was replaced
-    assert saved.name.endswith(f"{grown.generation:012d}.faiss")
-
-    grown.remove_images([owner])
-    after = library.collection("photos")
-    remaining = after.region_candidates(vector[None], per_frame=after.size, limit=after.size)
-    assert owner not in remaining.tolist() and set(remaining.tolist()) <= set(all_ids(after).tolist())
-
-    saved = next(after.folder.glob("regions-g*.faiss"))
-    saved.write_bytes(saved.read_bytes()[:100])  # torn: derived data, rebuilt on the next open
-    assert library.collection("photos").region_candidates(vector[None], per_frame=4, limit=3).tolist() == (
-        after.region_candidates(vector[None], per_frame=4, limit=3).tolist()
-    )
 
 
 def test_model_mismatch_is_refused(library, model, images):
