@@ -40,7 +40,7 @@ def plot_learning_curves(run_dirs: Sequence[str | Path], out_png: str | Path,
     ax_loss.legend()
     ax_recall.set(xlabel="epoch", ylabel="R@10 on unheard voices", title="Validation recall@10", ylim=(0, 1))
     ax_recall.axhline(0.9, color="grey", linewidth=0.8, linestyle="--")
-    ax_recall.legend(fontsize=7, loc="lower right")
+    ax_recall.legend(fontsize=7, loc="best")
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
