@@ -110,3 +110,30 @@ def test_live_heatmaps_reach_the_last_sample_received():
         assert latest.end_seconds == pytest.approx(received / 16000, abs=1e-9)
         assert latest.end_seconds - latest.start_seconds <= 1.0 + model.audio_frame_seconds
         assert latest.heatmap.shape == model.image_grid
+
+
+def test_highlight_over_an_indexed_image_by_id(checkpoint, tiny_corpus, caption, tmp_path):
+    from indexer import Library
+
+    image, audio = caption
+    library_dir = tmp_path / "library"
+    with Library.open(library_dir) as library:
+        library.index("scenes", [str(image)], create_model(checkpoint), progress=False)
+        [[image_id]] = library.collection("scenes").ids_for_uris([str(image)]).values()
+    engine = SearchEngine.open(checkpoint, library_dir, device="cpu")
+    try:
+        with ServerThread(engine) as running:
+            runner = CliRunner()
+            with_picture = runner.invoke(highlight, [str(image), str(audio), "--out", str(tmp_path / "a.gif"),
+                                                     "--server", running.target, "--collection", "scenes",
+                                                     "--image-id", str(image_id), "--fast", "--json"])
+            assert with_picture.exit_code == 0, with_picture.output
+            assert json.loads(with_picture.stdout)["frames"] >= 1
+            assert Image.open(tmp_path / "a.gif").n_frames == json.loads(with_picture.stdout)["frames"]
+            unknown = runner.invoke(highlight, [str(audio), "--out", str(tmp_path / "b.gif"), "--server",
+                                                running.target, "--collection", "scenes", "--image-id", "999999",
+                                                "--fast"])
+            assert unknown.exit_code == 1
+            assert "NOT_FOUND" in unknown.output
+    finally:
+        engine.close()
