@@ -12,12 +12,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from encoders import create_model, load_checkpoint
+from encoders import create_model, load_checkpoint, weights_version
 from encoders.matchmap import score_matrix
 from training.evaluate import recall_at_k
 from training.losses import SampledMarginRankingLoss, SymmetricInfoNCELoss
 from training.manifest import load_manifest
-from training.train import TrainConfig, train, weights_digest
+from training.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,8 +129,8 @@ def test_torchrun_two_cpu_processes_keep_identical_weights_and_learn(tiny_corpus
            "--lr", "3e-3", "--augment", "none", "--device", "cpu"]
     subprocess.run(cmd, check=True, env=env, cwd=REPO, timeout=420, capture_output=True)
     replicas = [json.loads((run / f"replica-{rank}.json").read_text()) for rank in (0, 1)]
-    assert replicas[0]["weights_digest"] == replicas[1]["weights_digest"]
+    assert replicas[0]["weights_version"] == replicas[1]["weights_version"]
     model = create_model(run / "last.pt")
-    assert weights_digest(model) == replicas[0]["weights_digest"]
+    assert weights_version(model) == replicas[0]["weights_version"]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < records[0]["loss"]

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from encoders import create_model, load_checkpoint, save_checkpoint
+from encoders import create_model, load_checkpoint, save_checkpoint, weights_version
 from encoders.matchmap import score_matrix
 from training.augment import AugmentConfig
 from training.data import Batch, CaptionedImages, collate
@@ -88,15 +88,6 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:6], "little")
 
 
-def weights_digest(model: nn.Module) -> str:
-    """A short hash of every parameter and buffer: equal digests mean bit-identical weights."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when torch sees a GPU, else the CPU; ``cuda`` without a GPU is an error."""
     if name == "auto":
@@ -121,7 +112,7 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
     """Train, evaluating on ``val_manifest`` after every epoch; returns the run summary.
 
     Writes out_dir/last.pt (every epoch), out_dir/best.pt (best mean MISA R@10), out_dir/metrics.jsonl,
-    out_dir/summary.json and out_dir/replica-<rank>.json (each rank's final weights digest).
+    out_dir/summary.json and out_dir/replica-<rank>.json (each rank's final weights version).
     """
     rank, world, local_world = _distributed()
     if world > 1 and not dist.is_initialized():
@@ -232,7 +223,7 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
         if over_budget:
             break
 
-    (out_dir / f"replica-{rank}.json").write_text(json.dumps({"rank": rank, "weights_digest": weights_digest(model),
+    (out_dir / f"replica-{rank}.json").write_text(json.dumps({"rank": rank, "weights_version": weights_version(model),
                                                                "step": step}))
     if main_process:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
