@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 from encoders import load_audio, load_image
@@ -60,6 +60,11 @@ class CaptionedImages(Dataset):
     def __len__(self) -> int:
         return len(self.waveforms)
 
+    @property
+    def caption_samples(self) -> list[int]:
+        """Each caption's length in samples (before augmentation), for length bucketing."""
+        return [len(w) for w in self.waveforms]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         wave = torch.from_numpy(self.waveforms[index].astype(np.float32) / 32767.0)
         wave = augment_waveform(wave, self.sample_rate, self.augment)
@@ -79,3 +84,43 @@ def collate(items: Sequence[tuple[torch.Tensor, torch.Tensor, int, int]], multip
         lengths=torch.tensor(lengths, dtype=torch.long),
         indices=torch.tensor(indices, dtype=torch.long),
     )
+
+
+class LengthBucketBatchSampler(Sampler[list[int]]):
+    """Batches of captions of similar length, in random order: far less padding for the audio branch.
+
+    Each epoch is a pure function of (seed, epoch): a seeded permutation of the pairs is cut into pools
+    of ``pool_steps`` steps, each pool is sorted by caption length and cut into steps of
+    ``batch_size * world`` pairs, and the steps are shuffled. Rank r takes the r-th ``batch_size``
+    slice of every step, so under DistributedDataParallel the ranks see disjoint pairs of similar
+    length. Pairs that do not fill a last step are left out of that epoch (a different few each epoch).
+
+    On the spoken-scenes corpus, where a batch's longest caption is about twice the mean caption,
+    this roughly halves the audio branch's work per step.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int, rank: int = 0, world: int = 1,
+                 pool_steps: int = 32) -> None:
+        if batch_size < 1 or world < 1 or not 0 <= rank < world:
+            raise ValueError(f"bad batching: batch_size={batch_size}, rank={rank}, world={world}")
+        self.lengths = list(lengths)
+        self.batch_size, self.seed, self.rank, self.world, self.pool_steps = batch_size, seed, rank, world, pool_steps
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths) // (self.batch_size * self.world)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        per_step = self.batch_size * self.world
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()[: len(self) * per_step]
+        pool = per_step * self.pool_steps
+        steps = []
+        for start in range(0, len(order), pool):
+            chunk = sorted(order[start : start + pool], key=lambda i: (self.lengths[i], i))
+            steps += [chunk[s : s + per_step] for s in range(0, len(chunk), per_step)]
+        for s in torch.randperm(len(steps), generator=generator).tolist():
+            yield steps[s][self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
