@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from encoders import create_model, load_checkpoint, weights_version
 from encoders.matchmap import score_matrix
+from training.data import LengthBucketBatchSampler
 from training.evaluate import recall_at_k
 from training.losses import SampledMarginRankingLoss, SymmetricInfoNCELoss
 from training.manifest import load_manifest
@@ -66,6 +67,29 @@ def _cfg(**overrides) -> TrainConfig:
     base = dict(model="tiny", epochs=2, batch_size=8, lr=2e-3, warmup_steps=2, seed=3, augment="speed,specaugment")
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def test_length_buckets_partition_each_step_across_ranks_and_cut_padding():
+    lengths = torch.randint(16_000, 140_000, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
+    ranks = [LengthBucketBatchSampler(lengths, 16, seed=3, rank=r, world=2) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(5)
+    steps = list(zip(*(list(s) for s in ranks), strict=True))
+    assert len(steps) == len(ranks[0]) == 1000 // 32
+    seen = [i for step in steps for batch in step for i in batch]
+    assert len(seen) == len(set(seen)) == 31 * 32  # every pair at most once per epoch, ranks disjoint
+    assert all(len(batch) == 16 for step in steps for batch in step)
+    # exact per (seed, epoch), different across epochs
+    again = LengthBucketBatchSampler(lengths, 16, seed=3, rank=0, world=2)
+    again.set_epoch(5)
+    assert list(again) == [step[0] for step in steps]
+    again.set_epoch(6)
+    assert list(again) != [step[0] for step in steps]
+    # padding: the longest caption of a batch is close to its mean, unlike random batches
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    random_batches = torch.randperm(1000, generator=torch.Generator().manual_seed(1))[: 31 * 32].view(-1, 16).tolist()
+    assert padding([b for step in steps for b in step]) < 0.2 * padding(random_batches)
 
 
 def test_resume_continues_exactly(tiny_corpus, tmp_path):

@@ -6,6 +6,8 @@ Every loss takes ``scores``: (B, B) float, scores[a, i] = similarity of caption 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +53,18 @@ class SymmetricInfoNCELoss(nn.Module):
     @property
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(-4.6, 4.6).exp()
+
+    @torch.no_grad()
+    def calibrate(self, score_std: float, logit_std: float = 1.0) -> None:
+        """Set the temperature so that scores spread by ``score_std`` give logits spread by ``logit_std``.
+
+        Raw matchmap scores of an untrained model can spread over tens of units; at scale 1 the softmax
+        is then saturated and wrong, and AdamW moves the log-scale by only about lr per step, so the
+        first epochs go to shrinking the features back to the level of chance. Calibrating on the
+        first batch removes that plateau.
+        """
+        if score_std > 0:
+            self.log_scale.fill_(math.log(logit_std / score_std))
 
     def forward(self, scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         logits = scores * self.scale

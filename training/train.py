@@ -7,6 +7,7 @@ uninterrupted run would.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from encoders import create_model, load_checkpoint, save_checkpoint, weights_version
 from encoders.matchmap import score_matrix
 from training.augment import AugmentConfig
-from training.data import Batch, CaptionedImages, collate
+from training.data import Batch, CaptionedImages, LengthBucketBatchSampler, collate
 from training.evaluate import embed_pairs, evaluate_embeddings, format_table, mean_r10
 from training.losses import make_loss
 from training.manifest import Manifest
@@ -47,6 +48,8 @@ class TrainConfig:
     seed: int = 0
     augment: str = "speed,specaugment"
     num_workers: int = 0
+    calibrate_temperature: bool = True  # set the in-batch loss temperatures from the first batch's score spread
+    bucket_by_length: bool = True  # batches of similar caption length (LengthBucketBatchSampler): less padding
     max_minutes: float | None = None  # wall-clock budget: the run stops after the epoch that crosses it
     device: str = "auto"
 
@@ -57,23 +60,53 @@ class TrainConfig:
 
 
 class PairObjective(nn.Module):
-    """Model + loss as one module, so DistributedDataParallel sees a single forward and syncs both."""
+    """Model + losses as one module, so DistributedDataParallel sees a single forward and syncs them all.
 
-    def __init__(self, model: nn.Module, loss: nn.Module, sisa_weight: float) -> None:
+    The MISA loss and the SISA loss (weighted by ``sisa_weight``) are separate instances of the same
+    loss, so each score kind has its own temperature where the loss has one.
+    """
+
+    def __init__(self, model: nn.Module, loss: nn.Module, sisa_weight: float, sisa_loss: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.loss = loss
+        # (None without a SISA term: DistributedDataParallel refuses parameters that never get a gradient)
+        self.sisa_loss = (sisa_loss or copy.deepcopy(loss)) if sisa_weight > 0 else None
         self.sisa_weight = sisa_weight
 
-    def forward(self, images: torch.Tensor, logmel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return ("misa", "sisa") if self.sisa_weight > 0 else ("misa",)
+
+    def scores(self, images: torch.Tensor, logmel: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         image_maps = self.model.encode_images(images)
         audio, out_lengths = self.model.encode_audio(logmel, lengths)
-        kinds = ("misa", "sisa") if self.sisa_weight > 0 else ("misa",)
-        scores = score_matrix(audio, out_lengths, image_maps, kinds=kinds)
+        return score_matrix(audio, out_lengths, image_maps, kinds=self.kinds)
+
+    def forward(self, images: torch.Tensor, logmel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        scores = self.scores(images, logmel, lengths)
         total = self.loss(scores["misa"])
         if self.sisa_weight > 0:
-            total = total + self.sisa_weight * self.loss(scores["sisa"])
+            total = total + self.sisa_weight * self.sisa_loss(scores["sisa"])
         return total
+
+    @torch.no_grad()
+    def calibrate(self, images: torch.Tensor, logmel: torch.Tensor, lengths: torch.Tensor, world: int = 1) -> dict:
+        """Set each loss's temperature from the spread of its scores on one batch (see
+        ``SymmetricInfoNCELoss.calibrate``); under torchrun the spread is averaged over ranks so every
+        replica starts from the same temperature. Returns {kind: score std}."""
+        scores = self.scores(images, logmel, lengths)
+        spreads = {}
+        for kind, loss in (("misa", self.loss), ("sisa", self.sisa_loss)):
+            if kind not in scores or loss is None or not hasattr(loss, "calibrate"):
+                continue
+            std = scores[kind].float().std()
+            if world > 1:
+                dist.all_reduce(std)
+                std = std / world
+            loss.calibrate(float(std))
+            spreads[kind] = float(std)
+        return spreads
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -134,13 +167,18 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
     augment = AugmentConfig.from_names(cfg.augment)
     train_set = CaptionedImages(train_manifest, model, train=True, augment=augment, progress=progress and main_process)
     val_set = CaptionedImages(val_manifest, model, train=False, progress=progress and main_process) if main_process else None
-    if world > 1:
-        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
-                                     drop_last=True)
+    if cfg.bucket_by_length:
+        sampler = LengthBucketBatchSampler(train_set.caption_samples, cfg.batch_size, seed=cfg.seed, rank=rank,
+                                           world=world)
+        loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
     else:
-        sampler = RandomSampler(train_set, generator=torch.Generator())
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
-                        num_workers=cfg.num_workers, persistent_workers=False)
+        if world > 1:
+            sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                         drop_last=True)
+        else:
+            sampler = RandomSampler(train_set, generator=torch.Generator())
+        loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+                            drop_last=True, num_workers=cfg.num_workers, persistent_workers=False)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"the training manifest has {len(train_set)} pairs, fewer than one batch of "
@@ -153,9 +191,18 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         loss_fn.load_state_dict(state["extra"]["loss_state"])
+        if "sisa_loss_state" in state["extra"] and objective.sisa_loss is not None:
+            objective.sisa_loss.load_state_dict(state["extra"]["sisa_loss_state"])
         start_epoch, step = state["epoch"], state["step"]
         best = state["extra"].get("best_mean_r10", -1.0)
         history = state["extra"].get("history", [])
+    if state is None and cfg.calibrate_temperature:
+        first = next(iter(loader)).to(device)
+        objective.train()
+        calibration = objective.calibrate(first.images, first.logmel, first.lengths, world)
+        if main_process and progress and calibration:
+            tqdm.write("initial score spread " + ", ".join(f"{k.upper()} {v:.3g}" for k, v in calibration.items())
+                       + ": temperatures set for unit-spread logits")
     trainable = DistributedDataParallel(objective) if world > 1 else objective
 
     metrics_path = out_dir / "metrics.jsonl"
@@ -164,10 +211,10 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
     for epoch in range(start_epoch, cfg.epochs):
         epoch_seed = _epoch_seed(cfg.seed, epoch)
         torch.manual_seed(epoch_seed + rank)
-        if world > 1:
-            sampler.set_epoch(epoch)
-        else:
+        if isinstance(sampler, RandomSampler):
             sampler.generator.manual_seed(epoch_seed)
+        else:
+            sampler.set_epoch(epoch)
         objective.train()
         epoch_start, seen, loss_sum, step_losses = time.monotonic(), 0, 0.0, []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not (progress and main_process))
@@ -201,7 +248,9 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
             history.append({k: v for k, v in record.items() if k != "step_losses"})
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            extra = {"train_config": asdict(cfg), "loss_state": loss_fn.state_dict(), "history": history,
+            extra = {"train_config": asdict(cfg), "loss_state": loss_fn.state_dict(),
+                     "sisa_loss_state": objective.sisa_loss.state_dict() if objective.sisa_loss else None,
+                     "history": history,
                      "best_mean_r10": max(best, score), "val_result": result}
             save_checkpoint(out_dir / "last.pt", model, optimizer=optimizer, scheduler=scheduler, step=step,
                             epoch=epoch + 1, extra=extra)
