@@ -289,6 +289,13 @@ class Collection:
         slots = self._table.slots_of(np.asarray(image_ids, dtype=np.int64).reshape(-1), self.name)
         return self.store.read_maps(slots)
 
+    def iter_feature_maps(self, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every indexed image's feature map, in id order: (ids (b,) int64, maps (b, R, D) float16) per
+        batch of at most ``batch`` images (for loading a collection's maps into memory)."""
+        ids, slots = self._table.arrays()
+        for start in range(0, len(ids), batch):
+            yield ids[start : start + batch], self.store.read_maps(slots[start : start + batch])
+
     def images(self, image_ids: Sequence[int]) -> list[ImageRecord]:
         """The catalog rows of ``image_ids``, in the order asked, in one query; KeyError for unknown ids."""
         ids = [int(i) for i in image_ids]

@@ -48,6 +48,10 @@ EXIT_OK, EXIT_QUERY_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 @click.option("--candidates", "default_candidates", type=click.IntRange(min=1), default=100,
               help="Stage-1 candidates re-ranked by MISA when a query does not say.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, help="Most queries encoded in one forward pass.")
+@click.option("--resident-maps-mb", type=click.FloatRange(min=0), default=4096.0, show_default=True,
+              help="Memory for holding collections' feature maps (about 32 KB per image with the tiny model) "
+                   "so stage 2 can re-rank thousands of candidates; a collection that does not fit is read "
+                   "from its store per query. 0 = never hold them.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def serve(
     data_dir: Path | None,
@@ -63,6 +67,7 @@ def serve(
     max_message_mb: float,
     default_candidates: int,
     max_batch: int,
+    resident_maps_mb: float,
     log_level: str,
 ) -> None:
     """Run the gRPC spoken-query search service until SIGTERM / SIGINT.
@@ -86,17 +91,21 @@ def serve(
             max_audio_seconds=max_audio_seconds,
             default_candidates=default_candidates,
             max_candidates=max(default_candidates, SearchLimits.max_candidates),
+            resident_maps_mb=resident_maps_mb,
         )
         engine = SearchEngine.open(checkpoint, data_dir, db_url, device=device, limits=limits)
+        engine.warm_up()
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         raise click.ClickException(str(error)) from error
 
     def ready(bound_port: int) -> None:
         names = [info.name for info, searchable in engine.list_collections() if searchable]
+        resident = engine.resident_bytes()
         click.echo(
             f"matchmap serve: listening on {host}:{bound_port} ({'TLS' if tls_cert else 'plaintext'}"
             f"{', token required' if token else ''}); model {engine.model_version} on {engine.device}; "
-            f"collections: {', '.join(names) if names else 'none yet'}",
+            f"collections: {', '.join(names) if names else 'none yet'}; feature maps in memory: "
+            f"{sum(resident.values()) / 2**20:.0f} MB ({len(resident)} of {len(names)} collections)",
             err=True,
         )
 

@@ -27,6 +27,7 @@ from indexer import Collection, CollectionInfo, Library
 from search.audio import check_sample_rate, decode_audio
 from search.errors import ImageNotFound, InvalidQuery, QueryOutOfRange
 from search.localization import LiveHighlighter, Localization, encode_whole_image, localize
+from search.resident import ResidentMaps
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # An opened collection is a snapshot; after this many seconds the next query asks the catalog
@@ -56,12 +57,21 @@ class SearchLimits:
     max_top_k: int = 1000
     default_candidates: int = 100  # stage-1 candidates re-ranked by MISA
     max_candidates: int = 10_000
+    resident_maps_mb: float = 4096.0  # memory for collections' feature maps held in memory (0 = read from the store)
+    # With resident maps, stage 2 scores every candidate in bfloat16, then re-scores exactly (float32,
+    # from the store) the best max(exact_rescore_at_least, exact_rescore_factor * top_k), which it ranks.
+    exact_rescore_at_least: int = 64
+    exact_rescore_factor: int = 4
 
     def __post_init__(self) -> None:
         if not self.max_audio_seconds > 0:
             raise ValueError(f"max_audio_seconds must be > 0, got {self.max_audio_seconds}")
         if not 1 <= self.default_top_k <= self.max_top_k:
             raise ValueError(f"need 1 <= default_top_k <= max_top_k, got {self.default_top_k}, {self.max_top_k}")
+        if self.exact_rescore_at_least < 1 or self.exact_rescore_factor < 1:
+            raise ValueError("exact_rescore_at_least and exact_rescore_factor must be >= 1")
+        if not self.resident_maps_mb >= 0:
+            raise ValueError(f"resident_maps_mb must be >= 0, got {self.resident_maps_mb}")
         if not 1 <= self.default_candidates <= self.max_candidates:
             raise ValueError(
                 f"need 1 <= default_candidates <= max_candidates, got {self.default_candidates}, "
@@ -154,6 +164,7 @@ class SearchEngine:
         self.library = library
         self.limits = limits or SearchLimits()
         self._collections: dict[str, tuple[Collection, float]] = {}  # name -> (snapshot, last checked)
+        self._resident: dict[str, ResidentMaps] = {}  # name -> maps of the snapshot in _collections
         self._lock = threading.Lock()
 
     @classmethod
@@ -204,7 +215,26 @@ class SearchEngine:
             coll = self.library.collection(name)
             coll.check_model(self.model)
             self._collections[name] = (coll, now)
+            self._load_resident(coll)
             return coll
+
+    def _load_resident(self, coll: Collection) -> None:
+        """Hold ``coll``'s feature maps in memory if they fit the budget (replacing an older snapshot's)."""
+        self._resident.pop(coll.name, None)
+        used = sum(r.nbytes for r in self._resident.values())
+        if used + ResidentMaps.bytes_for(coll) <= self.limits.resident_maps_mb * 2**20 and coll.size > 0:
+            self._resident[coll.name] = ResidentMaps.load(coll, device=self.device)
+
+    def warm_up(self) -> list[str]:
+        """Open every collection this model can search (and load its maps), so first queries are not slow."""
+        names = [info.name for info, searchable in self.list_collections() if searchable]
+        for name in names:
+            self.collection(name)
+        return names
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Collection name -> bytes of its feature maps held in memory."""
+        return {name: r.nbytes for name, r in self._resident.items()}
 
     def list_collections(self) -> list[tuple[CollectionInfo, bool]]:
         """Every collection in the library, each with whether this engine's model can search it."""
@@ -341,9 +371,19 @@ class SearchEngine:
         ids, stage1_scores = ids[valid], stage1_scores[valid]
         if ids.size == 0:
             return [], _ms_since(started), 0
-        maps = torch.from_numpy(np.asarray(coll.feature_maps(ids.tolist()))).to(self.device)  # (K, R, D)
+        scored = int(ids.size)
         lengths = torch.tensor([audio.shape[0]], device=self.device)
-        misa = score_matrix(audio.unsqueeze(0).float(), lengths, maps.float(), kinds=("misa",))["misa"][0]
+        query = audio.unsqueeze(0).float()
+        resident = self._resident.get(coll.name)
+        refine = max(self.limits.exact_rescore_at_least, self.limits.exact_rescore_factor * top_k)
+        if resident is not None and resident.generation == coll.generation and ids.size > refine:
+            # bfloat16 MISA over every candidate from memory, then the best `refine` exactly (below)
+            coarse = score_matrix(query, lengths, resident.gather(ids), kinds=("misa",),
+                                  compute_dtype=resident.maps.dtype)["misa"][0]
+            keep = torch.topk(coarse, refine).indices.cpu().numpy()
+            ids, stage1_scores = ids[keep], stage1_scores[keep]
+        maps = torch.from_numpy(np.asarray(coll.feature_maps(ids.tolist()))).to(self.device)  # (K, R, D)
+        misa = score_matrix(query, lengths, maps.float(), kinds=("misa",))["misa"][0]
         order = torch.argsort(misa, descending=True, stable=True)[:top_k].cpu().numpy()
         misa = misa.cpu().numpy()
         stage2_ms = _ms_since(started)
@@ -351,7 +391,7 @@ class SearchEngine:
         uris = {record.id: record.uri for record in coll.images(best.tolist())}
         hits = [Hit(int(best[j]), uris.get(int(best[j]), ""), float(misa[k]), float(stage1_scores[k]))
                 for j, k in enumerate(order)]
-        return hits, stage2_ms, int(ids.size)
+        return hits, stage2_ms, scored
 
     # ---- localization ------------------------------------------------------------------------
 

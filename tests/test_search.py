@@ -33,7 +33,7 @@ from indexer import Library
 from protos.matchmap.v1 import search_pb2, search_pb2_grpc
 from search.cli import query
 from search.client import PcmAudio, SearchClient, SearchServiceError, ServerUnreachable
-from search.engine import SearchEngine
+from search.engine import SearchEngine, SearchLimits
 from search.remote_eval import remote_recall
 from search.server import ServerOptions, ServerThread
 from training.manifest import load_manifest
@@ -153,6 +153,30 @@ def test_two_stage_over_the_whole_collection_equals_exhaustive_misa_and_sisa(cli
         np.testing.assert_allclose(got_misa, expected["misa"][i, want].numpy(), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(got_sisa, expected["sisa"][i, want].numpy(), rtol=1e-3, atol=1e-5)
         np.testing.assert_allclose(got_sisa, sisa_from_pooled[i, want].numpy(), rtol=1e-3, atol=1e-5)
+
+
+def test_resident_maps_rank_like_reading_the_store_and_return_exact_scores(checkpoint, data_dir, engine, model, val, tiny_corpus):
+    # bfloat16 over every candidate from memory, exact float32 over the best 10: the same top 5, same scores
+    coarse = SearchEngine.open(checkpoint, data_dir, device="cpu",
+                               limits=SearchLimits(exact_rescore_at_least=10, exact_rescore_factor=2))
+    from_store = SearchEngine.open(checkpoint, data_dir, device="cpu", limits=SearchLimits(resident_maps_mb=0))
+    try:
+        assert coarse.warm_up() == [COLLECTION]
+        size = coarse.collection(COLLECTION).size
+        rows, cols = model.image_grid
+        assert coarse.resident_bytes()[COLLECTION] == size * rows * cols * model.embed_dim * 2  # bfloat16
+        from_store.warm_up()
+        assert from_store.resident_bytes() == {}
+        for entry in val.entries[:6]:
+            data = val.audio_path(entry).read_bytes()
+            a = coarse.search(data, COLLECTION, top_k=5, candidates=size)
+            b = from_store.search(data, COLLECTION, top_k=5, candidates=size)
+            assert a.candidates == b.candidates == size
+            assert [h.image_id for h in a.hits] == [h.image_id for h in b.hits]
+            np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits], rtol=1e-6)
+    finally:
+        coarse.close()
+        from_store.close()
 
 
 def test_raw_pcm_and_the_encoded_file_give_the_same_hits(client, caption_wav):
