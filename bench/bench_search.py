@@ -7,9 +7,12 @@ On an N-image collection indexed with the given checkpoint:
      in-process (search_batch of 8 vs one at a time), free of gRPC and client threads;
   2. agreement of the two-stage top-10 (stage-1 SISA candidates, MISA re-rank) with the exhaustive
      MISA top-10 over the whole collection, at the server's default K and as a curve over K, plus
-     stage-1 recall (share of the exhaustive top-10 inside the K candidates);
+     stage-1 recall (share of the exhaustive top-10 inside the K candidates) and stage 2's median
+     milliseconds at each K (the engine as `matchmap serve` runs it: resident bfloat16 maps, exact
+     float32 re-scoring of the best few);
   3. stage-2 arithmetic: score_matrix over K candidate maps vs a plain matmul with the same
-     multiply-adds, side by side in GFLOP/s, for one query and for a batch of 8.
+     multiply-adds, side by side in GFLOP/s, for one query and for a batch of 8, in float32 and in
+     bfloat16.
 
 Images: those of --corpus (a `matchmap synth` output; its val captions are the queries), topped
 up to --images with random blocky distractor images; without --corpus, amplitude-modulated noise
@@ -217,7 +220,8 @@ def agreement_curve(engine: SearchEngine, images: list[Path], audio_bytes: list[
     rows = []
     for k in ks:
         k = min(k, coll.size)
-        results = engine.search_batch([SearchQuery(p, COLLECTION, 10, k) for p in prepared])
+        engine.search_batch([SearchQuery(prepared[0], COLLECTION, 10, k)])  # warm-up at this K
+        results = [engine.search_batch([SearchQuery(p, COLLECTION, 10, k)])[0] for p in prepared]
         overlap = identical = top1 = 0
         for i, r in enumerate(results):
             got = [h.image_id for h in r.hits]
@@ -232,6 +236,7 @@ def agreement_curve(engine: SearchEngine, images: list[Path], audio_bytes: list[
             "identical_top10": identical / len(prepared),
             "top1_agreement": top1 / len(prepared),
             "stage1_recall_of_exact_top10": float(recall),
+            "stage2_p50_ms": statistics.median(r.timings_ms["stage2"] for r in results),
         })
     return rows
 
@@ -250,16 +255,20 @@ def time_it(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def stage2_row(batch: int, k: int, frames: int, regions: int, dim: int, device: str) -> dict:
-    """score_matrix (MISA) of ``batch`` queries over k maps vs a plain matmul of the same multiply-adds."""
+def stage2_row(batch: int, k: int, frames: int, regions: int, dim: int, device: str,
+               dtype: torch.dtype = torch.float32) -> dict:
+    """score_matrix (MISA) of ``batch`` queries over k maps vs a plain matmul of the same multiply-adds,
+    both in ``dtype`` (bfloat16: the resident-maps pass of stage 2)."""
     audio = torch.randn(batch, frames, dim, device=device)
     lengths = torch.full((batch,), frames, device=device)
-    maps = torch.randn(k, regions, dim, device=device)
-    flat_audio, flat_maps = audio.reshape(batch * frames, dim), maps.reshape(k * regions, dim)
+    maps = torch.randn(k, regions, dim, device=device).to(dtype)
+    flat_audio, flat_maps = audio.reshape(batch * frames, dim).to(dtype), maps.reshape(k * regions, dim)
     flops = 2 * batch * frames * k * regions * dim
-    t_score = time_it(lambda: score_matrix(audio, lengths, maps)["misa"].cpu(), 21)
+    compute = None if dtype == torch.float32 else dtype
+    t_score = time_it(lambda: score_matrix(audio, lengths, maps, compute_dtype=compute)["misa"].cpu(), 21)
     t_matmul = time_it(lambda: (flat_audio @ flat_maps.T).sum().cpu(), 21)
     return {
+        "dtype": str(dtype).removeprefix("torch."),
         "shape": f"({batch}x{frames}, {dim}) @ ({dim}, {k}x{regions})",
         "score_matrix_ms": 1000 * t_score,
         "score_matrix_gflops": flops / t_score / 1e9,
@@ -281,7 +290,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="model (default: a RANDOM tiny model)")
     parser.add_argument("--queries", type=int, default=200, help="queries per load run")
     parser.add_argument("--agreement-queries", type=int, default=100)
-    parser.add_argument("--k-curve", type=int, nargs="+", default=[10, 25, 50, 100, 200, 400, 1000])
+    parser.add_argument("--k-curve", type=int, nargs="+", default=[10, 50, 100, 250, 500, 1000, 2000, 4000, 10000])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the library here (reused by reruns)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
@@ -343,19 +352,21 @@ def main() -> None:
         )
         figures["agreement"] = agreement
         print(f"two-stage top-10 vs exhaustive MISA top-10 ({min(len(queries), args.agreement_queries)} queries):")
-        print(f"{'K':>6}  {'overlap@10':>10}  {'identical':>9}  {'top-1':>6}  {'stage-1 recall':>14}")
+        print(f"{'K':>6}  {'overlap@10':>10}  {'identical':>9}  {'top-1':>6}  {'stage-1 recall':>14}  {'stage-2 p50 ms':>14}")
         for row in agreement:
             mark = "  <- default" if row["K"] == min(default_k, size) else ""
             print(
                 f"{row['K']:>6}  {row['top10_overlap']:>10.3f}  {row['identical_top10']:>9.3f}  "
-                f"{row['top1_agreement']:>6.3f}  {row['stage1_recall_of_exact_top10']:>14.3f}{mark}"
+                f"{row['top1_agreement']:>6.3f}  {row['stage1_recall_of_exact_top10']:>14.3f}  "
+                f"{row['stage2_p50_ms']:>14.2f}{mark}"
             )
 
         frames = int(statistics.median(engine.encode([engine.prepare_audio(q).logmel])[0].shape[1] for q in queries[:32]))
         rows, cols = engine.model.image_grid
         arithmetic = {
-            f"batch_{b}": stage2_row(b, min(default_k, size), frames, rows * cols, engine.model.embed_dim, str(engine.device))
-            for b in (1, 8)
+            f"batch_{b}_{str(dtype).removeprefix('torch.')}": stage2_row(
+                b, min(default_k, size), frames, rows * cols, engine.model.embed_dim, str(engine.device), dtype)
+            for b in (1, 8) for dtype in (torch.float32, torch.bfloat16)
         }
         figures["stage2_arithmetic"] = arithmetic
         for name, a in arithmetic.items():

@@ -37,6 +37,17 @@ def test_infonce_prefers_a_matrix_with_a_dominant_diagonal():
     assert loss(noisy + 10 * torch.eye(8)).item() < loss(noisy).item() < loss(noisy - 10 * torch.eye(8)).item()
 
 
+def test_infonce_temperature_calibrates_to_unit_spread_logits_on_the_first_batch():
+    torch.manual_seed(0)
+    loss = SymmetricInfoNCELoss()
+    scores = 7.0 * torch.randn(32, 32)
+    saturated = loss(scores).item()
+    loss.calibrate(float(scores.std()))
+    assert (scores * loss.scale).std().item() == pytest.approx(1.0, rel=1e-4)
+    # near chance (ln 32 = 3.47) instead of far above it
+    assert loss(scores).item() < min(saturated, 4.5)
+
+
 def test_recall_at_k_on_a_known_ranking():
     # caption a ranks its image at position a (0-based) in speech->image
     n = 12
