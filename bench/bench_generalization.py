@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="see `matchmap train --help`")
+    parser.add_argument("--sisa-weight", type=float, default=TrainConfig.sisa_weight)
     parser.add_argument("--eval-pairs", type=int, default=None,
                         help="pairs in each evaluation (default: as many as the smaller val set has)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -175,7 +177,7 @@ def main() -> None:
         for label, augment in settings.items():
             cfg = TrainConfig(model=args.config, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               augment=augment, seed=args.seed, max_minutes=args.max_minutes, device=args.device,
-                              num_workers=args.workers)
+                              num_workers=args.workers, precision=args.precision, sisa_weight=args.sisa_weight)
             description = {"heldout": heldout, "train_engines": heard,
                            "augment_label": label, "train_pairs": len(train_set), "corpus": str(args.corpus.absolute()),
                            "train_config": dataclasses.asdict(cfg)}

@@ -103,14 +103,16 @@ def test_length_buckets_partition_each_step_across_ranks_and_cut_padding():
     assert padding([b for step in steps for b in step]) < 0.2 * padding(random_batches)
 
 
-def test_resume_continues_exactly(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("options", [{}, {"precision": "bf16", "num_workers": 1}], ids=["fp32", "bf16-worker"])
+def test_resume_continues_exactly(tiny_corpus, tmp_path, options):
     train_m = load_manifest(tiny_corpus / "train.json")
     val_m = load_manifest(tiny_corpus / "val.json")
-    train(_cfg(epochs=2), train_m, val_m, tmp_path / "straight", progress=False)
+    train(_cfg(epochs=2, **options), train_m, val_m, tmp_path / "straight", progress=False)
     # max_minutes=0 interrupts the run after its first epoch, as a crash or a pre-emption would
-    train(_cfg(epochs=2, max_minutes=0), train_m, val_m, tmp_path / "split", progress=False)
+    train(_cfg(epochs=2, max_minutes=0, **options), train_m, val_m, tmp_path / "split", progress=False)
     assert load_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 1
-    train(_cfg(epochs=2), train_m, val_m, tmp_path / "split", resume=tmp_path / "split" / "last.pt", progress=False)
+    train(_cfg(epochs=2, **options), train_m, val_m, tmp_path / "split", resume=tmp_path / "split" / "last.pt",
+          progress=False)
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")
     resumed = load_checkpoint(tmp_path / "split" / "last.pt")
     assert straight["step"] == resumed["step"] == 2 * (len(train_m.entries) // 8)

@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     augment: str = "speed,specaugment"
     num_workers: int = 0
+    precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast (CPU or CUDA), optimizer state fp32
     calibrate_temperature: bool = True  # set the in-batch loss temperatures from the first batch's score spread
     bucket_by_length: bool = True  # batches of similar caption length (LengthBucketBatchSampler): less padding
     max_minutes: float | None = None  # wall-clock budget: the run stops after the epoch that crosses it
@@ -107,6 +108,9 @@ class PairObjective(nn.Module):
             loss.calibrate(float(std))
             spreads[kind] = float(std)
         return spreads
+
+
+PRECISIONS = ("fp32", "bf16")
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -196,10 +200,17 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
         start_epoch, step = state["epoch"], state["step"]
         best = state["extra"].get("best_mean_r10", -1.0)
         history = state["extra"].get("history", [])
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
     if state is None and cfg.calibrate_temperature:
         first = next(iter(loader)).to(device)
         objective.train()
-        calibration = objective.calibrate(first.images, first.logmel, first.lengths, world)
+        with autocast():
+            calibration = objective.calibrate(first.images, first.logmel, first.lengths, world)
         if main_process and progress and calibration:
             tqdm.write("initial score spread " + ", ".join(f"{k.upper()} {v:.3g}" for k, v in calibration.items())
                        + ": temperatures set for unit-spread logits")
@@ -220,7 +231,8 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not (progress and main_process))
         for batch in bar:
             batch: Batch = batch.to(device)
-            loss = trainable(batch.images, batch.logmel, batch.lengths)
+            with autocast():
+                loss = trainable(batch.images, batch.logmel, batch.lengths)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(objective.parameters(), 10.0)
