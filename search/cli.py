@@ -45,8 +45,9 @@ EXIT_OK, EXIT_QUERY_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 @click.option("--max-audio-seconds", type=click.FloatRange(min=0.1), default=30.0,
               help="Longest query audio accepted (longer: OUT_OF_RANGE).")
 @click.option("--max-message-mb", type=click.FloatRange(min=0.1), default=16.0, help="Largest request accepted.")
-@click.option("--candidates", "default_candidates", type=click.IntRange(min=1), default=100,
-              help="Stage-1 candidates re-ranked by MISA when a query does not say.")
+@click.option("--candidates", "default_candidates", type=click.IntRange(min=1), default=4000, show_default=True,
+              help="Stage-1 candidates re-ranked by MISA when a query does not say (see docs/search.md for "
+                   "agreement with exhaustive MISA and cost per value).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, help="Most queries encoded in one forward pass.")
 @click.option("--resident-maps-mb", type=click.FloatRange(min=0), default=4096.0, show_default=True,
               help="Memory for holding collections' feature maps (about 32 KB per image with the tiny model) "

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from encoders.matchmap import score_matrix
+
 
 @dataclass
 class ResidentMaps:
@@ -52,10 +54,30 @@ class ResidentMaps:
     def nbytes(self) -> int:
         return self.maps.numel() * self.maps.element_size()
 
-    def gather(self, image_ids: np.ndarray) -> Tensor:
-        """image ids (K,) -> their maps (K, R, D); KeyError for ids not in this snapshot."""
+    def rows_of(self, image_ids: np.ndarray) -> Tensor:
+        """image ids (K,) -> row numbers (K,) long on the maps' device; KeyError for ids not held here."""
         rows = np.minimum(np.searchsorted(self.ids, image_ids), max(len(self.ids) - 1, 0))
         if len(self.ids) == 0 or not np.array_equal(self.ids[rows], image_ids):
-            missing = [int(i) for i in image_ids if i not in set(self.ids.tolist())][:10]
+            held = set(self.ids.tolist())
+            missing = [int(i) for i in image_ids if int(i) not in held][:10]
             raise KeyError(f"collection {self.collection!r} has no indexed images with ids {missing}")
-        return self.maps.index_select(0, torch.from_numpy(rows).to(self.maps.device))
+        return torch.from_numpy(rows).to(self.maps.device)
+
+    def gather(self, image_ids: np.ndarray) -> Tensor:
+        """image ids (K,) -> their maps (K, R, D)."""
+        n, r, d = self.maps.shape
+        return self.maps.view(n, r * d).index_select(0, self.rows_of(image_ids)).view(-1, r, d)
+
+    def misa(self, audio: Tensor, lengths: Tensor, image_ids: np.ndarray, chunk: int = 128) -> Tensor:
+        """MISA of captions ``audio`` (B, T, D) against the held maps of ``image_ids`` (K,) -> (B, K),
+        computed in the maps' dtype, ``chunk`` images at a time so each gathered block stays in cache
+        (one gather of thousands of maps costs more memory traffic than scoring them)."""
+        n, r, d = self.maps.shape
+        flat = self.maps.view(n, r * d)
+        rows = self.rows_of(image_ids)
+        parts = [
+            score_matrix(audio, lengths, flat.index_select(0, rows[i : i + chunk]).view(-1, r, d), kinds=("misa",),
+                         compute_dtype=self.maps.dtype)["misa"]
+            for i in range(0, len(rows), chunk)
+        ]
+        return torch.cat(parts, dim=1) if parts else audio.new_zeros((audio.shape[0], 0))

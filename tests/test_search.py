@@ -128,7 +128,7 @@ def test_search_returns_ranked_hits_with_timings_and_model(client, engine, capti
     assert len({h.image_id for h in hits}) == 5
     assert hits.model_version == engine.model_version
     assert hits.collection_size == engine.collection(COLLECTION).size
-    assert hits.candidates == min(100, hits.collection_size)
+    assert hits.candidates == min(SearchLimits().default_candidates, hits.collection_size)
     t = hits.timings_ms
     assert t["total"] >= t["encode"] > 0 and t["decode"] > 0 and t["stage1"] > 0 and t["stage2"] > 0
     assert hits.audio_seconds == pytest.approx(soundfile.info(str(caption_wav)).duration, abs=0.01)
