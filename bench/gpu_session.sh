@@ -19,4 +19,4 @@ export PYTHONUNBUFFERED=1
     python3 -c "import torch, faiss, grpc; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| faiss', faiss.__version__, '| grpcio', grpc.__version__)"
     nproc
 } 2>&1 | tee "$OUT/machine.txt"
-python3 bench/gpu_check.py --images 10000 --queries 50 --candidates 100 1000 2>&1 | tee "$OUT/gpu_check.txt"
+python3 bench/gpu_check.py --images 10000 --queries 50 --candidates 100 1000 4000 2>&1 | tee "$OUT/gpu_check.txt"
