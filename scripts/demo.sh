@@ -11,11 +11,12 @@ DATA=$DEMO/data
 PORT=${MATCHMAP_DEMO_PORT:-50561}
 
 if [ ! -f "$DEMO/corpus/val.json" ]; then
-  echo "== 1. a spoken-scenes corpus: 60 images with spoken captions, voices the model never heard"
-  $MM synth "$DEMO/corpus" --pairs 1 --val-pairs 60 --seed 2026 --force
+  echo "== 1. a spoken-scenes corpus: 60 images with spoken captions (espeak-ng and Festival voices the model never heard)"
+  $MM synth "$DEMO/corpus" --pairs 1 --val-pairs 60 --seed 2026 --engines espeak,festival --force
 fi
 
 echo "== 2. index the corpus images into the collection 'demo' (shipped model, SQLite catalog in $DATA)"
+rm -rf "$DATA"  # a fresh library each run: one indexed with an earlier shipped model would be refused
 $MM index --data-dir "$DATA" --collection demo "$DEMO/corpus/val.json" || [ $? -eq 1 ]
 $MM collections --data-dir "$DATA"
 
