@@ -169,15 +169,19 @@ class _SlotTable:
             self._parts = [(ids, slots)]
         return self._parts[0]
 
-    def slots_of(self, image_ids: np.ndarray, collection_name: str) -> np.ndarray:
-        """image ids (K,) -> slots (K,); KeyError naming up to 10 ids that are not indexed here."""
-        ids, slots = self.arrays()
+    def positions_of(self, image_ids: np.ndarray, collection_name: str) -> np.ndarray:
+        """image ids (K,) -> their positions (K,) in id order; KeyError naming up to 10 ids not indexed here."""
+        ids, _ = self.arrays()
         where = np.minimum(np.searchsorted(ids, image_ids), max(len(ids) - 1, 0))
         found = (ids[where] == image_ids) if len(ids) else np.zeros(len(image_ids), dtype=bool)
         if not found.all():
             missing = image_ids[~found][:10].tolist()
             raise KeyError(f"collection {collection_name!r} has no indexed images with ids {missing}")
-        return slots[where]
+        return where
+
+    def slots_of(self, image_ids: np.ndarray, collection_name: str) -> np.ndarray:
+        """image ids (K,) -> slots (K,); KeyError naming up to 10 ids that are not indexed here."""
+        return self.arrays()[1][self.positions_of(image_ids, collection_name)]
 
     def remove(self, image_ids: np.ndarray) -> None:
         ids, slots = self.arrays()
@@ -288,6 +292,11 @@ class Collection:
         """
         slots = self._table.slots_of(np.asarray(image_ids, dtype=np.int64).reshape(-1), self.name)
         return self.store.read_maps(slots)
+
+    def positions_of(self, image_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """image ids (K,) -> their positions (K,) among the indexed images in id order, the order
+        :meth:`iter_feature_maps` yields them in. KeyError for ids that are not indexed images here."""
+        return self._table.positions_of(np.asarray(image_ids, dtype=np.int64).reshape(-1), self.name)
 
     def iter_feature_maps(self, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every indexed image's feature map, in id order: (ids (b,) int64, maps (b, R, D) float16) per

@@ -381,7 +381,7 @@ class SearchEngine:
         refine = max(self.limits.exact_rescore_at_least, self.limits.exact_rescore_factor * top_k)
         if resident is not None and resident.generation == coll.generation and ids.size > refine:
             # bfloat16 MISA over every candidate from memory, then the best `refine` exactly (below)
-            coarse = resident.misa(query, lengths, ids)[0]
+            coarse = resident.misa(query, lengths, coll.positions_of(ids))[0]
             keep = torch.topk(coarse, refine).indices.cpu().numpy()
             ids, stage1_scores = ids[keep], stage1_scores[keep]
         maps = torch.from_numpy(np.asarray(coll.feature_maps(ids.tolist()))).to(self.device)  # (K, R, D)

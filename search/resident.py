@@ -22,11 +22,11 @@ from encoders.matchmap import score_matrix
 
 @dataclass
 class ResidentMaps:
-    """Feature maps of one collection snapshot: ``maps[i]`` belongs to image ``ids[i]`` (ids sorted)."""
+    """Feature maps of one collection snapshot, in the collection's id order: ``maps[p]`` belongs to
+    the image at position p of ``Collection.positions_of`` (the order ``iter_feature_maps`` yields)."""
 
     collection: str
     generation: int
-    ids: np.ndarray  # (N,) int64, sorted
     maps: Tensor  # (N, R, D) in ``maps.dtype``, on the engine's device
 
     @classmethod
@@ -34,16 +34,14 @@ class ResidentMaps:
         """Read every map of ``coll`` (an indexer Collection) into one tensor, a batch at a time."""
         rows, dim = coll.grid[0] * coll.grid[1], coll.embed_dim
         maps = torch.empty(coll.size, rows, dim, dtype=dtype, device=device)
-        ids = np.empty(coll.size, dtype=np.int64)
         filled = 0
         for batch_ids, batch_maps in coll.iter_feature_maps():
             n = len(batch_ids)
-            ids[filled : filled + n] = batch_ids
             maps[filled : filled + n] = torch.from_numpy(batch_maps).to(device=device, dtype=dtype)
             filled += n
         if filled != coll.size:
             raise ValueError(f"collection {coll.name!r}: read {filled} feature maps, expected {coll.size}")
-        return cls(coll.name, coll.generation, ids, maps)
+        return cls(coll.name, coll.generation, maps)
 
     @staticmethod
     def bytes_for(coll, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -54,27 +52,14 @@ class ResidentMaps:
     def nbytes(self) -> int:
         return self.maps.numel() * self.maps.element_size()
 
-    def rows_of(self, image_ids: np.ndarray) -> Tensor:
-        """image ids (K,) -> row numbers (K,) long on the maps' device; KeyError for ids not held here."""
-        rows = np.minimum(np.searchsorted(self.ids, image_ids), max(len(self.ids) - 1, 0))
-        if len(self.ids) == 0 or not np.array_equal(self.ids[rows], image_ids):
-            held = set(self.ids.tolist())
-            missing = [int(i) for i in image_ids if int(i) not in held][:10]
-            raise KeyError(f"collection {self.collection!r} has no indexed images with ids {missing}")
-        return torch.from_numpy(rows).to(self.maps.device)
-
-    def gather(self, image_ids: np.ndarray) -> Tensor:
-        """image ids (K,) -> their maps (K, R, D)."""
-        n, r, d = self.maps.shape
-        return self.maps.view(n, r * d).index_select(0, self.rows_of(image_ids)).view(-1, r, d)
-
-    def misa(self, audio: Tensor, lengths: Tensor, image_ids: np.ndarray, chunk: int = 128) -> Tensor:
-        """MISA of captions ``audio`` (B, T, D) against the held maps of ``image_ids`` (K,) -> (B, K),
-        computed in the maps' dtype, ``chunk`` images at a time so each gathered block stays in cache
-        (one gather of thousands of maps costs more memory traffic than scoring them)."""
+    def misa(self, audio: Tensor, lengths: Tensor, positions: np.ndarray, chunk: int = 128) -> Tensor:
+        """MISA of captions ``audio`` (B, T, D) against the held maps at ``positions`` (K,) (from
+        ``Collection.positions_of``) -> (B, K), computed in the maps' dtype, ``chunk`` images at a
+        time so each gathered block stays in cache (one gather of thousands of maps costs more memory
+        traffic than scoring them)."""
         n, r, d = self.maps.shape
         flat = self.maps.view(n, r * d)
-        rows = self.rows_of(image_ids)
+        rows = torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(self.maps.device)
         parts = [
             score_matrix(audio, lengths, flat.index_select(0, rows[i : i + chunk]).view(-1, r, d), kinds=("misa",),
                          compute_dtype=self.maps.dtype)["misa"]
