@@ -66,8 +66,6 @@ def bare_score_matrix_ms(device: str, candidates: int, frames: int, grid: int, d
 
 def small_manifest(folder: Path, pairs: int, seed: int):
     """A manifest of ``pairs`` noise captions and blocky images (no speech engine needed)."""
-    import soundfile
-
     from training.manifest import Entry, Manifest, write_manifest
 
     rng = np.random.default_rng(seed)
@@ -77,7 +75,6 @@ def small_manifest(folder: Path, pairs: int, seed: int):
     for i, image in enumerate(images):
         wav = folder / "audio" / f"{i:05d}.wav"
         wav.write_bytes(noise_wav(rng, float(rng.uniform(1.5, 5.0))))
-        soundfile.info(str(wav))
         entries.append(Entry(wav=wav.name, image=image.name, uttid=f"noise-{i:05d}", speaker="noise", asr_text=""))
     manifest = Manifest(path=None, image_base_path=folder / "images", audio_base_path=folder / "audio",
                         entries=entries)

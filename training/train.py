@@ -67,12 +67,12 @@ class PairObjective(nn.Module):
     loss, so each score kind has its own temperature where the loss has one.
     """
 
-    def __init__(self, model: nn.Module, loss: nn.Module, sisa_weight: float, sisa_loss: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, loss: nn.Module, sisa_weight: float) -> None:
         super().__init__()
         self.model = model
         self.loss = loss
         # (None without a SISA term: DistributedDataParallel refuses parameters that never get a gradient)
-        self.sisa_loss = (sisa_loss or copy.deepcopy(loss)) if sisa_weight > 0 else None
+        self.sisa_loss = copy.deepcopy(loss) if sisa_weight > 0 else None
         self.sisa_weight = sisa_weight
 
     @property
