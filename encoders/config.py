@@ -47,6 +47,9 @@ class AudioConfig:
     pools: int = 4
     # BatchNorm after every 1-D conv (masked, so padding never enters the statistics). DAVEnet has none.
     batch_norm: bool = False
+    # Add to every frame a linear map of the caption's mean output frame (over its true length), so each
+    # frame also carries what the whole caption says (how many objects, for one). DAVEnet has none.
+    global_context: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", _as_tuple(self.channels, int, "audio.channels"))
@@ -92,6 +95,9 @@ class ImageConfig:
     channels: tuple[int, ...] = ()
     convs_per_block: int = 1
     head_kernel: int = 3
+    # Add to every region a linear map of the trunk's mean feature, so each region also carries what the
+    # whole image holds (how many objects, for one). The paper's image branch has none.
+    global_context: bool = False
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

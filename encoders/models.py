@@ -67,6 +67,8 @@ class AudioBranch(nn.Module):
     BatchNorm over the whole log-mel (one channel, as DAVEnet), a conv spanning all mel bins
     (DAVEnet's Conv2d with kernel (n_mels, 1), written as the equivalent Conv1d over mel channels),
     then 1-D convs in time, each followed by ReLU and the first ``pools`` by a max-pool of stride 2.
+    With ``global_context``, a linear map of the mean output frame (true frames only) is added to
+    every true frame.
     """
 
     def __init__(self, cfg: AudioConfig, embed_dim: int):
@@ -82,6 +84,7 @@ class AudioBranch(nn.Module):
         )
         self.norms = nn.ModuleList(MaskedBatchNorm1d(c) for c in outputs) if cfg.batch_norm else None
         self.pool = nn.MaxPool1d(kernel_size=3, stride=2, padding=1)
+        self.context = nn.Linear(embed_dim, embed_dim) if cfg.global_context else None
 
     def forward(self, logmel: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         b, n_mels, t = logmel.shape
@@ -102,6 +105,10 @@ class AudioBranch(nn.Module):
                 mask = frame_mask(lengths, x.shape[-1])
                 keep = mask.unsqueeze(1).to(x.dtype)
                 x = x * keep
+        if self.context is not None:
+            # mean over the caption's own frames only, so padding past its length changes nothing
+            mean = x.sum(dim=2) / lengths.clamp_min(1).unsqueeze(1).to(x.dtype)
+            x = (x + self.context(mean).unsqueeze(2)) * keep
         return x, lengths
 
 
@@ -150,15 +157,23 @@ def image_grid_size(cfg: ImageConfig) -> tuple[int, int]:
 
 
 class ImageBranch(nn.Module):
-    """(B, 3, S, S) normalized images -> (B, D, H, W): trunk, then a conv to D with no nonlinearity."""
+    """(B, 3, S, S) normalized images -> (B, D, H, W): trunk, then a conv to D with no nonlinearity.
+
+    With ``global_context``, a linear map of the trunk's spatial mean is added to every region.
+    """
 
     def __init__(self, cfg: ImageConfig, embed_dim: int):
         super().__init__()
         self.trunk = _vgg16_trunk() if cfg.arch == "vgg16" else _small_cnn_trunk(cfg)
         self.head = nn.Conv2d(_trunk_channels(cfg), embed_dim, cfg.head_kernel, padding=cfg.head_kernel // 2)
+        self.context = nn.Linear(_trunk_channels(cfg), embed_dim) if cfg.global_context else None
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.trunk(images))
+        features = self.trunk(images)
+        regions = self.head(features)
+        if self.context is not None:
+            regions = regions + self.context(features.mean(dim=(2, 3)))[:, :, None, None]
+        return regions
 
 
 class MatchmapModel(nn.Module):

@@ -137,6 +137,33 @@ def test_padding_never_leaks_into_a_captions_frames_or_scores(model, mode):
     model.eval()
 
 
+@pytest.mark.parametrize("global_context", [False, True])
+def test_global_context_lets_far_away_input_reach_a_region_and_a_frame(global_context):
+    """With global_context a region (frame) sees what lies beyond its receptive field; without, it does not."""
+    cfg = small("tiny")
+    cfg = dataclasses.replace(
+        cfg,
+        image=dataclasses.replace(cfg.image, global_context=global_context),
+        audio=dataclasses.replace(cfg.audio, global_context=global_context),
+    )
+    torch.manual_seed(0)
+    model = MatchmapModel(cfg).eval()
+    images = torch.randn(1, 3, SMALL_IMAGE, SMALL_IMAGE)
+    changed = images.clone()
+    changed[:, :, SMALL_IMAGE // 2 :, SMALL_IMAGE // 2 :] = 3.0  # the bottom-right quarter only
+    logmel = _logmel(1, SMALL_FRAMES, cfg.audio.n_mels)
+    later = logmel.clone()
+    later[:, :, 120:] = 5.0  # the last 40 frames only
+    lengths = torch.tensor([SMALL_FRAMES])
+    with torch.no_grad():
+        top_left = model.encode_images(images)[0, 0, 0]
+        top_left_changed = model.encode_images(changed)[0, 0, 0]
+        first_frame = model.encode_audio(logmel, lengths)[0][0, 0]
+        first_frame_changed = model.encode_audio(later, lengths)[0][0, 0]
+    assert torch.equal(top_left, top_left_changed) is not global_context
+    assert torch.equal(first_frame, first_frame_changed) is not global_context
+
+
 def test_batch_norm_statistics_ignore_padding():
     cfg = small("tiny")
     assert cfg.audio.batch_norm
