@@ -123,6 +123,23 @@ def test_resume_continues_exactly(tiny_corpus, tmp_path, options):
     assert (tmp_path / "straight" / "best.pt").exists()
 
 
+def test_eval_every_skips_evaluations_but_always_evaluates_the_last_epoch(tiny_corpus, tmp_path):
+    train_m = load_manifest(tiny_corpus / "train.json")
+    val_m = load_manifest(tiny_corpus / "val.json")
+    summary = train(_cfg(epochs=3, eval_every=2), train_m, val_m, tmp_path / "every2", progress=False)
+    records = [json.loads(x) for x in (tmp_path / "every2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert ["val" in r for r in records] == [False, True, True]
+    assert summary["last"] == records[2]["val"]
+    assert load_checkpoint(tmp_path / "every2" / "best.pt")["epoch"] in (2, 3)
+    # a run stopped by its time budget evaluates the epoch it stops after, whatever eval_every says
+    summary = train(_cfg(epochs=3, eval_every=5, max_minutes=0), train_m, val_m, tmp_path / "stopped", progress=False)
+    assert summary["epochs"] == 1 and summary["last"]["pairs"] == len(val_m.entries)
+    assert (tmp_path / "stopped" / "best.pt").exists()
+    with pytest.raises(ValueError, match="eval_every"):
+        train(_cfg(eval_every=0), train_m, val_m, tmp_path / "bad", progress=False)
+
+
 def test_train_and_eval_commands_end_to_end(tiny_corpus, tmp_path):
     from matchmap.cli import main
 

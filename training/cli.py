@@ -76,6 +76,9 @@ def _load_manifest_or_exit(path: str, skip_bad: bool):
               help="Comma-separated: speed, noise, reverb, eq, vtlp, specaugment; or none.")
 @click.option("--seed", type=int, default=0)
 @click.option("--max-minutes", type=float, default=None, help="Stop after the epoch that crosses this wall-clock budget.")
+@click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Evaluate on --val after every N-th epoch (and always after the last): evaluation time "
+                   "goes to training instead.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--workers", type=int, default=0, help="DataLoader worker processes.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
@@ -88,10 +91,10 @@ def _load_manifest_or_exit(path: str, skip_bad: bool):
 @click.option("--skip-bad", is_flag=True, help="Skip (and count) manifest entries with missing or unreadable files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def train(train_path, val_path, out_dir, model, loss, epochs, batch_size, lr, sisa_weight, augment, seed,
-          max_minutes, device, workers, precision, bucket_by_length, resume, skip_bad, as_json):
+          max_minutes, eval_every, device, workers, precision, bucket_by_length, resume, skip_bad, as_json):
     """Train a matchmap model on spoken captions and their images.
 
-    Evaluates recall@1/5/10 on --val after every epoch, keeps the best checkpoint by mean MISA R@10
+    Evaluates recall@1/5/10 on --val after every epoch (or every --eval-every epochs), keeps the best checkpoint by mean MISA R@10
     and draws learning curves. Launch with `torchrun --nproc_per_node N -m matchmap train ...` for
     DistributedDataParallel (gloo on CPU, NCCL on GPUs).
     """
@@ -103,7 +106,7 @@ def train(train_path, val_path, out_dir, model, loss, epochs, batch_size, lr, si
 
     cfg = TrainConfig(model=model, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr, sisa_weight=sisa_weight,
                       augment=augment, seed=seed, max_minutes=max_minutes, device=device, num_workers=workers,
-                      bucket_by_length=bucket_by_length, precision=precision)
+                      bucket_by_length=bucket_by_length, precision=precision, eval_every=eval_every)
     train_manifest = _load_manifest_or_exit(train_path, skip_bad)
     val_manifest = _load_manifest_or_exit(val_path, skip_bad)
     try:

@@ -52,6 +52,7 @@ class TrainConfig:
     calibrate_temperature: bool = True  # set the in-batch loss temperatures from the first batch's score spread
     bucket_by_length: bool = True  # batches of similar caption length (LengthBucketBatchSampler): less padding
     max_minutes: float | None = None  # wall-clock budget: the run stops after the epoch that crosses it
+    eval_every: int = 1  # evaluate on val after every N-th epoch, and always after the last one
     device: str = "auto"
 
     @classmethod
@@ -200,6 +201,8 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
         start_epoch, step = state["epoch"], state["step"]
         best = state["extra"].get("best_mean_r10", -1.0)
         history = state["extra"].get("history", [])
+    if cfg.eval_every < 1:
+        raise ValueError(f"eval_every must be at least 1, got {cfg.eval_every}")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
 
@@ -219,6 +222,7 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
     metrics_path = out_dir / "metrics.jsonl"
     started = time.monotonic()
     summary: dict = {}
+    last_result = state["extra"].get("val_result") if state is not None else None
     for epoch in range(start_epoch, cfg.epochs):
         epoch_seed = _epoch_seed(cfg.seed, epoch)
         torch.manual_seed(epoch_seed + rank)
@@ -252,35 +256,40 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
             # batches, so replicas take rank 0's at every epoch end (what rank 0 evaluates and saves).
             for buffer in objective.buffers():
                 dist.broadcast(buffer, src=0)
+        over_budget = cfg.max_minutes is not None and (time.monotonic() - started) > cfg.max_minutes * 60
+        if world > 1:  # every rank must agree to stop, or the next all-reduce hangs
+            flag = torch.tensor([int(over_budget)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            over_budget = bool(flag.item())
+        final = over_budget or epoch + 1 == cfg.epochs
         if main_process:
-            result = evaluate_embeddings(embed_pairs(model, val_set, batch_size=cfg.batch_size, device=device,
-                                                     progress=False))
-            record["val"] = result
-            score = mean_r10(result)
+            score = None
+            if final or (epoch + 1) % cfg.eval_every == 0:
+                result = evaluate_embeddings(embed_pairs(model, val_set, batch_size=cfg.batch_size, device=device,
+                                                         progress=False))
+                record["val"] = result
+                score = mean_r10(result)
+                last_result = result
             history.append({k: v for k, v in record.items() if k != "step_losses"})
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             extra = {"train_config": asdict(cfg), "loss_state": loss_fn.state_dict(),
                      "sisa_loss_state": objective.sisa_loss.state_dict() if objective.sisa_loss else None,
                      "history": history,
-                     "best_mean_r10": max(best, score), "val_result": result}
+                     "best_mean_r10": best if score is None else max(best, score), "val_result": last_result}
             save_checkpoint(out_dir / "last.pt", model, optimizer=optimizer, scheduler=scheduler, step=step,
                             epoch=epoch + 1, extra=extra)
-            if score > best:
+            if score is not None and score > best:
                 best = score
                 save_checkpoint(out_dir / "best.pt", model, step=step, epoch=epoch + 1, extra=extra)
             if progress:
-                tqdm.write(f"epoch {epoch + 1}: loss {record['loss']:.4f}, {record['samples_per_s']:.0f} samples/s, "
-                           f"mean MISA R@10 {score:.3f} (best {best:.3f})\n{format_table(result)}")
-            summary = {"epochs": epoch + 1, "steps": step, "best_mean_r10": best, "last": result,
+                line = f"epoch {epoch + 1}: loss {record['loss']:.4f}, {record['samples_per_s']:.0f} samples/s"
+                tqdm.write(line if score is None else
+                           f"{line}, mean MISA R@10 {score:.3f} (best {best:.3f})\n{format_table(last_result)}")
+            summary = {"epochs": epoch + 1, "steps": step, "best_mean_r10": best, "last": last_result,
                        "elapsed_s": record["elapsed_s"]}
         if world > 1:
             dist.barrier()
-        over_budget = cfg.max_minutes is not None and (time.monotonic() - started) > cfg.max_minutes * 60
-        if world > 1:  # every rank must agree to stop, or the next all-reduce hangs
-            flag = torch.tensor([int(over_budget)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            over_budget = bool(flag.item())
         if over_budget:
             break
 
