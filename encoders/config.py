@@ -50,6 +50,10 @@ class AudioConfig:
     # Add to every frame a linear map of the caption's mean output frame (over its true length), so each
     # frame also carries what the whole caption says (how many objects, for one). DAVEnet has none.
     global_context: bool = False
+    # Standardize each channel of the first ``instance_norm_layers`` 1-D convs' outputs over the
+    # caption's own true frames (instance norm, before the batch norm), which removes per-utterance
+    # statistics such as a voice's or a synthesizer's timbre early on. DAVEnet has none.
+    instance_norm_layers: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", _as_tuple(self.channels, int, "audio.channels"))
@@ -61,6 +65,10 @@ class AudioConfig:
             )
         if any(w < 1 or w % 2 == 0 for w in self.kernel_widths):
             raise ValueError(f"audio.kernel_widths must be odd and positive, got {self.kernel_widths}")
+        if not 0 <= self.instance_norm_layers <= len(self.kernel_widths):
+            raise ValueError(
+                f"audio.instance_norm_layers must be in 0..{len(self.kernel_widths)}, got {self.instance_norm_layers}"
+            )
         if not 0 <= self.pools <= len(self.kernel_widths):
             raise ValueError(f"audio.pools must be in 0..{len(self.kernel_widths)}, got {self.pools}")
         if self.sample_rate <= 0 or self.n_mels <= 0 or self.max_frames <= 0:

@@ -54,6 +54,19 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         return torch.addcmul(shift[:, None], x, scale[:, None]) * valid
 
 
+def masked_instance_norm(x: Tensor, mask: Tensor, eps: float = 1e-5) -> Tensor:
+    """x: (B, C, L), mask: (B, L) bool -> each (utterance, channel) standardized over its True positions.
+
+    Positions where mask is False come out zero and never enter the statistics.
+    """
+    valid = mask.unsqueeze(1).to(x.dtype)
+    count = valid.sum(dim=2, keepdim=True).clamp_min(1)
+    mean = (x * valid).sum(dim=2, keepdim=True) / count
+    centered = (x - mean) * valid
+    var = (centered * centered).sum(dim=2, keepdim=True) / count
+    return centered * torch.rsqrt(var + eps)
+
+
 def pooled_length(lengths: Tensor, pools: int) -> Tensor:
     """Frames left after ``pools`` max-pools of kernel 3, stride 2, padding 1: ceil(L / 2) each time."""
     for _ in range(pools):
@@ -96,6 +109,8 @@ class AudioBranch(nn.Module):
         x = torch.relu(self.mel_conv(x)) * keep
         for i, conv in enumerate(self.convs):
             x = conv(x)
+            if i < self.cfg.instance_norm_layers:
+                x = masked_instance_norm(x, mask)
             # Zeros past the end make each conv see exactly what its own zero padding would show it.
             x = torch.relu(self.norms[i](x, mask) if self.norms is not None else x * keep)
             if i < self.cfg.pools:

@@ -20,7 +20,15 @@ from encoders import (
     save_checkpoint,
     score_matrix,
 )
-from encoders.models import AudioBranch, ImageBranch, MatchmapModel, count_parameters, image_grid_size
+from encoders.matchmap import frame_mask
+from encoders.models import (
+    AudioBranch,
+    ImageBranch,
+    MatchmapModel,
+    count_parameters,
+    image_grid_size,
+    masked_instance_norm,
+)
 from matchmap.cli import main as cli_main
 
 SMALL_IMAGE = 64
@@ -164,6 +172,20 @@ def test_global_context_lets_far_away_input_reach_a_region_and_a_frame(global_co
     assert torch.equal(first_frame, first_frame_changed) is not global_context
 
 
+def test_instance_norm_standardizes_each_caption_over_its_own_frames_only():
+    x = torch.randn(3, 5, 40) * 4 + 7
+    mask = frame_mask(torch.tensor([40, 25, 9]), 40)
+    out = masked_instance_norm(x, mask)
+    for i, n in enumerate([40, 25, 9]):
+        torch.testing.assert_close(out[i, :, :n].mean(dim=1), torch.zeros(5), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[i, :, :n].var(dim=1, unbiased=False), torch.ones(5), atol=1e-3, rtol=0)
+        assert torch.equal(out[i, :, n:], torch.zeros(5, 40 - n))
+    # a caption's own gain and offset (a voice's loudness or timbre per channel) are removed
+    scaled = x.clone()
+    scaled[1] = 3.0 * x[1] - 2.0
+    torch.testing.assert_close(masked_instance_norm(scaled, mask), out, atol=1e-4, rtol=1e-4)
+
+
 def test_batch_norm_statistics_ignore_padding():
     cfg = small("tiny")
     assert cfg.audio.batch_norm
@@ -293,6 +315,10 @@ def test_invalid_configs_say_what_is_wrong():
     d = get_config("tiny").to_dict()
     d["image"]["arch"] = "resnet"
     with pytest.raises(ValueError, match="image.arch must be one of"):
+        ModelConfig.from_dict(d)
+    d = get_config("tiny").to_dict()
+    d["audio"]["instance_norm_layers"] = 5
+    with pytest.raises(ValueError, match="instance_norm_layers must be in 0..4"):
         ModelConfig.from_dict(d)
     with pytest.raises(KeyError, match="registered: davenet-vgg16"):
         get_config("nope")
