@@ -80,8 +80,9 @@ class AudioBranch(nn.Module):
     BatchNorm over the whole log-mel (one channel, as DAVEnet), a conv spanning all mel bins
     (DAVEnet's Conv2d with kernel (n_mels, 1), written as the equivalent Conv1d over mel channels),
     then 1-D convs in time, each followed by ReLU and the first ``pools`` by a max-pool of stride 2.
-    With ``global_context``, a linear map of the mean output frame (true frames only) is added to
-    every true frame.
+    The first ``instance_norm_layers`` 1-D convs are instance-normalized over each caption's true
+    frames. With ``global_context``, a linear map of the mean output frame (true frames only) is
+    added to every true frame.
     """
 
     def __init__(self, cfg: AudioConfig, embed_dim: int):
@@ -121,7 +122,8 @@ class AudioBranch(nn.Module):
                 keep = mask.unsqueeze(1).to(x.dtype)
                 x = x * keep
         if self.context is not None:
-            # mean over the caption's own frames only, so padding past its length changes nothing
+            # Mean over the caption's own frames only (x is already zero past them), so padding changes
+            # nothing. Not pool_audio: its length checks read values, which meta-tensor shape runs lack.
             mean = x.sum(dim=2) / lengths.clamp_min(1).unsqueeze(1).to(x.dtype)
             x = (x + self.context(mean).unsqueeze(2)) * keep
         return x, lengths

@@ -273,14 +273,15 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
             history.append({k: v for k, v in record.items() if k != "step_losses"})
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            improved = score is not None and score > best
+            if improved:
+                best = score
             extra = {"train_config": asdict(cfg), "loss_state": loss_fn.state_dict(),
                      "sisa_loss_state": objective.sisa_loss.state_dict() if objective.sisa_loss else None,
-                     "history": history,
-                     "best_mean_r10": best if score is None else max(best, score), "val_result": last_result}
+                     "history": history, "best_mean_r10": best, "val_result": last_result}
             save_checkpoint(out_dir / "last.pt", model, optimizer=optimizer, scheduler=scheduler, step=step,
                             epoch=epoch + 1, extra=extra)
-            if score is not None and score > best:
-                best = score
+            if improved:
                 save_checkpoint(out_dir / "best.pt", model, step=step, epoch=epoch + 1, extra=extra)
             if progress:
                 line = f"epoch {epoch + 1}: loss {record['loss']:.4f}, {record['samples_per_s']:.0f} samples/s"
