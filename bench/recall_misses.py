@@ -63,7 +63,6 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the counts as JSON")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
     model = create_model(args.checkpoint)
     manifest = load_manifest(args.manifest)
     lacking = [e.uttid for e in manifest.entries if e.objects is None or e.background is None]

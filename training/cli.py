@@ -94,8 +94,8 @@ def train(train_path, val_path, out_dir, model, loss, epochs, batch_size, lr, si
           max_minutes, eval_every, device, workers, precision, bucket_by_length, resume, skip_bad, as_json):
     """Train a matchmap model on spoken captions and their images.
 
-    Evaluates recall@1/5/10 on --val after every epoch (or every --eval-every epochs), keeps the best checkpoint by mean MISA R@10
-    and draws learning curves. Launch with `torchrun --nproc_per_node N -m matchmap train ...` for
+    Evaluates recall@1/5/10 on --val after every epoch (or every --eval-every epochs), keeps the best
+    checkpoint by mean MISA R@10 and draws learning curves. Launch with `torchrun --nproc_per_node N -m matchmap train ...` for
     DistributedDataParallel (gloo on CPU, NCCL on GPUs).
     """
     import json
