@@ -149,6 +149,10 @@ def main() -> None:
                         help="pairs in each evaluation (default: as many as the smaller val set has)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--bucket-by-length", action=argparse.BooleanOptionalAction,
+                        default=TrainConfig.bucket_by_length, help="see `matchmap train --help`")
+    parser.add_argument("--eval-every", type=int, default=TrainConfig.eval_every,
+                        help="validate every N-th epoch (and always the last)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
 
@@ -177,7 +181,8 @@ def main() -> None:
         for label, augment in settings.items():
             cfg = TrainConfig(model=args.config, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               augment=augment, seed=args.seed, max_minutes=args.max_minutes, device=args.device,
-                              num_workers=args.workers, precision=args.precision, sisa_weight=args.sisa_weight)
+                              num_workers=args.workers, precision=args.precision, sisa_weight=args.sisa_weight,
+                              bucket_by_length=args.bucket_by_length, eval_every=args.eval_every)
             description = {"heldout": heldout, "train_engines": heard,
                            "augment_label": label, "train_pairs": len(train_set), "corpus": str(args.corpus.absolute()),
                            "train_config": dataclasses.asdict(cfg)}

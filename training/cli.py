@@ -84,8 +84,10 @@ def _load_manifest_or_exit(path: str, skip_bad: bool):
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: run forward passes under bfloat16 autocast (much faster on CPUs with AVX512-BF16 "
                    "or AMX, and on GPUs); weights, optimizer and evaluation stay float32.")
-@click.option("--bucket-by-length/--no-bucket-by-length", default=True, show_default=True,
-              help="Batch captions of similar length together (less padding, faster steps).")
+@click.option("--bucket-by-length/--no-bucket-by-length", default=False, show_default=True,
+              help="Batch captions of similar length together: about 25% faster steps (less padding), but "
+                   "a caption's in-batch negatives then say about as much as it does, and recall suffers "
+                   "(docs/model.md); random batches are the default.")
 @click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Continue a run exactly from its last.pt.")
 @click.option("--skip-bad", is_flag=True, help="Skip (and count) manifest entries with missing or unreadable files.")

@@ -50,7 +50,9 @@ class TrainConfig:
     num_workers: int = 0
     precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast (CPU or CUDA), optimizer state fp32
     calibrate_temperature: bool = True  # set the in-batch loss temperatures from the first batch's score spread
-    bucket_by_length: bool = True  # batches of similar caption length (LengthBucketBatchSampler): less padding
+    # batches of similar caption length (LengthBucketBatchSampler): less padding, faster steps, but
+    # worse negatives (a short caption's batch holds few scenes with more objects than it names)
+    bucket_by_length: bool = False
     max_minutes: float | None = None  # wall-clock budget: the run stops after the epoch that crosses it
     eval_every: int = 1  # evaluate on val after every N-th epoch, and always after the last one
     device: str = "auto"
