@@ -23,6 +23,7 @@ from pathlib import Path
 
 import soundfile
 import torch
+from torch.utils.data import BatchSampler, RandomSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -66,8 +67,9 @@ def main() -> None:
     lengths = [soundfile.info(str(manifest.audio_path(e))).frames for e in entries]
 
     bucketed = list(LengthBucketBatchSampler(lengths, args.batch_size, seed=args.seed))
-    order = torch.randperm(len(entries), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    random_batches = [order[s:s + args.batch_size] for s in range(0, len(order) - args.batch_size + 1, args.batch_size)]
+    # what the trainer's DataLoader draws without buckets: a RandomSampler cut into full batches
+    random_batches = list(BatchSampler(RandomSampler(range(len(entries)), generator=torch.Generator().manual_seed(
+        args.seed)), args.batch_size, drop_last=True))
     result = {"manifest": str(args.manifest), "pairs": len(entries), "batch_size": args.batch_size,
               "length_buckets": negatives_by_count(bucketed, counts),
               "random_batches": negatives_by_count(random_batches, counts)}
