@@ -1,4 +1,5 @@
-"""The festival speech engine and corpora that mix engines: word timings, determinism, voices, CLI."""
+"""The festival and flite speech engines and corpora that mix engines: word timings, determinism,
+voices, CLI."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from training.manifest import load_manifest
 from training.speech import (
     ENGINES,
     FESTIVAL_BASE_VOICES,
+    FLITE_BASE_VOICES,
     FestivalEngine,
     FestivalVoice,
+    FliteEngine,
+    FliteVoice,
     SpeechEngineError,
     Voice,
     caption_words,
@@ -37,6 +41,15 @@ def festival() -> FestivalEngine:
 
 def festival_voice(name: str) -> Voice:
     return Voice("festival", name, "en-us")
+
+
+@pytest.fixture(scope="module")
+def flite() -> FliteEngine:
+    return FliteEngine()
+
+
+def flite_voice(name: str) -> Voice:
+    return Voice("flite", name, "en-us")
 
 
 def median_f0(waveform: np.ndarray, sample_rate: int) -> float:
@@ -62,14 +75,7 @@ def spectral_centroid(waveform: np.ndarray, sample_rate: int) -> float:
     return float((power * np.fft.rfftfreq(len(waveform), 1 / sample_rate)).sum() / power.sum())
 
 
-def test_festival_is_a_registered_engine():
-    assert ENGINES["festival"] is FestivalEngine
-    assert isinstance(get_engine("festival"), FestivalEngine)
-
-
-@pytest.mark.parametrize("base", sorted(FESTIVAL_BASE_VOICES))
-def test_festival_word_spans_line_up_with_the_speech(festival, base):
-    utterance = festival.synthesize(CAPTION, festival_voice(base), rate=175, pitch=50)
+def assert_spans_line_up_with_the_speech(utterance, label: str) -> None:
     assert utterance.sample_rate == 16000 and utterance.waveform.dtype == np.float32
     assert [w.word for w in utterance.words] == [w for w, _ in caption_words(CAPTION)]
     for a, b in zip(utterance.words, utterance.words[1:], strict=False):
@@ -83,22 +89,37 @@ def test_festival_word_spans_line_up_with_the_speech(festival, base):
     for word in utterance.words:
         span = slice(round(word.start / 0.01), round(word.end / 0.01))
         inside[span] = True
-        assert levels[span].max() > loud - 20, f"{base}: no speech inside the span of {word}"
+        assert levels[span].max() > loud - 20, f"{label}: no speech inside the span of {word}"
     # Nearly all speech energy lies inside the word spans; what lies outside is silence.
-    assert active[~inside].sum() <= 0.03 * active.sum(), base
+    assert active[~inside].sum() <= 0.03 * active.sum(), label
     # The comma makes a pause: the gap between "circle" and "and" is real silence in the audio.
     circle, after = utterance.words[5], utterance.words[6]
     assert (circle.word, after.word) == ("circle", "and")
     gap = levels[round(circle.end / 0.01) + 2: round(after.start / 0.01) - 2]
-    assert after.start - circle.end >= 0.08 and gap.size and gap.max() < loud - 30, base
+    assert after.start - circle.end >= 0.08 and gap.size and gap.max() < loud - 30, label
 
 
-def test_festival_keeps_every_caption_word_whatever_it_does_with_punctuation(festival):
+@pytest.mark.parametrize("name, engine_class", [("festival", FestivalEngine), ("flite", FliteEngine)])
+def test_engine_is_registered(name, engine_class):
+    assert ENGINES[name] is engine_class
+    assert isinstance(get_engine(name), engine_class)
+
+
+@pytest.mark.parametrize("engine, base", [("festival", b) for b in sorted(FESTIVAL_BASE_VOICES)]
+                         + [("flite", b) for b in sorted(FLITE_BASE_VOICES)])
+def test_word_spans_line_up_with_the_speech(engine, base):
+    utterance = get_engine(engine).synthesize(CAPTION, Voice(engine, base, "en-us"), rate=175, pitch=50)
+    assert_spans_line_up_with_the_speech(utterance, f"{engine}:{base}")
+
+
+@pytest.mark.parametrize("engine, base", [("festival", "kal_diphone"), ("flite", "rms")])
+def test_every_caption_word_is_kept_whatever_the_engine_does_with_punctuation(engine, base):
     text = "A red-circle, 2 stars ; on the grass."
-    utterance = festival.synthesize(text, festival_voice("kal_diphone"), rate=175, pitch=50)
+    utterance = get_engine(engine).synthesize(text, Voice(engine, base, "en-us"), rate=175, pitch=50)
     assert [w.word for w in utterance.words] == ["a", "redcircle", "2", "stars", "on", "the", "grass"]
-    two = utterance.words[2]
+    red_circle, two = utterance.words[1], utterance.words[2]
     assert two.end - two.start > 0.08  # "two" is spoken, not skipped
+    assert red_circle.end - red_circle.start > 0.4  # "red" and "circle" both
 
 
 def test_festival_is_deterministic_whatever_it_spoke_before(festival):
@@ -137,18 +158,19 @@ def test_festival_rate_pitch_and_vocal_tract_do_what_they_say(festival):
     assert abs(short.duration - long.duration) < 0.1
 
 
-def test_festival_voices_split_once_and_for_all(festival):
-    voices = festival.voices()
+@pytest.mark.parametrize("engine_class, voice_class", [(FestivalEngine, FestivalVoice), (FliteEngine, FliteVoice)])
+def test_voices_split_once_and_for_all(engine_class, voice_class):
+    voices = engine_class().voices()
     assert [v.id for v in voices] == sorted(v.id for v in voices)
-    assert {FestivalVoice.parse(v.name).base for v in voices} == set(FESTIVAL_BASE_VOICES)
-    assert all(FestivalVoice.parse(v.name).name == v.name for v in voices)
-    train, val = train_val_voices(festival)
-    assert (train, val) == train_val_voices(FestivalEngine())
+    assert {voice_class.parse(v.name).base for v in voices} == set(voice_class.BASES)
+    assert all(voice_class.parse(v.name).name == v.name for v in voices)
+    train, val = train_val_voices(engine_class())
+    assert (train, val) == train_val_voices(engine_class())
     train_ids, val_ids = {v.id for v in train}, {v.id for v in val}
     assert not train_ids & val_ids and train_ids | val_ids == {v.id for v in voices}
     assert 0.1 <= len(val) / len(voices) <= 0.35
     # Val holds unheard variants of at least two base voices (the in-engine test is not one speaker).
-    assert len({FestivalVoice.parse(v.name).base for v in val}) >= 2
+    assert len({voice_class.parse(v.name).base for v in val}) >= 2
 
 
 def test_festival_names_what_is_wrong(festival):
@@ -164,25 +186,55 @@ def test_festival_names_what_is_wrong(festival):
         FestivalEngine(binary="/nonexistent/festival").voices()
 
 
-def test_two_engine_corpus_is_the_same_whatever_the_workers_and_names_both_engines(tmp_path):
+def test_flite_is_deterministic_and_rate_pitch_and_vocal_tract_do_what_they_say(flite):
+    voice = flite_voice("awb+tract092")
+    first = flite.synthesize(CAPTION, voice, rate=150, pitch=40)
+    flite.synthesize("a white hexagon in the snow", flite_voice("slt+tract108"), rate=200, pitch=70)
+    again = FliteEngine().synthesize(CAPTION, voice, rate=150, pitch=40)
+    assert again.waveform.tobytes() == first.waveform.tobytes() and again.words == first.words
+
+    text = "a small green heart and a purple star"
+    rms = flite_voice("rms")
+    slow, fast = (flite.synthesize(text, rms, rate=r, pitch=50) for r in (100, 200))
+    speech_seconds = [u.words[-1].end - u.words[0].start for u in (slow, fast)]
+    assert 1.7 <= speech_seconds[0] / speech_seconds[1] <= 2.3
+    low, high = (flite.synthesize(text, rms, rate=175, pitch=p) for p in (20, 80))
+    assert 1.3 <= median_f0(high.waveform, 16000) / median_f0(low.waveform, 16000) <= 1.7  # 2 ** 0.6 = 1.52
+    assert abs(high.duration - low.duration) < 0.15  # pitch does not change the tempo
+    # Tract variants move the formants (and, in flite, the pitch with them), not the tempo.
+    short, long = (flite.synthesize(text, flite_voice(f"kal16+tract{t}"), rate=175, pitch=50) for t in ("112", "088"))
+    assert spectral_centroid(short.waveform, 16000) > 1.1 * spectral_centroid(long.waveform, 16000)
+    assert abs(short.duration - long.duration) < 0.15
+
+
+def test_flite_names_what_is_wrong(flite):
+    with pytest.raises(ValueError, match="flite voice 'kal_diphone' is not one of the corpus voices"):
+        FliteVoice.parse("kal_diphone")
+    with pytest.raises(ValueError, match="belongs to engine 'festival'"):
+        flite.synthesize("a red circle", festival_voice("kal_diphone"), rate=175, pitch=50)
+    with pytest.raises(SpeechEngineError, match="apt-get install flite"):
+        FliteEngine(binary="/nonexistent/flite").voices()
+
+
+def test_three_engine_corpus_is_the_same_whatever_the_workers_and_names_every_engine(tmp_path):
     inline = tmp_path / "inline"
-    synthesize_corpus(inline, pairs=10, val_pairs=6, seed=3, engines=("espeak", "festival"), workers=1,
+    synthesize_corpus(inline, pairs=10, val_pairs=6, seed=4, engines=("espeak", "festival", "flite"), workers=1,
                       progress=False)
     pooled = tmp_path / "pooled"
-    result = CliRunner().invoke(main, ["synth", str(pooled), "--pairs", "10", "--val-pairs", "6", "--seed", "3",
-                                       "--engines", "espeak,festival", "--workers", "2", "--quiet"])
+    result = CliRunner().invoke(main, ["synth", str(pooled), "--pairs", "10", "--val-pairs", "6", "--seed", "4",
+                                       "--engines", "espeak,festival,flite", "--workers", "2", "--quiet"])
     assert result.exit_code == 0, result.output
 
     files = sorted(p.relative_to(inline) for p in inline.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(pooled) for p in pooled.rglob("*") if p.is_file())
     assert [f for f in files if (inline / f).read_bytes() != (pooled / f).read_bytes()] == []
 
-    engines = {name: get_engine(name) for name in ("espeak", "festival")}
+    engines = {name: get_engine(name) for name in ("espeak", "festival", "flite")}
     splits = {name: train_val_voices(engine) for name, engine in engines.items()}
     for split, index in (("train", 0), ("val", 1)):
         manifest = load_manifest(Path(pooled) / f"{split}.json")
-        assert manifest.extra["corpus"]["engines"] == ["espeak", "festival"]
-        assert {e.engine for e in manifest.entries} == {"espeak", "festival"}, split
+        assert manifest.extra["corpus"]["engines"] == ["espeak", "festival", "flite"]
+        assert {e.engine for e in manifest.entries} == {"espeak", "festival", "flite"}, split
         for entry in manifest.entries:
             assert entry.speaker == f"{entry.engine}:{entry.voice}"
             assert entry.speaker in {v.id for v in splits[entry.engine][index]}, (split, entry.speaker)

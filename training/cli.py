@@ -16,7 +16,8 @@ import click
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Random seed; the same seed writes byte-identical files.")
 @click.option("--engines", default="espeak", show_default=True, metavar="NAME[,NAME...]",
-              help="Comma-separated speech engines; each pair draws one.")
+              help="Comma-separated speech engines; each pair draws one. Engines: espeak (espeak-ng), "
+                   "festival (diphone and HTS voices), flite (clustergen and diphone voices).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes (default: all CPU cores). The corpus does not depend on it.")
 @click.option("--force", is_flag=True, help="Replace a corpus that already exists in OUT.")

@@ -2,9 +2,10 @@
 
 An engine (``SpeechEngine``) lists its voices and turns a caption into an ``Utterance``: a waveform
 at 16 kHz and the time span of every spoken word. ``ENGINES`` maps engine names to their classes;
-adding an engine means writing one class and one row there. Two exist: ``espeak`` (formant
-synthesis, many accents and variants) and ``festival`` (diphone and HTS voices, see
-``FestivalEngine``): different enough that a model trained on one can be tested on the other.
+adding an engine means writing one class and one row there. Three exist: ``espeak`` (formant
+synthesis, many accents and variants), ``festival`` (diphone and HTS voices, see ``FestivalEngine``)
+and ``flite`` (clustergen and diphone voices, see ``FliteEngine``): different enough that a model
+trained on some can be tested on another.
 
 The espeak-ng engine drives libespeak-ng through ctypes in synchronous mode. Word onsets come from
 its word events (and its phoneme events where espeak speaks two words as one, e.g. "on the"); word
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import difflib
 import hashlib
 import math
 import os
@@ -33,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import soundfile
@@ -237,6 +239,19 @@ def timed_words(waveform: np.ndarray, sample_rate: int, words: list[str], onsets
             start, end = onsets[i], max(onsets[i], stops[i])
         out.append(TimedWord(word, float(min(start, duration)), float(min(end, duration))))
     return out
+
+
+def warped_utterance(samples: np.ndarray, native_rate: int, warp: float, words: list[str],
+                     spans: list[tuple[float, float]]) -> Utterance:
+    """An engine's int16 samples read as if recorded at native_rate * warp (every frequency and the
+    tempo scale by warp), at 16 kHz, with its word spans (seconds, in the engine's own timing)
+    scaled to match and trimmed to speech energy by ``timed_words``."""
+    warped_rate = round(native_rate * warp)
+    scale = native_rate / warped_rate
+    waveform = resample(samples.astype(np.float32) / 32768.0, warped_rate, SAMPLE_RATE)
+    return Utterance(waveform, SAMPLE_RATE, timed_words(waveform, SAMPLE_RATE, words,
+                                                        [start * scale for start, _ in spans],
+                                                        [end * scale for _, end in spans]))
 
 
 def finish_utterance(utterance: Utterance, *, lead_seconds: float, trail_seconds: float,
@@ -542,10 +557,10 @@ FESTIVAL_BINARY = "festival"
 # Base voices the corpus uses (festival voice names) -> language; those installed here are offered.
 # Debian packages: festvox-kallpc16k (kal_diphone), festvox-kdlpc16k (ked_diphone), festvox-us-slt-hts.
 FESTIVAL_BASE_VOICES = {"cmu_us_slt_arctic_hts": "en-us", "kal_diphone": "en-us", "ked_diphone": "en-us"}
-# Vocal-tract variants of each base voice: its spectral envelope (formants) scaled by this factor
-# (> 1: a shorter vocal tract). Voice "kal_diphone+tract108" is kal_diphone scaled by 1.08; the
-# factor 1.00 is the base voice as recorded, named without a suffix.
-FESTIVAL_TRACT_FACTORS = (0.88, 0.92, 0.96, 1.00, 1.04, 1.08, 1.12)
+# Vocal-tract variants of each base voice (festival and flite): its spectral envelope (formants)
+# scaled by this factor (> 1: a shorter vocal tract). Voice "kal_diphone+tract108" is kal_diphone
+# scaled by 1.08; the factor 1.00 is the base voice as recorded, named without a suffix.
+TRACT_FACTORS = (0.88, 0.92, 0.96, 1.00, 1.04, 1.08, 1.12)
 # The speaking rate (words per minute) at which a festival voice speaks at its own default speed.
 FESTIVAL_REFERENCE_WPM = 175
 # Pitch 0..100 moves the voice's f0 by this many octaves at most (0 -> down, 100 -> up).
@@ -596,29 +611,48 @@ _FESTIVAL_SCHEME = r"""
 
 
 @dataclass(frozen=True)
-class FestivalVoice:
-    """What a festival voice name means: a base voice, and the factor its formants are scaled by."""
+class TractVoice:
+    """What a voice name of a tract-variant engine means: a base voice, and the factor its formants
+    are scaled by. Subclasses name the engine and its base voices."""
 
     base: str
     tract: float
 
+    ENGINE: ClassVar[str] = ""
+    BASES: ClassVar[dict[str, str]] = {}
+
     @classmethod
-    def parse(cls, name: str) -> FestivalVoice:
-        """``"kal_diphone+tract108"`` -> FestivalVoice("kal_diphone", 1.08); ValueError for other names."""
+    def parse(cls, name: str) -> TractVoice:
+        """``"kal_diphone+tract108"`` -> (base "kal_diphone", tract 1.08); ValueError for other names."""
         base, _, variant = name.partition("+")
         tract = 1.0
         if variant:
             if not re.fullmatch(r"tract\d{3}", variant):
-                raise ValueError(f"festival voice {name!r}: the variant must look like '+tract108', got {variant!r}")
+                raise ValueError(f"{cls.ENGINE} voice {name!r}: the variant must look like '+tract108', got {variant!r}")
             tract = int(variant[5:]) / 100
-        if base not in FESTIVAL_BASE_VOICES or tract not in FESTIVAL_TRACT_FACTORS:
-            raise ValueError(f"festival voice {name!r} is not one of the corpus voices (bases "
-                             f"{', '.join(FESTIVAL_BASE_VOICES)}; tract factors {FESTIVAL_TRACT_FACTORS})")
+        if base not in cls.BASES or tract not in TRACT_FACTORS:
+            raise ValueError(f"{cls.ENGINE} voice {name!r} is not one of the corpus voices (bases "
+                             f"{', '.join(cls.BASES)}; tract factors {TRACT_FACTORS})")
         return cls(base, tract)
 
     @property
     def name(self) -> str:
         return self.base if self.tract == 1.0 else f"{self.base}+tract{round(self.tract * 100):03d}"
+
+    @classmethod
+    def offered(cls, installed: frozenset[str], install_hint: str) -> list[Voice]:
+        """Base voice x tract factor for the base voices among ``installed``, sorted by id."""
+        bases = [base for base in cls.BASES if base in installed]
+        if not bases:
+            raise SpeechEngineError(f"{cls.ENGINE} has none of the voices {', '.join(cls.BASES)} "
+                                    f"(it lists {sorted(installed) or 'none'}); {install_hint}")
+        voices = [Voice(cls.ENGINE, cls(base, tract).name, cls.BASES[base]) for base in bases for tract in TRACT_FACTORS]
+        return sorted(voices, key=lambda v: v.id)
+
+
+class FestivalVoice(TractVoice):
+    ENGINE = "festival"
+    BASES = FESTIVAL_BASE_VOICES
 
 
 def _scheme_string(text: str) -> str:
@@ -744,7 +778,7 @@ class FestivalEngine:
     """Festival through long-lived ``festival --pipe`` processes (one per base voice and process, started
     on first use, stopped at exit or by ``stop_festival``).
 
-    Voices are base voice x vocal-tract factor (FESTIVAL_BASE_VOICES x FESTIVAL_TRACT_FACTORS). Per
+    Voices are base voice x vocal-tract factor (FESTIVAL_BASE_VOICES x TRACT_FACTORS). Per
     utterance, ``rate`` sets the duration (diphone voices: Duration_Stretch; HTS: the engine's
     speed) and ``pitch`` the f0 (diphone voices: the intonation model's target mean and spread).
     The tract factor f is applied by reading festival's output as if sampled f times faster, which
@@ -762,14 +796,7 @@ class FestivalEngine:
 
     def voices(self) -> list[Voice]:
         """Base voice x tract factor for the base voices installed here, sorted by id."""
-        installed = _installed_festival_voices(self.binary)
-        bases = [base for base in FESTIVAL_BASE_VOICES if base in installed]
-        if not bases:
-            raise SpeechEngineError(f"festival has none of the voices {', '.join(FESTIVAL_BASE_VOICES)} "
-                                    f"(it lists {sorted(installed) or 'none'}); {_FESTIVAL_INSTALL_HINT}")
-        voices = [Voice(self.name, FestivalVoice(base, tract).name, FESTIVAL_BASE_VOICES[base])
-                  for base in bases for tract in FESTIVAL_TRACT_FACTORS]
-        return sorted(voices, key=lambda v: v.id)
+        return FestivalVoice.offered(_installed_festival_voices(self.binary), _FESTIVAL_INSTALL_HINT)
 
     def synthesize(self, text: str, voice: Voice, rate: int, pitch: int) -> Utterance:
         """Speak ``text`` (see ``SpeechEngine.synthesize``) -> 16 kHz Utterance with timed words."""
@@ -784,14 +811,8 @@ class FestivalEngine:
                 text, stretch=tempo * warp, f0_factor=pitch_factor / variant.tract, speed=1.0 / (tempo * warp))
         if samples.size == 0:
             raise SpeechEngineError(f"festival produced no audio for {text!r} with {voice.id}")
-        # Read the samples as if recorded at native_rate * warp: every frequency and the tempo scale by warp.
-        warped_rate = round(native_rate * warp)
-        scale = native_rate / warped_rate
-        spans = _festival_word_spans(text, words, token_lines)
-        waveform = resample(samples.astype(np.float32) / 32768.0, warped_rate, SAMPLE_RATE)
-        return Utterance(waveform, SAMPLE_RATE, timed_words(waveform, SAMPLE_RATE, [w for w, _ in words],
-                                                            [start * scale for start, _ in spans],
-                                                            [end * scale for _, end in spans]))
+        return warped_utterance(samples, native_rate, warp, [w for w, _ in words],
+                                _festival_word_spans(text, words, token_lines))
 
 
 def _festival_word_spans(text: str, words: list[tuple[str, int]], token_lines: list[bytes]) -> list[tuple[float, float]]:
@@ -817,7 +838,134 @@ def _festival_word_spans(text: str, words: list[tuple[str, int]], token_lines: l
     return [span for _, span in spans]
 
 
-ENGINES: dict[str, Callable[[], SpeechEngine]] = {"espeak": EspeakEngine, "festival": FestivalEngine}
+# ----------------------------------------------------------------------------------------------
+# flite
+
+
+FLITE_BINARY = "flite"
+# Base voices (flite -voice names, all compiled into Debian's flite) -> language. kal16 is the same
+# diphone database as festival's kal_diphone; slt is the same speaker as festival's HTS voice, made
+# with another method (clustergen); awb (Scottish English) and rms are speakers no other engine has.
+# Left out: "kal" (kal16 at 8 kHz) and "awb_time" (speaks only clock times).
+FLITE_BASE_VOICES = {"awb": "en-gb-scotland", "kal16": "en-us", "rms": "en-us", "slt": "en-us"}
+FLITE_REFERENCE_WPM = 175
+FLITE_TIMEOUT_SECONDS = 60.0
+_FLITE_INSTALL_HINT = "install it with `apt-get install flite` (Debian/Ubuntu)"
+
+
+class FliteVoice(TractVoice):
+    ENGINE = "flite"
+    BASES = FLITE_BASE_VOICES
+
+
+def _run_flite(binary: str, args: list[str], what: str) -> str:
+    try:
+        result = subprocess.run([binary, *args], capture_output=True, text=True, timeout=FLITE_TIMEOUT_SECONDS,
+                                check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SpeechEngineError(f"cannot run flite ({binary!r}: {exc}) while {what}; {_FLITE_INSTALL_HINT}") from exc
+    if result.returncode != 0:
+        raise SpeechEngineError(f"flite failed while {what} (exit {result.returncode}): "
+                                f"{(result.stderr or result.stdout).strip()}")
+    return result.stdout
+
+
+@cache
+def _installed_flite_voices(binary: str) -> frozenset[str]:
+    listing = _run_flite(binary, ["-lv"], "listing its voices")  # "Voices available: kal awb_time kal16 ..."
+    return frozenset(listing.partition(":")[2].split())
+
+
+@cache
+def _flite_token_phones(binary: str, token: str) -> tuple[str, ...]:
+    """The phones flite speaks for one text token on its own (lexicon, letter-to-sound, number expansion)."""
+    out = _run_flite(binary, ["-ps", "-o", "none", "-t", token], f"looking up the phones of {token!r}")
+    return tuple(p for p in out.split() if p != "pau")
+
+
+def _flite_segments(output: str) -> list[tuple[str, float, float]]:
+    """``flite -psdur`` output ("pau:0.174 ax:0.200 ...", each phone with its end time) -> (phone, start, end)."""
+    segments, start = [], 0.0
+    for item in output.split():
+        phone, _, end = item.rpartition(":")
+        if not phone:
+            continue
+        segments.append((phone, start, float(end)))
+        start = float(end)
+    return segments
+
+
+def _flite_word_spans(binary: str, text: str, words: list[tuple[str, int]],
+                      segments: list[tuple[str, float, float]]) -> list[tuple[float, float]]:
+    """(start, end) in seconds of each caption word: the phones of each word's token, looked up alone,
+    aligned to the phones flite spoke for the whole text (difflib; context may change a vowel)."""
+    spoken = [seg for seg in segments if seg[0] != "pau"]
+    expected: list[str] = []
+    owner: list[int] = []  # caption word of each expected phone
+    for i, (word, offset) in enumerate(words):
+        token = text[offset:].split(maxsplit=1)[0]
+        phones = _flite_token_phones(binary, token)
+        if not phones:
+            raise SpeechEngineError(f"flite speaks no sound for the word {word!r} of {text!r}")
+        expected.extend(phones)
+        owner.extend([i] * len(phones))
+    matched: list[list[int]] = [[] for _ in words]  # spoken phone indices of each word
+    matcher = difflib.SequenceMatcher(None, expected, [seg[0] for seg in spoken], autojunk=False)
+    for tag, e0, e1, s0, s1 in matcher.get_opcodes():
+        if tag in ("equal", "replace"):
+            for k in range(e0, e1):  # proportional when the two runs differ in length
+                matched[owner[k]].append(s0 + min(s1 - s0 - 1, (k - e0) * (s1 - s0) // (e1 - e0)))
+    missing = [words[i][0] for i, m in enumerate(matched) if not m]
+    if missing:
+        raise SpeechEngineError(f"flite's phones for {text!r} do not cover the word(s) {missing}")
+    spans = [(spoken[min(m)][1], spoken[max(m)][2]) for m in matched]
+    for (a_start, a_end), (b_start, _) in zip(spans, spans[1:], strict=False):
+        if b_start < a_end or a_end <= a_start:
+            raise SpeechEngineError(f"flite's phones for {text!r} do not align word by word")
+    return spans
+
+
+class FliteEngine:
+    """CMU Flite (``flite`` binary, one short process per utterance): clustergen voices (awb, rms, slt)
+    and a diphone voice (kal16), none of which speaks like espeak's formant synthesis.
+
+    Voices are base voice x vocal-tract factor (FLITE_BASE_VOICES x TRACT_FACTORS). ``rate`` sets
+    flite's ``duration_stretch``. The tract factor f and the pitch factor p are applied by reading
+    flite's output as if sampled f * p times faster (flite speaks that much slower beforehand), so
+    formants and pitch move together: flite's f0 settings reach only some of its voices. Word spans
+    come from flite's phone timings (``-psdur``), the phones of each word's token aligned to them,
+    trimmed to speech energy by ``timed_words``.
+    """
+
+    name = "flite"
+
+    def __init__(self, binary: str = FLITE_BINARY):
+        self.binary = binary
+
+    def voices(self) -> list[Voice]:
+        """Base voice x tract factor for the base voices this flite has, sorted by id."""
+        return FliteVoice.offered(_installed_flite_voices(self.binary), _FLITE_INSTALL_HINT)
+
+    def synthesize(self, text: str, voice: Voice, rate: int, pitch: int) -> Utterance:
+        """Speak ``text`` (see ``SpeechEngine.synthesize``) -> 16 kHz Utterance with timed words."""
+        words = check_request(self.name, text, voice, rate, pitch)
+        variant = FliteVoice.parse(voice.name)
+        warp = variant.tract * 2.0 ** ((pitch - 50) / 50 * PITCH_RANGE_OCTAVES)
+        stretch = FLITE_REFERENCE_WPM / rate * warp
+        flat = " ".join(text.split())
+        with tempfile.TemporaryDirectory(prefix="matchmap-flite-") as workdir:
+            wav_path = Path(workdir) / "utterance.wav"
+            output = _run_flite(self.binary, ["-voice", variant.base, "--setf", f"duration_stretch={stretch:.6f}",
+                                              "-psdur", "-t", flat, "-o", str(wav_path)], f"speaking {text!r}")
+            samples, native_rate = soundfile.read(wav_path, dtype="int16")
+        if samples.size == 0:
+            raise SpeechEngineError(f"flite produced no audio for {text!r} with {voice.id}")
+        return warped_utterance(samples, native_rate, warp, [w for w, _ in words],
+                                _flite_word_spans(self.binary, flat, caption_words(flat), _flite_segments(output)))
+
+
+ENGINES: dict[str, Callable[[], SpeechEngine]] = {"espeak": EspeakEngine, "festival": FestivalEngine,
+                                                  "flite": FliteEngine}
 
 
 def get_engine(name: str) -> SpeechEngine:

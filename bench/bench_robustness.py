@@ -1,0 +1,208 @@
+"""Recall when the spoken queries are recorded badly: noise, babble, a telephone line, a reverberant
+room, a quiet microphone with silence around the words. One or more checkpoints, side by side.
+
+Every condition changes the recording, never the words or the images. Each caption's perturbation
+is drawn from its own generator (seed, caption index), so every checkpoint hears exactly the same
+degraded audio and reruns are exact. Babble (three other captions of the set, mixed) and reverb are
+noise kinds no augmentation trains on; white noise is the kind the `noise` augmentation trains on.
+
+    .venv/bin/python bench/bench_robustness.py corpus2/val.json                       # the shipped model
+    .venv/bin/python bench/bench_robustness.py corpus2/val.json --checkpoint old.pt --checkpoint new.pt
+
+Prints a table of MISA recall (speech -> image R@1 / R@10, image -> speech R@10) per condition and
+checkpoint, and the achieved SNR of the noisy conditions; --json writes the same as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchaudio.functional as AF
+from torch.utils.data import Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from encoders import create_model  # noqa: E402
+from training.augment import snr_db  # noqa: E402
+from training.data import CaptionedImages  # noqa: E402
+from training.evaluate import embed_pairs, evaluate_embeddings  # noqa: E402
+from training.manifest import load_manifest  # noqa: E402
+
+Perturb = Callable[[torch.Tensor, int, torch.Generator, "CaptionedImages", int], torch.Tensor]
+
+
+def _scale_to_snr(clean: torch.Tensor, noise: torch.Tensor, snr: float) -> torch.Tensor:
+    power = clean.pow(2).mean().clamp_min(1e-10)
+    return clean + noise * torch.sqrt(power / (noise.pow(2).mean().clamp_min(1e-10) * 10 ** (snr / 10)))
+
+
+def white_noise(snr: float) -> Perturb:
+    def perturb(wave, sr, gen, data, index):
+        return _scale_to_snr(wave, torch.randn(wave.shape, generator=gen), snr)
+    return perturb
+
+
+def babble(snr: float, talkers: int = 3) -> Perturb:
+    """Other captions of the same set, summed and looped to the query's length: competing speech."""
+    def perturb(wave, sr, gen, data, index):
+        noise = torch.zeros_like(wave)
+        for _ in range(talkers):
+            other = int(torch.randint(len(data), (), generator=gen))
+            if other == index:
+                other = (other + 1) % len(data)
+            talker = torch.from_numpy(data.waveforms[other].astype(np.float32) / 32767.0)
+            noise += talker.repeat(wave.shape[0] // talker.shape[0] + 1)[: wave.shape[0]]
+        return _scale_to_snr(wave, noise, snr)
+    return perturb
+
+
+def telephone(wave, sr, gen, data, index):
+    """8 kHz sampling and a 300 Hz high-pass: the 300-3400 Hz band of a phone line."""
+    narrow = AF.resample(wave, sr, 8000)
+    narrow = AF.highpass_biquad(narrow, 8000, 300.0)
+    return AF.resample(narrow, 8000, sr)
+
+
+def reverb(rt60: float) -> Perturb:
+    """A diffuse room tail (exponentially decaying noise reaching -60 dB at rt60) after the direct path."""
+    def perturb(wave, sr, gen, data, index):
+        length = int(rt60 * sr)
+        t = torch.arange(length) / sr
+        tail = torch.randn(length, generator=gen) * torch.exp(-6.9 * t / rt60)
+        tail[0] = 0.0
+        impulse = torch.cat([torch.ones(1), 0.5 * tail / tail.norm().clamp_min(1e-8)])
+        out = AF.fftconvolve(wave, impulse)[: wave.shape[0]]
+        return out * (wave.abs().max() / out.abs().max().clamp_min(1e-8))
+    return perturb
+
+
+def quiet_with_silence(gain_db: float, pad_seconds: float) -> Perturb:
+    """A distant, quiet microphone (gain_db, quantized to 16 bits) and digital silence before and after."""
+    def perturb(wave, sr, gen, data, index):
+        quiet = torch.round(wave * 10 ** (gain_db / 20) * 32767) / 32767
+        pad = torch.zeros(int(pad_seconds * sr))
+        return torch.cat([pad, quiet, pad])
+    return perturb
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    description: str
+    perturb: Perturb | None  # None: the recording as synthesized
+    noisy: bool = False  # report the achieved SNR
+
+
+CONDITIONS = (
+    Condition("clean", "as synthesized", None),
+    Condition("white-20", "white noise, 20 dB SNR", white_noise(20.0), True),
+    Condition("white-10", "white noise, 10 dB SNR", white_noise(10.0), True),
+    Condition("white-5", "white noise, 5 dB SNR", white_noise(5.0), True),
+    Condition("babble-10", "three other captions mixed in, 10 dB SNR", babble(10.0), True),
+    Condition("babble-5", "three other captions mixed in, 5 dB SNR", babble(5.0), True),
+    Condition("telephone", "8 kHz, 300-3400 Hz band", telephone),
+    Condition("reverb-0.5", "room reverberation, RT60 0.5 s", reverb(0.5)),
+    Condition("quiet-silence", "-30 dB quieter, 16-bit, 0.5 s of silence before and after",
+              quiet_with_silence(-30.0, 0.5)),
+)
+
+
+class DegradedCaptions(Dataset):
+    """The pairs of a loaded ``CaptionedImages`` (eval front ends) with one condition applied to the audio."""
+
+    def __init__(self, data: CaptionedImages, condition: Condition, seed: int) -> None:
+        self.data, self.condition, self.seed = data, condition, seed
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def waveform(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean, degraded) waveforms of caption ``index``."""
+        clean = torch.from_numpy(self.data.waveforms[index].astype(np.float32) / 32767.0)
+        if self.condition.perturb is None:
+            return clean, clean
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return clean, self.condition.perturb(clean, self.data.sample_rate, gen, self.data, index).clamp(-1, 1)
+
+    def __getitem__(self, index: int):
+        _, wave = self.waveform(index)
+        logmel, length = self.data.audio_frontend(wave, self.data.sample_rate)
+        return self.data.image_frontend(self.data.images[index]), logmel, length, index
+
+
+def achieved_snr(dataset: DegradedCaptions, count: int = 50) -> float:
+    """Median SNR (dB) of the degraded against the clean audio over the first ``count`` captions."""
+    values = []
+    for i in range(min(count, len(dataset))):
+        clean, noisy = dataset.waveform(i)
+        values.append(snr_db(clean, noisy))
+    return float(np.median(values))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("manifest", type=Path, help="a val manifest (voices the models never heard)")
+    parser.add_argument("--checkpoint", action="append", default=None,
+                        help="a checkpoint to measure; repeat for side-by-side columns (default: the shipped model)")
+    parser.add_argument("--conditions", default=",".join(c.name for c in CONDITIONS),
+                        help="comma-separated subset of: " + ", ".join(c.name for c in CONDITIONS))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the perturbations")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    by_name = {c.name: c for c in CONDITIONS}
+    unknown = [n for n in args.conditions.split(",") if n not in by_name]
+    if unknown:
+        parser.error(f"unknown condition(s) {', '.join(unknown)}; choose from {', '.join(by_name)}")
+    conditions = [by_name[n] for n in args.conditions.split(",")]
+    checkpoints = args.checkpoint or [None]
+    manifest = load_manifest(args.manifest)
+
+    started = time.monotonic()
+    results: dict = {"manifest": str(args.manifest), "pairs": len(manifest.entries), "seed": args.seed,
+                     "conditions": {c.name: {"description": c.description} for c in conditions}, "models": []}
+    for checkpoint in checkpoints:
+        model = create_model(checkpoint)
+        data = CaptionedImages(manifest, model, train=False, progress=False)
+        model_result = {"checkpoint": checkpoint or "shipped", "version": model.version, "recall": {}}
+        for condition in conditions:
+            dataset = DegradedCaptions(data, condition, args.seed)
+            if condition.noisy and "snr_db" not in results["conditions"][condition.name]:
+                results["conditions"][condition.name]["snr_db"] = round(achieved_snr(dataset), 2)
+            recall = evaluate_embeddings(embed_pairs(model, dataset, progress=False))
+            model_result["recall"][condition.name] = {"MISA": recall["MISA"], "SISA": recall["SISA"]}
+            misa = recall["MISA"]
+            print(f"{model.version} {condition.name}: MISA s->i R@10 {misa['speech_to_image']['R@10']:.3f} "
+                  f"i->s R@10 {misa['image_to_speech']['R@10']:.3f}", file=sys.stderr, flush=True)
+        results["models"].append(model_result)
+    results["seconds"] = round(time.monotonic() - started, 1)
+
+    names = [m["version"] for m in results["models"]]
+    print(f"MISA recall on {results['pairs']} pairs of {args.manifest} under degraded recordings "
+          f"(speech -> image R@1 / R@10, image -> speech R@10; seed {args.seed})")
+    print(f"{'condition':<15} {'SNR dB':>6}  " + "  ".join(f"{n:>24}" for n in names))
+    for condition in conditions:
+        snr = results["conditions"][condition.name].get("snr_db")
+        cells = []
+        for m in results["models"]:
+            misa = m["recall"][condition.name]["MISA"]
+            cells.append(f"{misa['speech_to_image']['R@1']:.3f} / {misa['speech_to_image']['R@10']:.3f} / "
+                         f"{misa['image_to_speech']['R@10']:.3f}")
+        print(f"{condition.name:<15} {'' if snr is None else f'{snr:.1f}':>6}  " + "  ".join(f"{c:>24}" for c in cells))
+    print(f"({results['seconds']:.0f} s) reproduce: .venv/bin/python bench/bench_robustness.py {args.manifest} "
+          + " ".join(f"--checkpoint {c}" for c in checkpoints if c) + f" --seed {args.seed}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
