@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 import torchaudio.functional as AF
 
+from training.speech import fast_fft_length
+
 # Speed factors are drawn from a fixed set so resampling ratios stay cheap (small gcd with 16 kHz).
 SPEED_FACTORS = (0.88, 0.92, 0.96, 1.0, 1.04, 1.08, 1.12)
 
@@ -95,15 +97,17 @@ def augment_waveform(wave: torch.Tensor, sample_rate: int, cfg: AugmentConfig) -
 
 
 def _random_equalizer(wave: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """A smooth random gain curve (+-9 dB) and a random band limit, applied in the frequency domain."""
-    spectrum = torch.fft.rfft(wave)
+    """A smooth random gain curve (+-9 dB) and a random band limit, applied in the frequency domain
+    (zero-padded to a fast FFT length: a caption's length is often a large prime times something)."""
+    n_fft = fast_fft_length(wave.shape[0])
+    spectrum = torch.fft.rfft(wave, n=n_fft)
     bins = spectrum.shape[0]
     knots = torch.empty(8).uniform_(-9.0, 9.0)
     gain_db = F.interpolate(knots.view(1, 1, -1), size=bins, mode="linear", align_corners=True).view(-1)
     freqs = torch.linspace(0, sample_rate / 2, bins)
     low_cut, high_cut = _uniform(50, 300), _uniform(3000, sample_rate / 2)
     gain = 10 ** (gain_db / 20) * (freqs >= low_cut) * (freqs <= high_cut)
-    return torch.fft.irfft(spectrum * gain, n=wave.shape[0])
+    return torch.fft.irfft(spectrum * gain, n=n_fft)[: wave.shape[0]]
 
 
 def _synthetic_reverb(wave: torch.Tensor, sample_rate: int, rt60: float) -> torch.Tensor:
@@ -121,10 +125,20 @@ def _add_noise(wave: torch.Tensor, snr_db: float) -> torch.Tensor:
     noise = torch.randn_like(wave)
     if torch.rand(()).item() < 0.5:  # pink-ish: integrate white noise once, then remove drift
         noise = torch.cumsum(noise, 0)
-        noise = noise - F.avg_pool1d(noise.view(1, 1, -1), 401, 1, 200, count_include_pad=False).view(-1)
+        noise = noise - _moving_average(noise, 401)
     signal_power = wave.pow(2).mean().clamp_min(1e-10)
     noise = noise * torch.sqrt(signal_power / (noise.pow(2).mean().clamp_min(1e-10) * 10 ** (snr_db / 10)))
     return wave + noise
+
+
+def _moving_average(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Centred moving average of x (N,) over ``width`` (odd) samples; at the ends, over the samples
+    that exist. O(N) through a float64 running sum."""
+    half = width // 2
+    total = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(x.double(), 0)])
+    index = torch.arange(x.shape[0])
+    lo, hi = (index - half).clamp(min=0), (index + half + 1).clamp(max=x.shape[0])
+    return ((total[hi] - total[lo]) / (hi - lo)).to(x.dtype)
 
 
 def augment_logmel(logmel: torch.Tensor, length: int, cfg: AugmentConfig) -> torch.Tensor:

@@ -149,8 +149,8 @@ def check_request(engine_name: str, text: str, voice: Voice, rate: int, pitch: i
 # Signal helpers shared by every engine
 
 
-def _fast_fft_length(minimum: int) -> int:
-    # The smallest 2^a 3^b 5^c >= minimum: lengths numpy's FFT handles without its slow prime path.
+def fast_fft_length(minimum: int) -> int:
+    """The smallest 2^a 3^b 5^c >= minimum: a length FFTs handle without their slow prime-size path."""
     best = 1 << max(minimum - 1, 0).bit_length()
     power5 = 1
     while power5 < best:
@@ -182,7 +182,7 @@ def resample(waveform: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     n_out = math.ceil(len(waveform) * up / down)
     if up == down or len(waveform) == 0:
         return waveform.astype(np.float32)
-    blocks = _fast_fft_length(math.ceil((len(waveform) + 256) / down))
+    blocks = fast_fft_length(math.ceil((len(waveform) + 256) / down))
     n_in, n_new = blocks * down, blocks * up
     spectrum = np.fft.rfft(waveform, n=n_in)
     kept = min(len(spectrum), n_new // 2 + 1)
