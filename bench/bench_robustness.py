@@ -84,12 +84,18 @@ def reverb(rt60: float) -> Perturb:
     return perturb
 
 
-def quiet_with_silence(gain_db: float, pad_seconds: float) -> Perturb:
-    """A distant, quiet microphone (gain_db, quantized to 16 bits) and digital silence before and after."""
+def quiet(gain_db: float) -> Perturb:
+    """A distant, quiet microphone: gain_db, quantized to 16 bits."""
     def perturb(wave, sr, gen, data, index):
-        quiet = torch.round(wave * 10 ** (gain_db / 20) * 32767) / 32767
-        pad = torch.zeros(int(pad_seconds * sr))
-        return torch.cat([pad, quiet, pad])
+        return torch.round(wave * 10 ** (gain_db / 20) * 32767) / 32767
+    return perturb
+
+
+def silence_around(seconds: float) -> Perturb:
+    """Digital silence before and after the caption (a push-to-talk button pressed early, released late)."""
+    def perturb(wave, sr, gen, data, index):
+        pad = torch.zeros(int(seconds * sr))
+        return torch.cat([pad, wave, pad])
     return perturb
 
 
@@ -110,8 +116,8 @@ CONDITIONS = (
     Condition("babble-5", "three other captions mixed in, 5 dB SNR", babble(5.0), True),
     Condition("telephone", "8 kHz, 300-3400 Hz band", telephone),
     Condition("reverb-0.5", "room reverberation, RT60 0.5 s", reverb(0.5)),
-    Condition("quiet-silence", "-30 dB quieter, 16-bit, 0.5 s of silence before and after",
-              quiet_with_silence(-30.0, 0.5)),
+    Condition("quiet", "-30 dB quieter, 16-bit", quiet(-30.0)),
+    Condition("silence", "1 s of digital silence before and after", silence_around(1.0)),
 )
 
 
