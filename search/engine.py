@@ -58,7 +58,7 @@ class SearchLimits:
     default_top_k: int = 10
     max_top_k: int = 1000
     # Stage-1 candidates re-ranked by MISA. bench/bench_search.py on 10,000 images with the shipped
-    # model: the two-stage top-10 holds 1.000 of the exhaustive MISA top-10 at 4,000 (0.991 at 1,000).
+    # model: the two-stage top-10 holds 1.000 of the exhaustive MISA top-10 at 4,000 (0.992 at 1,000).
     default_candidates: int = 4000
     max_candidates: int = 10_000
     resident_maps_mb: float = 4096.0  # memory for collections' feature maps held in memory (0 = read from the store)

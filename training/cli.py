@@ -68,13 +68,14 @@ def _load_manifest_or_exit(path: str, skip_bad: bool):
 @click.option("--config", "model", default="tiny", help="Model config from `matchmap models`, or a checkpoint to fine-tune.")
 @click.option("--loss", type=click.Choice(["infonce", "margin"]), default="infonce",
               help="infonce: symmetric softmax over the in-batch matrix; margin: the paper's sampled margin ranking.")
-@click.option("--epochs", type=int, default=20)
+@click.option("--epochs", type=int, default=18)
 @click.option("--batch-size", type=int, default=64, help="Pairs per step (per process under torchrun).")
 @click.option("--lr", type=float, default=1e-3)
-@click.option("--sisa-weight", type=float, default=0.25,
+@click.option("--sisa-weight", type=float, default=0.5,
               help="Weight of the same loss on SISA scores (trains the stage-1 pooled vectors).")
-@click.option("--augment", default="speed,specaugment",
-              help="Comma-separated: speed, noise, reverb, eq, vtlp, specaugment; or none.")
+@click.option("--augment", default="speed,noise,vtlp,specaugment",
+              help="Comma-separated: speed, noise, reverb, eq, vtlp, specaugment; or none. The default is "
+                   "the shipped model's set: what paid on unheard engines and noisy recordings (docs/model.md).")
 @click.option("--seed", type=int, default=0)
 @click.option("--max-minutes", type=float, default=None, help="Stop after the epoch that crosses this wall-clock budget.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,

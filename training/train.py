@@ -39,14 +39,14 @@ class TrainConfig:
     model: str = "tiny"  # a registry name, or a checkpoint path to start from (fine-tuning)
     loss: str = "infonce"  # infonce (in-batch, symmetric) | margin (the paper's sampled margin ranking)
     margin: float = 1.0  # eta of the margin loss
-    sisa_weight: float = 0.25  # weight of the same loss on SISA scores: trains the stage-1 pooled vectors
-    epochs: int = 20
+    sisa_weight: float = 0.5  # weight of the same loss on SISA scores: trains the stage-1 pooled vectors
+    epochs: int = 18
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     seed: int = 0
-    augment: str = "speed,specaugment"
+    augment: str = "speed,noise,vtlp,specaugment"  # the shipped recipe (docs/model.md)
     num_workers: int = 0
     precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast (CPU or CUDA), optimizer state fp32
     calibrate_temperature: bool = True  # set the in-batch loss temperatures from the first batch's score spread
