@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encoders import create_model  # noqa: E402
+from encoders import create_model, trim_silence  # noqa: E402
 from training.augment import snr_db  # noqa: E402
 from training.data import CaptionedImages  # noqa: E402
 from training.evaluate import embed_pairs, evaluate_embeddings  # noqa: E402
@@ -124,8 +124,8 @@ CONDITIONS = (
 class DegradedCaptions(Dataset):
     """The pairs of a loaded ``CaptionedImages`` (eval front ends) with one condition applied to the audio."""
 
-    def __init__(self, data: CaptionedImages, condition: Condition, seed: int) -> None:
-        self.data, self.condition, self.seed = data, condition, seed
+    def __init__(self, data: CaptionedImages, condition: Condition, seed: int, trim: bool = False) -> None:
+        self.data, self.condition, self.seed, self.trim = data, condition, seed, trim
 
     def __len__(self) -> int:
         return len(self.data)
@@ -140,6 +140,8 @@ class DegradedCaptions(Dataset):
 
     def __getitem__(self, index: int):
         _, wave = self.waveform(index)
+        if self.trim:  # what the search service does to a query before its front end
+            wave = trim_silence(wave, self.data.sample_rate)
         logmel, length = self.data.audio_frontend(wave, self.data.sample_rate)
         return self.data.image_frontend(self.data.images[index]), logmel, length, index
 
@@ -161,6 +163,8 @@ def main() -> None:
     parser.add_argument("--conditions", default=",".join(c.name for c in CONDITIONS),
                         help="comma-separated subset of: " + ", ".join(c.name for c in CONDITIONS))
     parser.add_argument("--seed", type=int, default=0, help="seed of the perturbations")
+    parser.add_argument("--trim-silence", action="store_true",
+                        help="trim each degraded query's leading and trailing silence first, as `matchmap serve` does")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -174,13 +178,14 @@ def main() -> None:
 
     started = time.monotonic()
     results: dict = {"manifest": str(args.manifest), "pairs": len(manifest.entries), "seed": args.seed,
+                     "trim_silence": args.trim_silence,
                      "conditions": {c.name: {"description": c.description} for c in conditions}, "models": []}
     for checkpoint in checkpoints:
         model = create_model(checkpoint)
         data = CaptionedImages(manifest, model, train=False, progress=False)
         model_result = {"checkpoint": checkpoint or "shipped", "version": model.version, "recall": {}}
         for condition in conditions:
-            dataset = DegradedCaptions(data, condition, args.seed)
+            dataset = DegradedCaptions(data, condition, args.seed, trim=args.trim_silence)
             if condition.noisy and "snr_db" not in results["conditions"][condition.name]:
                 results["conditions"][condition.name]["snr_db"] = round(achieved_snr(dataset), 2)
             recall = evaluate_embeddings(embed_pairs(model, dataset, progress=False))
@@ -193,7 +198,8 @@ def main() -> None:
 
     names = [m["version"] for m in results["models"]]
     print(f"MISA recall on {results['pairs']} pairs of {args.manifest} under degraded recordings "
-          f"(speech -> image R@1 / R@10, image -> speech R@10; seed {args.seed})")
+          f"(speech -> image R@1 / R@10, image -> speech R@10; seed {args.seed}"
+          + ("; queries trimmed of silence" if args.trim_silence else "") + ")")
     print(f"{'condition':<15} {'SNR dB':>6}  " + "  ".join(f"{n:>24}" for n in names))
     for condition in conditions:
         snr = results["conditions"][condition.name].get("snr_db")
@@ -203,8 +209,10 @@ def main() -> None:
             cells.append(f"{misa['speech_to_image']['R@1']:.3f} / {misa['speech_to_image']['R@10']:.3f} / "
                          f"{misa['image_to_speech']['R@10']:.3f}")
         print(f"{condition.name:<15} {'' if snr is None else f'{snr:.1f}':>6}  " + "  ".join(f"{c:>24}" for c in cells))
-    print(f"({results['seconds']:.0f} s) reproduce: .venv/bin/python bench/bench_robustness.py {args.manifest} "
-          + " ".join(f"--checkpoint {c}" for c in checkpoints if c) + f" --seed {args.seed}")
+    command = ([".venv/bin/python", "bench/bench_robustness.py", str(args.manifest)]
+               + [f"--checkpoint {c}" for c in checkpoints if c] + [f"--seed {args.seed}"]
+               + (["--trim-silence"] if args.trim_silence else []))
+    print(f"({results['seconds']:.0f} s) reproduce: {' '.join(command)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

@@ -25,6 +25,7 @@ from encoders.frontend import (
     ImageFrontEnd,
     load_audio,
     load_image,
+    trim_silence,
     waveform_from_pcm,
 )
 from encoders.matchmap import (
@@ -63,6 +64,7 @@ __all__ = [
     "register_config",
     "save_checkpoint",
     "score_matrix",
+    "trim_silence",
     "waveform_from_pcm",
     "weights_version",
 ]

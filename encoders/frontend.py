@@ -128,6 +128,36 @@ def _finite_at_rate(waveform: torch.Tensor, rate: int, target_rate: int, label: 
     return waveform.to(torch.float32).contiguous()
 
 
+# Query trimming: 10 ms frames more than this far below the loudest are silence, and this much of
+# it is kept on each side of the speech (the training captions have 0.09-0.31 s).
+TRIM_RANGE_DB = 40.0
+TRIM_MARGIN_SECONDS = 0.25
+
+
+def trim_silence(waveform: torch.Tensor, sample_rate: int, margin_seconds: float = TRIM_MARGIN_SECONDS,
+                 range_db: float = TRIM_RANGE_DB) -> torch.Tensor:
+    """waveform (N,) -> the stretch from the first to the last 10 ms frame within ``range_db`` of the
+    loudest frame, with up to ``margin_seconds`` kept on each side. All-silent input comes back as is.
+
+    Leading and trailing silence (a push-to-talk button pressed early) otherwise adds frames the
+    model averages over: one second each side cost the shipped model 0.07 of R@10
+    (bench/bench_robustness.py). Used on search queries; localization keeps the original timing.
+    """
+    frame = max(1, round(0.01 * sample_rate))
+    n_frames = waveform.numel() // frame
+    if n_frames == 0:
+        return waveform
+    power = waveform[: n_frames * frame].double().reshape(n_frames, frame).pow(2).mean(dim=1)
+    level_db = 10 * torch.log10(power + 1e-20)
+    active = torch.nonzero(level_db >= level_db.max() - range_db).flatten()
+    if power.max() <= 1e-20 or active.numel() == 0:
+        return waveform
+    margin = round(margin_seconds * sample_rate)
+    start = max(0, int(active[0]) * frame - margin)
+    stop = min(waveform.numel(), (int(active[-1]) + 1) * frame + margin)
+    return waveform[start:stop]
+
+
 class AudioFrontEnd:
     """Waveform -> per-utterance normalized log-mel, padded with zeros (or cut) to ``max_frames``.
 

@@ -14,12 +14,14 @@ from PIL import Image, ImageDraw
 
 from encoders.config import get_config
 from encoders.frontend import (
+    TRIM_MARGIN_SECONDS,
     AudioDecodeError,
     AudioFrontEnd,
     ImageDecodeError,
     ImageFrontEnd,
     load_audio,
     load_image,
+    trim_silence,
     waveform_from_pcm,
 )
 
@@ -114,6 +116,30 @@ def test_leading_and_trailing_silence_do_not_dominate_normalization(speech, sile
     assert n_padded > n + 2 * offset - 5
     speech_part = padded[:, offset : offset + n - 2]
     assert (speech_part - plain[:, : n - 2]).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize("silence_level", [0.0, 1e-4])
+def test_trim_silence_keeps_the_speech_and_a_margin_of_silence(speech, silence_level):
+    samples, rate = speech
+    wave = torch.from_numpy(samples)
+    pad = round(1.5 * rate)
+    noise = torch.from_numpy(silence_level * np.random.default_rng(1).standard_normal(pad).astype(np.float32))
+    padded = torch.cat([noise, wave, noise])
+    trimmed = trim_silence(padded, rate)
+    plain = trim_silence(wave, rate)
+    # all the speech comes out (as much as from the unpadded recording, whose own margins are shorter),
+    # with at most TRIM_MARGIN_SECONDS of silence (plus a frame) per side
+    assert trimmed.numel() >= plain.numel() - round(0.02 * rate)
+    assert trimmed.numel() <= wave.numel() + 2 * round((TRIM_MARGIN_SECONDS + 0.01) * rate)
+    assert trimmed.abs().max() == wave.abs().max()
+    assert trimmed.numel() < padded.numel() - 2 * rate  # most of the 3 s of silence is gone
+
+
+def test_trim_silence_leaves_silent_and_tiny_input_alone():
+    silent = torch.zeros(16000)
+    assert torch.equal(trim_silence(silent, 16000), silent)
+    tiny = torch.ones(50)
+    assert torch.equal(trim_silence(tiny, 16000), tiny)
 
 
 def test_long_audio_is_cut_to_max_frames(speech):

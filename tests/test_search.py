@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from encoders import create_model, load_audio, score_matrix
+from encoders import create_model, load_audio, score_matrix, trim_silence
 from encoders.matchmap import pool_audio, pool_images
 from indexer import Library
 from protos.matchmap.v1 import search_pb2, search_pb2_grpc
@@ -108,8 +108,9 @@ def stored_maps(engine, collection: str, images: list[Path]) -> tuple[np.ndarray
 
 
 def offline_audio_maps(model, wav_paths) -> tuple[torch.Tensor, torch.Tensor]:
-    """Audio maps through the plain encoders API: load_audio -> front end -> encode_audio."""
-    features = [model.audio_frontend(load_audio(p)) for p in wav_paths]
+    """Audio maps through the plain encoders API, as the service makes them from a query:
+    load_audio -> trim_silence -> front end -> encode_audio."""
+    features = [model.audio_frontend(trim_silence(load_audio(p), 16000)) for p in wav_paths]
     logmels = torch.stack([f for f, _ in features])
     lengths = torch.tensor([n for _, n in features])
     with torch.no_grad():
@@ -185,6 +186,20 @@ def test_raw_pcm_and_the_encoded_file_give_the_same_hits(client, caption_wav):
     from_file = client.search(caption_wav.read_bytes(), COLLECTION, top_k=5)
     assert [h.image_id for h in from_pcm] == [h.image_id for h in from_file]
     np.testing.assert_allclose([h.score for h in from_pcm], [h.score for h in from_file], rtol=1e-5)
+
+
+def test_how_much_silence_surrounds_a_query_changes_nothing(client, caption_wav):
+    # A push-to-talk button pressed 1 s or 4 s early (and released as late): the service trims the
+    # silence to the same margin, so the answers are the same. (What trimming buys in recall is
+    # measured with the shipped model by bench/bench_robustness.py --trim-silence.)
+    samples, rate = soundfile.read(str(caption_wav), dtype="int16")
+    answers = []
+    for seconds in (1, 4):
+        silence = np.zeros(seconds * rate, dtype=np.int16)
+        padded = np.concatenate([silence, samples, silence]).astype("<i2").tobytes()
+        answers.append(client.search(PcmAudio(padded, rate), COLLECTION, top_k=5))
+    assert [h.image_id for h in answers[0]] == [h.image_id for h in answers[1]]
+    np.testing.assert_allclose([h.score for h in answers[0]], [h.score for h in answers[1]], rtol=1e-5)
 
 
 def test_concurrent_queries_are_batched_and_answered_as_if_alone(client, server, val):
