@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoders import create_model, trim_silence  # noqa: E402
-from training.augment import snr_db  # noqa: E402
+from training.augment import mix_at_snr, snr_db, synthetic_reverb  # noqa: E402
 from training.data import CaptionedImages  # noqa: E402
 from training.evaluate import embed_pairs, evaluate_embeddings  # noqa: E402
 from training.manifest import load_manifest  # noqa: E402
@@ -39,14 +39,9 @@ from training.manifest import load_manifest  # noqa: E402
 Perturb = Callable[[torch.Tensor, int, torch.Generator, "CaptionedImages", int], torch.Tensor]
 
 
-def _scale_to_snr(clean: torch.Tensor, noise: torch.Tensor, snr: float) -> torch.Tensor:
-    power = clean.pow(2).mean().clamp_min(1e-10)
-    return clean + noise * torch.sqrt(power / (noise.pow(2).mean().clamp_min(1e-10) * 10 ** (snr / 10)))
-
-
 def white_noise(snr: float) -> Perturb:
     def perturb(wave, sr, gen, data, index):
-        return _scale_to_snr(wave, torch.randn(wave.shape, generator=gen), snr)
+        return mix_at_snr(wave, torch.randn(wave.shape, generator=gen), snr)
     return perturb
 
 
@@ -60,7 +55,7 @@ def babble(snr: float, talkers: int = 3) -> Perturb:
                 other = (other + 1) % len(data)
             talker = torch.from_numpy(data.waveforms[other].astype(np.float32) / 32767.0)
             noise += talker.repeat(wave.shape[0] // talker.shape[0] + 1)[: wave.shape[0]]
-        return _scale_to_snr(wave, noise, snr)
+        return mix_at_snr(wave, noise, snr)
     return perturb
 
 
@@ -74,13 +69,7 @@ def telephone(wave, sr, gen, data, index):
 def reverb(rt60: float) -> Perturb:
     """A diffuse room tail (exponentially decaying noise reaching -60 dB at rt60) after the direct path."""
     def perturb(wave, sr, gen, data, index):
-        length = int(rt60 * sr)
-        t = torch.arange(length) / sr
-        tail = torch.randn(length, generator=gen) * torch.exp(-6.9 * t / rt60)
-        tail[0] = 0.0
-        impulse = torch.cat([torch.ones(1), 0.5 * tail / tail.norm().clamp_min(1e-8)])
-        out = AF.fftconvolve(wave, impulse)[: wave.shape[0]]
-        return out * (wave.abs().max() / out.abs().max().clamp_min(1e-8))
+        return synthetic_reverb(wave, sr, rt60, tail_gain=0.5, generator=gen)
     return perturb
 
 

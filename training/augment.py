@@ -90,7 +90,7 @@ def augment_waveform(wave: torch.Tensor, sample_rate: int, cfg: AugmentConfig) -
     if _chance(cfg.equalize):
         wave = _random_equalizer(wave, sample_rate)
     if _chance(cfg.reverb):
-        wave = _synthetic_reverb(wave, sample_rate, _uniform(*cfg.reverb_rt60))
+        wave = synthetic_reverb(wave, sample_rate, _uniform(*cfg.reverb_rt60))
     if _chance(cfg.noise):
         wave = _add_noise(wave, _uniform(*cfg.noise_snr_db))
     return wave
@@ -110,13 +110,15 @@ def _random_equalizer(wave: torch.Tensor, sample_rate: int) -> torch.Tensor:
     return torch.fft.irfft(spectrum * gain, n=n_fft)[: wave.shape[0]]
 
 
-def _synthetic_reverb(wave: torch.Tensor, sample_rate: int, rt60: float) -> torch.Tensor:
-    """Convolve with exponentially decaying noise (a diffuse room tail) plus the direct path."""
+def synthetic_reverb(wave: torch.Tensor, sample_rate: int, rt60: float, *, tail_gain: float = 0.3,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Convolve with exponentially decaying noise (a diffuse room tail, ``tail_gain`` of the direct
+    path's energy) plus the direct path; peak level kept. Randomness from ``generator`` (default: torch's)."""
     length = int(rt60 * sample_rate)
     t = torch.arange(length) / sample_rate
-    tail = torch.randn(length) * torch.exp(-6.9 * t / rt60)  # -60 dB at rt60
+    tail = torch.randn(length, generator=generator) * torch.exp(-6.9 * t / rt60)  # -60 dB at rt60
     tail[0] = 0.0
-    impulse = torch.cat([torch.ones(1), 0.3 * tail / tail.norm().clamp_min(1e-8)])
+    impulse = torch.cat([torch.ones(1), tail_gain * tail / tail.norm().clamp_min(1e-8)])
     out = AF.fftconvolve(wave, impulse)[: wave.shape[0]]
     return out * (wave.abs().max() / out.abs().max().clamp_min(1e-8))
 
@@ -126,9 +128,13 @@ def _add_noise(wave: torch.Tensor, snr_db: float) -> torch.Tensor:
     if torch.rand(()).item() < 0.5:  # pink-ish: integrate white noise once, then remove drift
         noise = torch.cumsum(noise, 0)
         noise = noise - _moving_average(noise, 401)
-    signal_power = wave.pow(2).mean().clamp_min(1e-10)
-    noise = noise * torch.sqrt(signal_power / (noise.pow(2).mean().clamp_min(1e-10) * 10 ** (snr_db / 10)))
-    return wave + noise
+    return mix_at_snr(wave, noise, snr_db)
+
+
+def mix_at_snr(clean: torch.Tensor, noise: torch.Tensor, snr_db: float) -> torch.Tensor:
+    """clean + noise scaled so that their power ratio is ``snr_db`` (same shapes)."""
+    power = clean.pow(2).mean().clamp_min(1e-10)
+    return clean + noise * torch.sqrt(power / (noise.pow(2).mean().clamp_min(1e-10) * 10 ** (snr_db / 10)))
 
 
 def _moving_average(x: torch.Tensor, width: int) -> torch.Tensor:
