@@ -19,8 +19,10 @@ from encoders.checkpoint import (
 )
 from encoders.config import AudioConfig, ImageConfig, ModelConfig, get_config, list_models, register_config
 from encoders.frontend import (
+    AUDIO_FORMATS,
     AudioDecodeError,
     AudioFrontEnd,
+    AudioTooLong,
     ImageDecodeError,
     ImageFrontEnd,
     load_audio,
@@ -41,7 +43,9 @@ from encoders.models import MatchmapModel, count_parameters, weights_version
 __all__ = [
     "SCORE_KINDS",
     "AudioConfig",
+    "AUDIO_FORMATS",
     "AudioDecodeError",
+    "AudioTooLong",
     "AudioFrontEnd",
     "ImageConfig",
     "ImageDecodeError",

@@ -1,6 +1,6 @@
 """Front ends: decode audio and images, and turn them into the tensors the networks take.
 
-Audio: any soundfile-readable file (WAV, FLAC, OGG) or raw 16-bit PCM -> mono float waveform at the
+Audio: any soundfile-readable file (WAV, FLAC, OGG, MP3) or raw 16-bit PCM -> mono float waveform at the
 model's rate -> 40-bin log-mel, per-utterance normalized, zero-padded to a fixed number of frames.
 Images: any Pillow-readable file -> RGB -> shorter side resized, cropped square, mean/std normalized.
 """
@@ -30,10 +30,22 @@ LOG_FLOOR_DB = 80.0
 # WAV writers that stream (espeak-ng --stdout, ffmpeg pipes) cannot know the data size up front and
 # write a placeholder; sizes from here up are not trusted for the truncation check.
 _WAV_STREAMING_SIZE = 0x7FFF0000
+# Frames read at a time from a file whose length is unknown or over the caller's limit.
+_READ_BLOCK_FRAMES = 1 << 16
+# What load_audio decodes (libsndfile 1.1+), named in error messages and help texts.
+AUDIO_FORMATS = "WAV, FLAC, OGG/Vorbis, Opus or MP3"
 
 
 class AudioDecodeError(ValueError):
     """Audio input that cannot be turned into a waveform; the message names the input and the problem."""
+
+
+class AudioTooLong(AudioDecodeError):
+    """Audio longer than the caller's limit; ``seconds`` is how much was read before stopping."""
+
+    def __init__(self, message: str, seconds: float):
+        super().__init__(message)
+        self.seconds = seconds
 
 
 class ImageDecodeError(ValueError):
@@ -79,12 +91,16 @@ def _check_wav_complete(data: bytes, label: str) -> None:
         offset = body + size + (size & 1)  # chunks are padded to even sizes
 
 
-def load_audio(source: str | Path | bytes, sample_rate: int = 16000, name: str | None = None) -> torch.Tensor:
-    """Decode an audio file (WAV, FLAC, OGG, ... anything soundfile reads) to a mono waveform.
+def load_audio(
+    source: str | Path | bytes, sample_rate: int = 16000, name: str | None = None, max_seconds: float | None = None
+) -> torch.Tensor:
+    """Decode an audio file (WAV, FLAC, OGG, MP3, ... anything libsndfile reads) to a mono waveform.
 
-    source: a path or the file's bytes; name: how error messages call the input (default: the path).
-    Returns (N,) float32 at ``sample_rate``, channels averaged. Raises AudioDecodeError when the input
-    is empty, undecodable, truncated, or holds NaN/inf samples.
+    source: a path or the file's bytes; name: how error messages call the input (default: the path);
+    max_seconds: refuse (AudioTooLong) input longer than this, found while reading, so a file that
+    does not declare its length (a streaming FLAC: libsndfile then reports 2**63 frames) costs no
+    more than the limit. Returns (N,) float32 at ``sample_rate``, channels averaged. Raises
+    AudioDecodeError when the input is empty, undecodable, truncated, or holds NaN/inf samples.
     """
     label = _label(source, name)
     data = _read_source(source, label, "audio", AudioDecodeError)
@@ -92,10 +108,10 @@ def load_audio(source: str | Path | bytes, sample_rate: int = 16000, name: str |
     try:
         with soundfile.SoundFile(io.BytesIO(data)) as f:
             declared_frames, native_rate = f.frames, f.samplerate
-            samples = f.read(dtype="float32", always_2d=True)
+            samples = _read_frames(f, label, max_seconds)
     except (soundfile.SoundFileError, RuntimeError) as e:
         reason = getattr(e, "error_string", None) or str(e)
-        raise AudioDecodeError(f"audio {label}: cannot decode as WAV, FLAC or OGG: {reason}") from e
+        raise AudioDecodeError(f"audio {label}: cannot decode as {AUDIO_FORMATS}: {reason}") from e
     if samples.shape[0] == 0:
         raise AudioDecodeError(f"audio {label}: decodes to no samples (the input is empty or truncated)")
     if 0 < declared_frames < _WAV_STREAMING_SIZE and samples.shape[0] < declared_frames:
@@ -104,6 +120,40 @@ def load_audio(source: str | Path | bytes, sample_rate: int = 16000, name: str |
         )
     waveform = torch.from_numpy(samples.mean(axis=1))
     return _finite_at_rate(waveform, native_rate, sample_rate, label)
+
+
+def _read_frames(f: soundfile.SoundFile, label: str, max_seconds: float | None) -> np.ndarray:
+    """All frames of ``f`` as (N, channels) float32, read in blocks: the declared length is not trusted
+    (unknown-length streams declare 2**63 frames), and reading stops once past ``max_seconds``."""
+    limit = None if max_seconds is None else int(max_seconds * f.samplerate) + 1
+    if 0 <= f.frames < _WAV_STREAMING_SIZE and (limit is None or f.frames <= limit):
+        return f.read(dtype="float32", always_2d=True)  # an honest, small enough length: one read
+    blocks, total = [], 0
+    while True:
+        block = _read_block(f)
+        blocks.append(block)
+        total += block.shape[0]
+        if limit is not None and total > limit:
+            raise AudioTooLong(
+                f"audio {label} lasts more than {max_seconds:g} s, the longest accepted; send a shorter recording",
+                seconds=total / f.samplerate,
+            )
+        if block.shape[0] < _READ_BLOCK_FRAMES:
+            return np.concatenate(blocks)
+
+
+def _read_block(f: soundfile.SoundFile) -> np.ndarray:
+    """Up to _READ_BLOCK_FRAMES frames. In a stream of unknown length, libsndfile decodes the last
+    block but then fails to move its position past the end ("psf_fseek() failed"), so soundfile
+    raises after filling the block: the frames it filled (decoded samples are never NaN) are kept."""
+    out = np.full((_READ_BLOCK_FRAMES, f.channels), np.nan, dtype=np.float32)
+    try:
+        return f.read(out=out)
+    except soundfile.LibsndfileError:
+        filled = int(np.flatnonzero(np.isnan(out[:, 0]))[0]) if np.isnan(out[:, 0]).any() else out.shape[0]
+        if filled == 0 and f.tell() == 0:
+            raise
+        return out[:filled]
 
 
 def waveform_from_pcm(samples_s16le: bytes, sample_rate: int, target_rate: int = 16000) -> torch.Tensor:
