@@ -68,7 +68,13 @@ def default_data_dir() -> Path:
 
 
 class CollectionNotFound(KeyError):
-    """No collection of that name in the catalog."""
+    """No collection of that name in the catalog. The message (for the local CLI and the server's log)
+    names the catalog and the collections it holds; ``name`` is the collection asked for, all that a
+    remote client is told."""
+
+    def __init__(self, message: str, name: str = ""):
+        super().__init__(message)
+        self.name = name
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else "collection not found"
@@ -466,9 +472,7 @@ class Library:
         if row is None:
             known = session.execute(select(CollectionRow.name).order_by(CollectionRow.name)).scalars().all()
             listed = ", ".join(repr(n) for n in known) if known else "none yet"
-            raise CollectionNotFound(
-                f"no collection named {name!r} in {self.db_url_shown} (collections: {listed})"
-            )
+            raise CollectionNotFound(f"no collection named {name!r} in {self.db_url_shown} (collections: {listed})", name)
         return row
 
     @property

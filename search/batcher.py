@@ -14,7 +14,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from search.errors import Overloaded
+from search.errors import Overloaded, ShuttingDown
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -64,7 +64,7 @@ class MicroBatcher(Generic[Item, Result]):
     async def submit(self, item: Item) -> Result:
         """Queue ``item`` and wait for its result (or its exception). Raises Overloaded when full."""
         if self._closing:
-            raise Overloaded("the server is shutting down; retry against another replica")
+            raise ShuttingDown("the server is shutting down; retry against another replica")
         if self._queue.qsize() >= self.max_queue:
             raise Overloaded(f"{self._queue.qsize()} queries are already queued; retry in a moment")
         self.start()

@@ -23,9 +23,14 @@ DEFAULT_SERVER = f"localhost:{DEFAULT_PORT}"
 
 # Exit codes of `matchmap query`.
 EXIT_OK, EXIT_QUERY_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_CANNOT_LISTEN = 3  # serve
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+    epilog="Exit codes: 0 stopped by SIGTERM/SIGINT after draining; 1 could not start (model, library, "
+    "TLS files, options); 2 usage error; 3 cannot listen on --host/--port (port in use, address not local).",
+)
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Library folder (catalog, stage-1 indexes, feature store). [default: $MATCHMAP_DATA_DIR or ~/.local/share/matchmap]")
 @click.option("--db", "db_url", default=None, envvar="MATCHMAP_DB_URL",
@@ -42,13 +47,29 @@ EXIT_OK, EXIT_QUERY_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
               help="PEM certificate chain: serve over TLS (with --tls-key).")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="PEM private key of --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="PEM CA certificate: require every client to present a certificate it signed (mTLS; needs --tls-cert).")
 @click.option("--max-audio-seconds", type=click.FloatRange(min=0.1), default=30.0,
-              help="Longest query audio accepted (longer: OUT_OF_RANGE).")
+              help="Longest query recording accepted (longer: INVALID_ARGUMENT). The speech in it may last "
+                   "at most what the model takes (10.24 s for tiny).")
 @click.option("--max-message-mb", type=click.FloatRange(min=0.1), default=16.0, help="Largest request accepted.")
 @click.option("--candidates", "default_candidates", type=click.IntRange(min=1), default=4000, show_default=True,
               help="Stage-1 candidates re-ranked by MISA when a query does not say (see docs/search.md for "
                    "agreement with exhaustive MISA and cost per value).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, help="Most queries encoded in one forward pass.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64,
+              help="Calls holding work at once (decoding, queued, scoring); more get RESOURCE_EXHAUSTED at once.")
+@click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=256,
+              help="Calls open at once, streams included (gRPC refuses more with RESOURCE_EXHAUSTED).")
+@click.option("--drain-seconds", type=click.FloatRange(min=0), default=0.0,
+              help="After SIGTERM: report NOT_SERVING but keep answering this long, so load balancers move away.")
+@click.option("--grace-seconds", type=click.FloatRange(min=0), default=30.0,
+              help="Then: refuse new calls (UNAVAILABLE) and let in-flight ones finish for at most this long.")
+@click.option("--vad/--no-vad", default=True,
+              help="Cut each query to its speech with a voice activity detector (Silero VAD) before scoring; "
+                   "--no-vad trims only silence.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON line on stdout when ready ({\"event\": \"ready\", \"port\", ...}) and one when stopped.")
 @click.option("--resident-maps-mb", type=click.FloatRange(min=0), default=4096.0, show_default=True,
               help="Memory for holding collections' feature maps (about 32 KB per image with the tiny model) "
                    "so stage 2 can re-rank thousands of candidates; a collection that does not fit is read "
@@ -68,8 +89,15 @@ def serve(
     max_message_mb: float,
     default_candidates: int,
     max_batch: int,
+    max_queue: int,
+    max_concurrent_rpcs: int,
+    drain_seconds: float,
+    grace_seconds: float,
+    vad: bool,
+    as_json: bool,
     resident_maps_mb: float,
     log_level: str,
+    tls_client_ca: Path | None,
 ) -> None:
     """Run the gRPC spoken-query search service until SIGTERM / SIGINT.
 
@@ -80,13 +108,14 @@ def serve(
     import asyncio
 
     from search.engine import SearchEngine, SearchLimits
-    from search.server import ServerOptions, serve_until_signalled
+    from search.server import PortUnavailable, ServerOptions, serve_until_signalled
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         options = ServerOptions(
-            host=host, port=port, token=token, tls_cert=tls_cert, tls_key=tls_key,
-            max_message_mb=max_message_mb, max_batch=max_batch,
+            host=host, port=port, token=token, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
+            max_message_mb=max_message_mb, max_batch=max_batch, max_queue=max_queue,
+            max_concurrent_rpcs=max_concurrent_rpcs, drain_seconds=drain_seconds, shutdown_grace_s=grace_seconds,
         )
         limits = SearchLimits(
             max_audio_seconds=max_audio_seconds,
@@ -94,7 +123,7 @@ def serve(
             max_candidates=max(default_candidates, SearchLimits.max_candidates),
             resident_maps_mb=resident_maps_mb,
         )
-        engine = SearchEngine.open(checkpoint, data_dir, db_url, device=device, limits=limits)
+        engine = SearchEngine.open(checkpoint, data_dir, db_url, device=device, limits=limits, vad=vad)
         engine.warm_up()
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         raise click.ClickException(str(error)) from error
@@ -102,21 +131,34 @@ def serve(
     def ready(bound_port: int) -> None:
         names = [info.name for info, searchable in engine.list_collections() if searchable]
         resident = engine.resident_bytes()
+        security = ("mTLS" if tls_client_ca else "TLS") if tls_cert else "plaintext"
         click.echo(
-            f"matchmap serve: listening on {host}:{bound_port} ({'TLS' if tls_cert else 'plaintext'}"
+            f"matchmap serve: listening on {host}:{bound_port} ({security}"
             f"{', token required' if token else ''}); model {engine.model_version} on {engine.device}; "
             f"collections: {', '.join(names) if names else 'none yet'}; feature maps in memory: "
             f"{sum(resident.values()) / 2**20:.0f} MB ({len(resident)} of {len(names)} collections)",
             err=True,
         )
+        if as_json:
+            click.echo(json.dumps({
+                "event": "ready", "host": host, "port": bound_port, "security": security,
+                "token_required": bool(token), "model_version": engine.model_version, "device": str(engine.device),
+                "collections": names, "resident_maps_bytes": sum(resident.values()),
+            }), nl=True)
+            sys.stdout.flush()
 
     try:
         asyncio.run(serve_until_signalled(engine, options, on_ready=ready))
+    except PortUnavailable as error:
+        click.echo(f"matchmap serve: {error}", err=True)
+        sys.exit(EXIT_CANNOT_LISTEN)
     except OSError as error:
         raise click.ClickException(str(error)) from error
     finally:
         engine.close()
     click.echo("matchmap serve: stopped", err=True)
+    if as_json:
+        click.echo(json.dumps({"event": "stopped"}))
 
 
 def _hits_json(audio: str, hits: SearchHits) -> dict:
@@ -163,7 +205,7 @@ def _only_searchable_collection(client: SearchClient) -> str:
 @click.command(
     context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
     epilog="Exit codes: 0 every query answered; 1 the server returned an error for some query; "
-    "2 usage error; 3 server unreachable.",
+    "2 usage error; 3 server unreachable (or, with --wait, not serving in time).",
 )
 @click.argument("audio", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--server", default=DEFAULT_SERVER, envvar="MATCHMAP_SERVER", help="HOST:PORT of the service. [env MATCHMAP_SERVER]")
@@ -175,7 +217,13 @@ def _only_searchable_collection(client: SearchClient) -> str:
 @click.option("--token", default=None, envvar="MATCHMAP_TOKEN", help="Bearer token, if the server needs one. [env MATCHMAP_TOKEN]")
 @click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="PEM CA certificate of a TLS server (switches to TLS).")
+@click.option("--tls-cert", "client_cert", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="PEM client certificate, for a server that requires one (mTLS; with --tls-key and --tls-ca).")
+@click.option("--tls-key", "client_key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="PEM private key of --tls-cert.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, help="Seconds per query.")
+@click.option("--wait", "wait_seconds", type=click.FloatRange(min=0), default=0.0,
+              help="Wait up to this many seconds for the server to report SERVING first (e.g. right after `serve &`).")
 def query(
     audio: tuple[Path, ...],
     server: str,
@@ -185,7 +233,10 @@ def query(
     as_json: bool,
     token: str | None,
     tls_ca: Path | None,
+    client_cert: Path | None,
+    client_key: Path | None,
     timeout: float,
+    wait_seconds: float,
 ) -> None:
     """Search a collection by speaking: send each AUDIO file (WAV, FLAC, OGG) and print ranked images.
 
@@ -196,7 +247,12 @@ def query(
     answers: list[dict] = []
     failed = False
     try:
-        with SearchClient(server, token=token, tls_ca=tls_ca, timeout=timeout) as client:
+        if (client_cert is None) != (client_key is None):
+            raise click.UsageError("--tls-cert and --tls-key go together")
+        with SearchClient(server, token=token, tls_ca=tls_ca, timeout=timeout, tls_cert=client_cert,
+                          tls_key=client_key) as client:
+            if wait_seconds > 0:
+                client.wait_until_serving(wait_seconds)
             collection = collection or _only_searchable_collection(client)
             for path in audio:
                 try:

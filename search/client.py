@@ -10,6 +10,7 @@ Failures raise :class:`SearchServiceError` carrying the gRPC status code and the
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,11 +128,17 @@ def _heatmap_fields(response: search_pb2.LocalizeResponse | search_pb2.Highlight
     }
 
 
+def _pem(source: str | Path | bytes | None) -> bytes | None:
+    return source if source is None or isinstance(source, bytes) else Path(source).read_bytes()
+
+
 class SearchClient:
     """A connection to a matchmap search server at ``target`` ("host:port").
 
     token: bearer token the server requires (or None); tls_ca: PEM file (or bytes) of the CA that
-    signed the server's certificate, which switches the connection to TLS; timeout: seconds per call.
+    signed the server's certificate, which switches the connection to TLS; tls_cert, tls_key: this
+    client's certificate and key (PEM files or bytes), for a server that requires them (mTLS);
+    timeout: seconds per call.
     """
 
     def __init__(
@@ -142,14 +149,20 @@ class SearchClient:
         *,
         timeout: float = 30.0,
         max_message_mb: float = 16.0,
+        tls_cert: str | Path | bytes | None = None,
+        tls_key: str | Path | bytes | None = None,
     ):
         max_bytes = int(max_message_mb * 2**20)
         options = [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
-        if tls_ca is None:
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("a client certificate needs its key: give both tls_cert and tls_key, or neither")
+        if tls_ca is None and tls_cert is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
-            ca = tls_ca if isinstance(tls_ca, bytes) else Path(tls_ca).read_bytes()
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca), options)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(tls_ca), private_key=_pem(tls_key), certificate_chain=_pem(tls_cert)
+            )
+            self._channel = grpc.secure_channel(target, credentials, options)
         self.target = target
         self.timeout = timeout
         self._metadata = bearer_metadata(token) if token else ()
@@ -246,6 +259,21 @@ class SearchClient:
         """The health service's status for ``service`` ("" = the server): "SERVING", "NOT_SERVING", ..."""
         response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_until_serving(self, seconds: float) -> None:
+        """Return once the server reports SERVING; ServerUnreachable if it does not within ``seconds``
+        (not started yet, still loading, or NOT_SERVING)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                if self.health() == "SERVING":
+                    return
+                why = "it reports NOT_SERVING"
+            except ServerUnreachable as error:
+                why = error.details or "no answer"
+            if time.monotonic() >= deadline:
+                raise ServerUnreachable(grpc.StatusCode.UNAVAILABLE, f"not serving after {seconds:g} s ({why})")
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
 
 def _set_image(message, image_id: str | int | None, image: ImageLike | None) -> None:

@@ -30,7 +30,7 @@ from encoders.grounding import (
     encode_whole_image,
     model_device,
 )
-from search.errors import QueryOutOfRange
+from search.errors import InvalidQuery, QueryOutOfRange
 
 
 @contextlib.contextmanager
@@ -39,7 +39,7 @@ def _span_errors_out_of_range() -> Iterator[None]:
     try:
         yield
     except SpanOutOfRange as error:
-        raise QueryOutOfRange(str(error)) from None
+        raise QueryOutOfRange(str(error), field="start_seconds") from None
 
 
 def span_frames(span: tuple[float, float] | None, frames: int, frame_seconds: float) -> tuple[int, int]:
@@ -113,8 +113,9 @@ class LiveHighlighter:
         context_seconds: float = 3.0,
     ):
         if not window_seconds > 0 or not context_seconds >= 0:
-            raise QueryOutOfRange(
-                f"window_seconds must be > 0 and context_seconds >= 0, got {window_seconds}, {context_seconds}"
+            raise InvalidQuery(
+                f"window_seconds must be > 0 and context_seconds >= 0, got {window_seconds}, {context_seconds}",
+                field="start.window_seconds",
             )
         self.model = model
         self.image_map = image_map

@@ -11,29 +11,34 @@ SIGTERM / SIGINT: health turns NOT_SERVING, new calls are refused, in-flight cal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import ipaddress
 import logging
+import re
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from encoders import AudioDecodeError, ImageDecodeError
+from encoders import AUDIO_FORMATS, AudioDecodeError, ImageDecodeError
 from indexer import CollectionNotFound, ModelMismatchError
 from protos.matchmap.v1 import search_pb2, search_pb2_grpc
 from search import DEFAULT_PORT
 from search.auth import BearerTokenInterceptor
 from search.batcher import MicroBatcher
 from search.engine import ImageMap, SearchEngine, SearchQuery, SearchResult
-from search.errors import ImageNotFound, InvalidQuery, Overloaded, QueryOutOfRange
+from search.errors import ImageNotFound, InvalidQuery, Overloaded, QueryError, QueryOutOfRange, ShuttingDown
 from search.localization import Localization
 
 log = logging.getLogger("matchmap.server")
@@ -51,35 +56,94 @@ class ServerOptions:
     token: str | None = None  # bearer token; None = no authentication
     tls_cert: Path | None = None  # PEM certificate chain and private key; both or neither
     tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA: clients must present a certificate it signed (mTLS)
     max_message_mb: float = 16.0  # largest request (audio or image bytes) accepted
     max_batch: int = 8  # queries encoded in one forward pass at most
-    max_queue: int = 256  # queued Search calls beyond which new ones get RESOURCE_EXHAUSTED
+    # Calls holding work (decoding, queued for the model, being scored; a Highlight stream counts
+    # while it computes a heatmap) beyond which a new call gets RESOURCE_EXHAUSTED before any work.
+    # It bounds the decode pool's and the model thread's queues too: all their work comes from them.
+    max_queue: int = 64
+    max_concurrent_rpcs: int = 256  # gRPC's own cap on calls open at once (streams included)
     decode_threads: int = 2
-    shutdown_grace_s: float = 30.0  # how long in-flight calls may run on after SIGTERM
+    drain_seconds: float = 0.0  # after SIGTERM: NOT_SERVING while still answering, so balancers move away
+    shutdown_grace_s: float = 30.0  # then how long in-flight calls may run on while new ones are refused
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mTLS) needs TLS: give --tls-cert and --tls-key too")
+        if self.max_queue < 1 or self.max_concurrent_rpcs < 1 or self.max_batch < 1:
+            raise ValueError("max_queue, max_concurrent_rpcs and max_batch must be >= 1")
+        if self.drain_seconds < 0 or self.shutdown_grace_s < 0:
+            raise ValueError("drain_seconds and shutdown_grace_s must be >= 0")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must lie in 0..65535, got {self.port}")
         if not self.max_message_mb > 0:
             raise ValueError(f"max_message_mb must be > 0, got {self.max_message_mb}")
 
 
-def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a client gets for ``error``."""
+# Wire messages never carry a file path or a URL (a catalog's, a checkpoint's): whatever slips through
+# the messages below is masked. Windows drive paths too, for a server run there.
+_PRIVATE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+|(?<![\w.])(?:/|[A-Za-z]:\\)[^\s'\",;)]+")
+
+
+def public_message(message: str) -> str:
+    """``message`` with any URL or absolute path replaced by "<hidden>", for remote clients."""
+    return _PRIVATE.sub("<hidden>", message)
+
+
+@dataclass(frozen=True)
+class WireError:
+    """What a remote client gets for a failure: status code, message, and the request field at fault."""
+
+    code: grpc.StatusCode
+    message: str
+    field: str | None = None
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        """``grpc-status-details-bin``: a google.rpc.Status with a BadRequest naming the field, if any."""
+        if self.field is None:
+            return ()
+        violation = error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.message)
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
+        return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+def status_for(error: BaseException) -> WireError:
+    """The status a client gets for ``error`` (gRPC's guidance: see search.errors)."""
+    if isinstance(error, CollectionNotFound):
+        log.info("%s", error)  # names the catalog and its collections: for the log, not the wire
+        return WireError(
+            grpc.StatusCode.NOT_FOUND,
+            f"no collection named {error.name!r} on this server; ListCollections lists the collections it holds",
+            "collection",
+        )
     if isinstance(error, QueryOutOfRange):
-        return grpc.StatusCode.OUT_OF_RANGE, str(error)
+        return WireError(grpc.StatusCode.OUT_OF_RANGE, public_message(str(error)), error.field)
     if isinstance(error, ModelMismatchError):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(error)
+        return WireError(grpc.StatusCode.FAILED_PRECONDITION, public_message(str(error)))
     if isinstance(error, (InvalidQuery, AudioDecodeError, ImageDecodeError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    if isinstance(error, (CollectionNotFound, ImageNotFound)):
-        return grpc.StatusCode.NOT_FOUND, str(error)
+        field = error.field if isinstance(error, QueryError) else None
+        return WireError(grpc.StatusCode.INVALID_ARGUMENT, public_message(str(error)), field)
+    if isinstance(error, ImageNotFound):
+        return WireError(grpc.StatusCode.NOT_FOUND, public_message(str(error)), "image_id")
+    if isinstance(error, ShuttingDown):
+        return WireError(grpc.StatusCode.UNAVAILABLE, str(error))
     if isinstance(error, Overloaded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+        return WireError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
     log.error("internal error answering a request", exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal server error ({type(error).__name__}); the server log has details"
+    return WireError(
+        grpc.StatusCode.INTERNAL, f"internal server error ({type(error).__name__}); the server log has details"
+    )
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+    """End the call with ``error``'s status (status_for), BadRequest details included."""
+    wire = status_for(error)
+    await context.abort(wire.code, wire.message, trailing_metadata=wire.trailing_metadata())
 
 
 def _answer_errors(method: Callable) -> Callable:
@@ -92,8 +156,8 @@ def _answer_errors(method: Callable) -> Callable:
         except grpc.aio.AbortError:
             raise
         except Exception as error:  # every failure gets a status; the server keeps serving
-            code, message = status_for(error)
-        await context.abort(code, message)
+            failure = error
+        await abort_with(context, failure)
 
     return handler
 
@@ -105,7 +169,10 @@ def _audio_source(audio: search_pb2.AudioInput, field: str = "audio") -> tuple[b
         return audio.encoded, None
     if source == "pcm":
         return audio.pcm.samples_s16le, audio.pcm.sample_rate
-    raise InvalidQuery(f"{field} is missing: set {field}.encoded (a WAV/FLAC/OGG file) or {field}.pcm (raw PCM)")
+    raise InvalidQuery(
+        f"{field} is missing: set {field}.encoded (an audio file: {AUDIO_FORMATS}) or {field}.pcm (raw PCM)",
+        field=field,
+    )
 
 
 def _heatmap_fields(result: Localization, image: ImageMap) -> dict:
@@ -127,6 +194,9 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
 
     def __init__(self, engine: SearchEngine, options: ServerOptions):
         self.engine = engine
+        self.max_queue = options.max_queue
+        self.busy = 0  # calls holding work now (see admitted); only touched on the event loop
+        self._closing = False
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="matchmap-model")
         self._decode_threads = ThreadPoolExecutor(options.decode_threads, thread_name_prefix="matchmap-decode")
         self.batcher: MicroBatcher[SearchQuery, SearchResult] = MicroBatcher(
@@ -141,7 +211,26 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
             self._decode_threads, functools.partial(fn, *args, **kwargs)
         )
 
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Hold one of max_queue places while a call works; Overloaded (RESOURCE_EXHAUSTED) at once,
+        before decoding anything, when all are taken; ShuttingDown (UNAVAILABLE) once stopping."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down; retry against another replica")
+        if self.busy >= self.max_queue:
+            raise Overloaded(f"the server is busy with {self.busy} calls (its limit); retry in a moment")
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+
+    def stop_admitting(self) -> None:
+        """From now on every new call gets UNAVAILABLE (ShuttingDown) instead of work."""
+        self._closing = True
+
     async def close(self) -> None:
+        self.stop_admitting()
         await self.batcher.close()
         self._model_thread.shutdown(wait=True)
         self._decode_threads.shutdown(wait=True)
@@ -151,9 +240,10 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
         arrived = time.perf_counter()
         data, sample_rate = _audio_source(request.audio)
         top_k, candidates = self.engine.resolve_counts(request.top_k, request.candidates)
-        await self._in_model_thread(self.engine.collection, request.collection)  # NOT_FOUND before decoding
-        audio = await self._decoded(self.engine.prepare_audio, data, sample_rate=sample_rate)
-        result = await self.batcher.submit(SearchQuery(audio, request.collection, top_k, candidates))
+        with self.admitted():
+            await self._in_model_thread(self.engine.collection, request.collection)  # NOT_FOUND before decoding
+            audio = await self._decoded(self.engine.prepare_audio, data, sample_rate=sample_rate)
+            result = await self.batcher.submit(SearchQuery(audio, request.collection, top_k, candidates))
         timings = result.timings_ms
         return search_pb2.SearchResponse(
             hits=[
@@ -180,20 +270,21 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
             return await self._in_model_thread(self.engine.indexed_image_map, collection, image_id)
         if which == "image_bytes":
             if not image_bytes:
-                raise InvalidQuery("image_bytes is empty: send an image file's bytes (JPEG, PNG, ...)")
+                raise InvalidQuery("image_bytes is empty: send an image file's bytes (JPEG, PNG, ...)", field="image_bytes")
             return await self._in_model_thread(self.engine.sent_image_map, image_bytes)
-        raise InvalidQuery("image is missing: set image_id (with collection) or image_bytes")
+        raise InvalidQuery("image is missing: set image_id (with collection) or image_bytes", field="image")
 
     @_answer_errors
     async def Localize(self, request: search_pb2.LocalizeRequest, context) -> search_pb2.LocalizeResponse:
         data, sample_rate = _audio_source(request.audio)
-        image = await self._image_map(
-            request.WhichOneof("image"), request.image_id, request.image_bytes, request.collection
-        )
-        span = (request.start_seconds, request.end_seconds)
-        result: Localization = await self._in_model_thread(
-            functools.partial(self.engine.localize, data, image, span, sample_rate=sample_rate)
-        )
+        with self.admitted():
+            image = await self._image_map(
+                request.WhichOneof("image"), request.image_id, request.image_bytes, request.collection
+            )
+            span = (request.start_seconds, request.end_seconds)
+            result: Localization = await self._in_model_thread(
+                functools.partial(self.engine.localize, data, image, span, sample_rate=sample_rate)
+            )
         return search_pb2.LocalizeResponse(
             **_heatmap_fields(result, image),
             frame_seconds=result.frame_seconds,
@@ -216,16 +307,23 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
         try:
             first = await anext(aiter(request_iterator), None)
             if first is None or first.WhichOneof("message") != "start":
-                raise InvalidQuery("the first Highlight message must be `start` (the image and the audio format)")
+                raise InvalidQuery(
+                    "the first Highlight message must be `start` (the image and the audio format)", field="start"
+                )
             start = first.start
-            image = await self._image_map(start.WhichOneof("image"), start.image_id, start.image_bytes, start.collection)
+            with self.admitted():
+                image = await self._image_map(
+                    start.WhichOneof("image"), start.image_id, start.image_bytes, start.collection
+                )
             highlighter = self.engine.highlighter(image, start.sample_rate, start.window_seconds)
             arrived = asyncio.Event()
 
             async def read_chunks() -> None:
                 async for message in request_iterator:
                     if message.WhichOneof("message") != "samples_s16le":
-                        raise InvalidQuery("after `start`, every Highlight message must carry samples_s16le")
+                        raise InvalidQuery(
+                            "after `start`, every Highlight message must carry samples_s16le", field="samples_s16le"
+                        )
                     if message.samples_s16le:
                         highlighter.push(message.samples_s16le)  # keeps only the latest seconds
                         arrived.set()
@@ -237,7 +335,8 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
                 waiter.cancel()
                 if arrived.is_set():
                     arrived.clear()
-                    result = await self._in_model_thread(highlighter.localize_latest)
+                    with self.admitted():
+                        result = await self._in_model_thread(highlighter.localize_latest)
                     if result is not None:
                         yield search_pb2.HighlightResponse(**_heatmap_fields(result, image))
                 elif reader.done():
@@ -246,8 +345,7 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
         except grpc.aio.AbortError:
             raise
         except Exception as error:
-            code, message = status_for(error)
-            await context.abort(code, message)
+            await abort_with(context, error)
         finally:
             if reader is not None and not reader.done():
                 reader.cancel()
@@ -277,6 +375,20 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
         )
 
 
+class PortUnavailable(OSError):
+    """The server cannot listen where asked (the port is taken, or the address is not this machine's)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (as given to --host) is only reachable from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class SearchServer:
     """A started gRPC server: the search service, health and reflection on one port."""
 
@@ -299,6 +411,7 @@ class SearchServer:
                 ("grpc.max_send_message_length", max_bytes),
                 ("grpc.so_reuseport", 0),
             ],
+            maximum_concurrent_rpcs=opts.max_concurrent_rpcs,
         )
         self._servicer = SpokenImageSearchServicer(self.engine, opts)
         search_pb2_grpc.add_SpokenImageSearchServicer_to_server(self._servicer, self._server)
@@ -308,23 +421,45 @@ class SearchServer:
             self._server,
         )
         address = f"{opts.host}:{opts.port}"
-        if opts.tls_cert is not None and opts.tls_key is not None:
-            credentials = grpc.ssl_server_credentials([(opts.tls_key.read_bytes(), opts.tls_cert.read_bytes())])
-            self.port = self._server.add_secure_port(address, credentials)
-        else:
-            self.port = self._server.add_insecure_port(address)
+        try:
+            if opts.tls_cert is not None and opts.tls_key is not None:
+                client_ca = opts.tls_client_ca.read_bytes() if opts.tls_client_ca is not None else None
+                credentials = grpc.ssl_server_credentials(
+                    [(opts.tls_key.read_bytes(), opts.tls_cert.read_bytes())],
+                    root_certificates=client_ca,
+                    require_client_auth=client_ca is not None,
+                )
+                self.port = self._server.add_secure_port(address, credentials)
+            else:
+                self.port = self._server.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises where older versions returned 0
+            self.port = 0
         if not self.port:
-            raise OSError(f"cannot listen on {address}: the port is in use or the address is not local")
+            raise PortUnavailable(f"cannot listen on {address}: the port is in use or the address is not local")
+        if opts.token and opts.tls_cert is None and not is_loopback(opts.host):
+            log.warning(
+                "a bearer token is required but the server listens on %s in plaintext: the token crosses the "
+                "network readable by anyone on the path; serve over TLS (--tls-cert, --tls-key) or on loopback",
+                opts.host,
+            )
         await self._server.start()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Graceful stop: health NOT_SERVING, refuse new calls, let in-flight ones finish (up to grace)."""
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        """Graceful stop: health NOT_SERVING while calls are still answered for ``drain`` seconds (load
+        balancers move away), then new calls are refused (UNAVAILABLE) and in-flight ones may finish
+        for up to ``grace`` seconds (defaults: the options' drain_seconds, shutdown_grace_s)."""
         if self._server is None:
             return
         await self._health.enter_graceful_shutdown()
+        drain = self.options.drain_seconds if drain is None else drain
+        if drain > 0:
+            log.info("NOT_SERVING; still answering for %.1f s before refusing new calls", drain)
+            await asyncio.sleep(drain)
+        if self._servicer is not None:
+            self._servicer.stop_admitting()
         await self._server.stop(self.options.shutdown_grace_s if grace is None else grace)
         if self._servicer is not None:
             await self._servicer.close()

@@ -27,13 +27,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from encoders import create_model, load_audio, score_matrix, trim_silence
+from encoders import create_model, load_audio, score_matrix
 from encoders.matchmap import pool_audio, pool_images
 from indexer import Library
 from protos.matchmap.v1 import search_pb2, search_pb2_grpc
 from search.cli import query
 from search.client import PcmAudio, SearchClient, SearchServiceError, ServerUnreachable
 from search.engine import SearchEngine, SearchLimits
+from search.vad import keep_speech
 from search.remote_eval import remote_recall
 from search.server import ServerOptions, ServerThread
 from training.manifest import load_manifest
@@ -109,8 +110,8 @@ def stored_maps(engine, collection: str, images: list[Path]) -> tuple[np.ndarray
 
 def offline_audio_maps(model, wav_paths) -> tuple[torch.Tensor, torch.Tensor]:
     """Audio maps through the plain encoders API, as the service makes them from a query:
-    load_audio -> trim_silence -> front end -> encode_audio."""
-    features = [model.audio_frontend(trim_silence(load_audio(p), 16000)) for p in wav_paths]
+    load_audio -> keep_speech (VAD, then trim_silence) -> front end -> encode_audio."""
+    features = [model.audio_frontend(keep_speech(load_audio(p), 16000)) for p in wav_paths]
     logmels = torch.stack([f for f, _ in features])
     lengths = torch.tensor([n for _, n in features])
     with torch.no_grad():
@@ -311,12 +312,12 @@ BAD_SEARCHES = {
     "odd pcm bytes": (lambda w: search_pb2.SearchRequest(audio=search_pb2.AudioInput(pcm=search_pb2.RawPcm(samples_s16le=b"\x10\x00" * 800 + b"\x01", sample_rate=16000)), collection=COLLECTION), "INVALID_ARGUMENT", "16-bit samples"),
     "silence": (lambda w: search_pb2.SearchRequest(audio=search_pb2.AudioInput(pcm=search_pb2.RawPcm(samples_s16le=bytes(32000), sample_rate=16000)), collection=COLLECTION), "INVALID_ARGUMENT", "silent"),
     "nan samples": (lambda w: search_pb2.SearchRequest(audio=search_pb2.AudioInput(encoded=_float_wav(np.full(8000, np.nan))), collection=COLLECTION), "INVALID_ARGUMENT", "NaN"),
-    "too long": (lambda w: search_pb2.SearchRequest(audio=pcm(31.0, 8000), collection=COLLECTION), "OUT_OF_RANGE", "limit of 30"),
+    "too long": (lambda w: search_pb2.SearchRequest(audio=pcm(31.0, 8000), collection=COLLECTION), "INVALID_ARGUMENT", "limit of 30"),
     "unknown collection": (lambda w: search_pb2.SearchRequest(audio=wav_input(w), collection="nope"), "NOT_FOUND", "no collection named 'nope'"),
     "no collection": (lambda w: search_pb2.SearchRequest(audio=wav_input(w)), "INVALID_ARGUMENT", "collection is empty"),
-    "top_k too big": (lambda w: search_pb2.SearchRequest(audio=wav_input(w), collection=COLLECTION, top_k=10**6), "OUT_OF_RANGE", "top_k"),
-    "candidates below top_k": (lambda w: search_pb2.SearchRequest(audio=wav_input(w), collection=COLLECTION, top_k=20, candidates=5), "OUT_OF_RANGE", "candidates"),
-    "candidates too many": (lambda w: search_pb2.SearchRequest(audio=wav_input(w), collection=COLLECTION, candidates=2**32 - 1), "OUT_OF_RANGE", "candidates"),
+    "top_k too big": (lambda w: search_pb2.SearchRequest(audio=wav_input(w), collection=COLLECTION, top_k=10**6), "INVALID_ARGUMENT", "top_k"),
+    "candidates below top_k": (lambda w: search_pb2.SearchRequest(audio=wav_input(w), collection=COLLECTION, top_k=20, candidates=5), "INVALID_ARGUMENT", "candidates"),
+    "candidates too many": (lambda w: search_pb2.SearchRequest(audio=wav_input(w), collection=COLLECTION, candidates=2**32 - 1), "INVALID_ARGUMENT", "candidates"),
 }
 
 
@@ -357,7 +358,7 @@ def test_bad_localize_and_highlight_requests(client, caption_wav, val_image):
         with pytest.raises(SearchServiceError) as raised:
             client.localize(caption_wav, **kwargs)
         assert raised.value.code.name == code and words in raised.value.details, raised.value
-    with pytest.raises(SearchServiceError, match="OUT_OF_RANGE.*window_seconds"):
+    with pytest.raises(SearchServiceError, match="INVALID_ARGUMENT.*window_seconds"):
         list(client.highlight(iter([b"\x00\x10" * 100]), 16000, image_id="1", collection=COLLECTION, window_seconds=99.0))
     with pytest.raises(SearchServiceError, match="INVALID_ARGUMENT.*sample_rate is 0"):
         list(client.highlight(iter([b"\x00\x10" * 100]), 0, image_id="1", collection=COLLECTION))

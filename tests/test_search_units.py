@@ -18,7 +18,7 @@ from indexer import Library
 from search.audio import decode_audio
 from search.batcher import MicroBatcher
 from search.engine import SearchEngine, center_crop_box, length_groups
-from search.errors import InvalidQuery, Overloaded, QueryOutOfRange
+from search.errors import InvalidQuery, Overloaded, QueryOutOfRange, ShuttingDown
 from search.localization import LiveHighlighter, localize_audio_map, span_frames
 
 RATE = 16000
@@ -60,8 +60,8 @@ def test_decode_accepts_wav_and_pcm_and_resamples():
         (wav_bytes(np.zeros(RATE, np.float32)), None, InvalidQuery, "silent"),
         (np.zeros(RATE, "<i2").tobytes(), 16000, InvalidQuery, "silent"),
         (wav_bytes(np.full(RATE, np.nan, np.float32), subtype="FLOAT"), None, AudioDecodeError, "NaN"),
-        (wav_bytes(tone(31.0, rate=8000), rate=8000), None, QueryOutOfRange, "limit of 30"),
-        ((tone(31.0) * 32767).astype("<i2").tobytes(), 16000, QueryOutOfRange, "limit of 30"),
+        (wav_bytes(tone(31.0, rate=8000), rate=8000), None, InvalidQuery, "limit of 30"),
+        ((tone(31.0) * 32767).astype("<i2").tobytes(), 16000, InvalidQuery, "limit of 30"),
     ],
     ids=["empty", "garbage", "truncated-wav", "odd-pcm", "zero-rate", "absurd-rate", "coprime-rate-pcm",
          "coprime-rate-wav", "silent-wav",
@@ -77,7 +77,7 @@ def test_too_long_audio_is_refused_from_its_header_without_decoding(monkeypatch)
         raise AssertionError("a file over the limit was decoded")
 
     monkeypatch.setattr("search.audio.load_audio", must_not_decode)
-    with pytest.raises(QueryOutOfRange, match="lasts 40.00 s"):
+    with pytest.raises(InvalidQuery, match="lasts 40.00 s"):
         decode_audio(wav_bytes(tone(40.0, rate=4000), rate=4000), max_seconds=30.0)
 
 
@@ -141,7 +141,7 @@ def test_batcher_groups_what_queued_while_busy_and_isolates_failures():
             rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 6)]
             results = await asyncio.gather(first, *rest, return_exceptions=True)
             await batcher.close()
-            with pytest.raises(Overloaded):
+            with pytest.raises(ShuttingDown):
                 await batcher.submit(7)
             return results
 
@@ -243,5 +243,5 @@ def test_live_highlighter_localizes_the_latest_window_timed_from_the_stream_star
     assert latest.end_seconds == pytest.approx(6.0, abs=0.01)
     assert 4.8 <= latest.start_seconds <= 5.0 + 1e-6  # the last second, in whole audio frames
     assert latest.heatmap.shape == model.image_grid and float(latest.heatmap.max()) == 1.0
-    with pytest.raises(QueryOutOfRange):
+    with pytest.raises(InvalidQuery):
         LiveHighlighter(model, image_map, 8000, window_seconds=0.0)
