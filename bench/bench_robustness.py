@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoders import create_model, trim_silence  # noqa: E402
+from search.vad import keep_speech  # noqa: E402
 from training.augment import mix_at_snr, snr_db, synthetic_reverb  # noqa: E402
 from training.data import CaptionedImages  # noqa: E402
 from training.evaluate import embed_pairs, evaluate_embeddings  # noqa: E402
@@ -80,6 +81,26 @@ def quiet(gain_db: float) -> Perturb:
     return perturb
 
 
+def noise_before(seconds: float, dbfs: float) -> Perturb:
+    """White noise at ``dbfs`` (RMS) for ``seconds`` before the caption (a room before one speaks)."""
+    def perturb(wave, sr, gen, data, index):
+        noise = torch.randn(int(seconds * sr), generator=gen) * 10 ** (dbfs / 20)
+        return torch.cat([noise, wave])
+    return perturb
+
+
+def speech_before(seconds: float) -> Perturb:
+    """Other captions (a different speaker's unrelated sentence) for ``seconds`` before the caption."""
+    def perturb(wave, sr, gen, data, index):
+        others = []
+        while sum(o.numel() for o in others) < seconds * sr:
+            other = int(torch.randint(len(data), (1,), generator=gen))
+            if other != index:
+                others.append(torch.from_numpy(data.waveforms[other].astype(np.float32) / 32767.0))
+        return torch.cat([torch.cat(others)[: int(seconds * sr)], wave])
+    return perturb
+
+
 def silence_around(seconds: float) -> Perturb:
     """Digital silence before and after the caption (a push-to-talk button pressed early, released late)."""
     def perturb(wave, sr, gen, data, index):
@@ -107,14 +128,19 @@ CONDITIONS = (
     Condition("reverb-0.5", "room reverberation, RT60 0.5 s", reverb(0.5)),
     Condition("quiet", "-30 dB quieter, 16-bit", quiet(-30.0)),
     Condition("silence", "1 s of digital silence before and after", silence_around(1.0)),
+    Condition("noise-before", "11 s of faint white noise (-40 dBFS) before", noise_before(11.0, -40.0)),
+    Condition("speech-before", "6 s of another caption before (within the model's 10.24 s)", speech_before(6.0)),
 )
+# What is done to a query before the front end: nothing (as training and `matchmap eval`), the
+# silence trim, or what `matchmap serve` does (search.vad.keep_speech: silence trim, then the VAD).
+QUERY_PATHS = {"raw": None, "trim": trim_silence, "vad": keep_speech}
 
 
 class DegradedCaptions(Dataset):
     """The pairs of a loaded ``CaptionedImages`` (eval front ends) with one condition applied to the audio."""
 
-    def __init__(self, data: CaptionedImages, condition: Condition, seed: int, trim: bool = False) -> None:
-        self.data, self.condition, self.seed, self.trim = data, condition, seed, trim
+    def __init__(self, data: CaptionedImages, condition: Condition, seed: int, query_path: str = "raw") -> None:
+        self.data, self.condition, self.seed, self.prepare = data, condition, seed, QUERY_PATHS[query_path]
 
     def __len__(self) -> int:
         return len(self.data)
@@ -129,8 +155,8 @@ class DegradedCaptions(Dataset):
 
     def __getitem__(self, index: int):
         _, wave = self.waveform(index)
-        if self.trim:  # what the search service does to a query before its front end
-            wave = trim_silence(wave, self.data.sample_rate)
+        if self.prepare is not None:
+            wave = self.prepare(wave, self.data.sample_rate)
         logmel, length = self.data.audio_frontend(wave, self.data.sample_rate)
         return self.data.image_frontend(self.data.images[index]), logmel, length, index
 
@@ -152,8 +178,12 @@ def main() -> None:
     parser.add_argument("--conditions", default=",".join(c.name for c in CONDITIONS),
                         help="comma-separated subset of: " + ", ".join(c.name for c in CONDITIONS))
     parser.add_argument("--seed", type=int, default=0, help="seed of the perturbations")
-    parser.add_argument("--trim-silence", action="store_true",
-                        help="trim each degraded query's leading and trailing silence first, as `matchmap serve` does")
+    parser.add_argument("--query-path", choices=sorted(QUERY_PATHS), default="raw",
+                        help="what is done to each degraded query before the front end: raw (as training and "
+                             "`matchmap eval`), trim (leading and trailing silence), vad (as `matchmap serve`: "
+                             "the silence trim, then cut to the speech the VAD hears)")
+    parser.add_argument("--trim-silence", dest="query_path", action="store_const", const="trim",
+                        help="the same as --query-path trim (kept for earlier commands)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -167,14 +197,14 @@ def main() -> None:
 
     started = time.monotonic()
     results: dict = {"manifest": str(args.manifest), "pairs": len(manifest.entries), "seed": args.seed,
-                     "trim_silence": args.trim_silence,
+                     "query_path": args.query_path,
                      "conditions": {c.name: {"description": c.description} for c in conditions}, "models": []}
     for checkpoint in checkpoints:
         model = create_model(checkpoint)
         data = CaptionedImages(manifest, model, train=False, progress=False)
         model_result = {"checkpoint": checkpoint or "shipped", "version": model.version, "recall": {}}
         for condition in conditions:
-            dataset = DegradedCaptions(data, condition, args.seed, trim=args.trim_silence)
+            dataset = DegradedCaptions(data, condition, args.seed, query_path=args.query_path)
             if condition.noisy and "snr_db" not in results["conditions"][condition.name]:
                 results["conditions"][condition.name]["snr_db"] = round(achieved_snr(dataset), 2)
             recall = evaluate_embeddings(embed_pairs(model, dataset, progress=False))
@@ -188,7 +218,7 @@ def main() -> None:
     names = [m["version"] for m in results["models"]]
     print(f"MISA recall on {results['pairs']} pairs of {args.manifest} under degraded recordings "
           f"(speech -> image R@1 / R@10, image -> speech R@10; seed {args.seed}"
-          + ("; queries trimmed of silence" if args.trim_silence else "") + ")")
+          + f"; query path: {args.query_path})")
     print(f"{'condition':<15} {'SNR dB':>6}  " + "  ".join(f"{n:>24}" for n in names))
     for condition in conditions:
         snr = results["conditions"][condition.name].get("snr_db")
@@ -200,7 +230,7 @@ def main() -> None:
         print(f"{condition.name:<15} {'' if snr is None else f'{snr:.1f}':>6}  " + "  ".join(f"{c:>24}" for c in cells))
     command = ([".venv/bin/python", "bench/bench_robustness.py", str(args.manifest)]
                + [f"--checkpoint {c}" for c in checkpoints if c] + [f"--seed {args.seed}"]
-               + (["--trim-silence"] if args.trim_silence else []))
+               + [f"--query-path {args.query_path}"] + [f"--conditions {args.conditions}"])
     print(f"({results['seconds']:.0f} s) reproduce: {' '.join(command)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
