@@ -1,0 +1,143 @@
+"""The float32 precision policy on CUDA, and when two rankings of the same query agree.
+
+PyTorch runs float32 convolutions on CUDA in TF32 by default (``torch.backends.cudnn.allow_tf32``
+is True: inputs rounded to a 10-bit mantissa, a relative error near 5e-4 per product). Both
+branches of a matchmap model are convolutions, so on an H200 its embeddings, and the scores made
+from them, differ from the CPU's by about 1e-3 of their size: ``bench/gpu_check.py`` saw score
+differences of 3e-4 to 5e-4, and rankings that swapped items further apart than that.
+
+Policy:
+
+- **Search and evaluation on CUDA compute in exact float32**: TF32 off for convolutions and for
+  matrix products (:func:`use_exact_float32`). Whoever puts a model on a CUDA device to serve or
+  evaluate it calls it once (the search engine when it opens a CUDA device; ``bench/gpu_check.py``;
+  the CUDA tests). It costs little: the service's work on the GPU is one caption's encoder pass
+  and a few hundred MISA scores.
+- **Deliberately approximate steps stay approximate and are named**: stage 2's coarse pass over the
+  resident maps is bfloat16 by design, and its best few are re-scored exactly in float32
+  (``search/resident.py``); training may run under bfloat16 autocast (``--precision bf16``) and
+  keeps PyTorch's TF32 default for its fp32 convolutions (speed; its results are judged by recall).
+- **Two exact float32 computations of a score agree within** ``SCORE_RTOL`` **of the scale of the
+  scores compared** (:func:`score_tolerance`). Float32 rounds at 2**-24 (6e-8); a score is a mean
+  of dot products of D = 256 (tiny) to 1024 dims, whose summation error, in whatever order a device
+  sums, is at most about D * 6e-8 = 6e-5 of the products' magnitude and typically sqrt(D) * 6e-8
+  (1e-6 to 2e-6); the embeddings themselves, outputs of a few convolution layers computed in
+  different orders (cuDNN and oneDNN algorithms), differ by about as much again. 1e-4 covers the
+  worst case with room and is still 5x below TF32's error, so TF32 left on shows up.
+
+Two rankings of one query then agree (:func:`compare_rankings`) when every item in both has the
+same score within the tolerance, and every difference of order or membership is among items whose
+scores lie within the tolerance of each other (ties). A reordering of items further apart is a real
+divergence: the release gate (``bench/gpu_check.py``) fails on it, and on nothing less.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+SCORE_RTOL = 1e-4
+
+
+def use_exact_float32() -> dict[str, bool]:
+    """Turn TF32 off for CUDA convolutions (cuDNN) and matrix products (cuBLAS), process-wide.
+
+    Returns the previous settings (as :func:`float32_settings`), for a caller that wants them back.
+    Harmless without CUDA: the flags only steer CUDA kernels.
+    """
+    previous = float32_settings()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return previous
+
+
+def float32_settings() -> dict[str, bool]:
+    """The TF32 switches now in force: {"cudnn_allow_tf32": ..., "matmul_allow_tf32": ...}."""
+    return {
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+    }
+
+
+def restore_float32_settings(settings: dict[str, bool]) -> None:
+    """Put back settings returned by :func:`use_exact_float32` or :func:`float32_settings`."""
+    torch.backends.cudnn.allow_tf32 = settings["cudnn_allow_tf32"]
+    torch.backends.cuda.matmul.allow_tf32 = settings["matmul_allow_tf32"]
+
+
+def score_tolerance(*score_lists: Sequence[float], rtol: float = SCORE_RTOL) -> float:
+    """The largest difference two exact float32 computations of these scores may show: ``rtol``
+    times the largest magnitude among them (and at least ``rtol`` * 1e-3, for lists of zeros)."""
+    scale = max((abs(float(s)) for scores in score_lists for s in scores), default=0.0)
+    return rtol * max(scale, 1e-3)
+
+
+@dataclass
+class RankingComparison:
+    """How a ranking compares with a reference ranking of the same query."""
+
+    identical: bool  # same items in the same order
+    tolerance: float  # the score difference allowed (see score_tolerance)
+    max_score_difference: float  # over items in both rankings (0.0 when there are none)
+    problems: list[str] = field(default_factory=list)  # real divergences, described
+
+    @property
+    def agree(self) -> bool:
+        """Identical up to ties within the tolerance and score noise within it."""
+        return not self.problems
+
+
+def compare_rankings(
+    reference: Sequence[tuple[Hashable, float]],
+    other: Sequence[tuple[Hashable, float]],
+    *,
+    rtol: float = SCORE_RTOL,
+) -> RankingComparison:
+    """Compare two top-k rankings of one query, each a best-first list of (item, score).
+
+    They agree when (1) they have the same length; (2) each item in both has scores within the
+    tolerance; (3) the scores at each rank are within the tolerance (so the k-th best score is the
+    same); (4) two items ordered differently have scores within the tolerance of each other; and
+    (5) an item in one list only scores within the tolerance of the other list's last item (a tie
+    at the cut). The tolerance is ``score_tolerance(both lists' scores, rtol=rtol)``.
+    """
+    ref_ids, ref_scores = [i for i, _ in reference], [float(s) for _, s in reference]
+    ids, scores = [i for i, _ in other], [float(s) for _, s in other]
+    tol = score_tolerance(ref_scores, scores, rtol=rtol)
+    problems: list[str] = []
+    if len(ref_ids) != len(ids):
+        problems.append(f"{len(ids)} items against the reference's {len(ref_ids)}")
+    for rank, (a, b) in enumerate(zip(ref_scores, scores, strict=False), start=1):
+        if abs(a - b) > tol:
+            problems.append(f"rank {rank}: score {b:.6g} against the reference's {a:.6g} (tolerance {tol:.2g})")
+    ref_score, score = dict(zip(ref_ids, ref_scores, strict=True)), dict(zip(ids, scores, strict=True))
+    common = [i for i in ref_ids if i in score]
+    differences = [abs(ref_score[i] - score[i]) for i in common]
+    for i, d in zip(common, differences, strict=True):
+        if d > tol:
+            problems.append(f"item {i!r}: score {score[i]:.6g} against the reference's {ref_score[i]:.6g}")
+    position = {i: p for p, i in enumerate(ids)}
+    for x_at, x in enumerate(common):
+        for y in common[x_at + 1 :]:
+            gap = ref_score[x] - ref_score[y]
+            if position[y] < position[x] and gap > tol:
+                problems.append(f"items {x!r} and {y!r} swapped, {gap:.3g} apart (tolerance {tol:.2g})")
+    problems += _beyond_the_cut(ref_ids, ref_score, score, scores, tol, "the reference")
+    problems += _beyond_the_cut(ids, score, ref_score, ref_scores, tol, "this ranking")
+    return RankingComparison(
+        identical=ref_ids == ids,
+        tolerance=tol,
+        max_score_difference=max(differences, default=0.0),
+        problems=problems,
+    )
+
+
+def _beyond_the_cut(ids: list, own: dict, other: dict, other_scores: list[float], tol: float, side: str) -> list[str]:
+    """Items of one ranking missing from the other that score above the other's last item by more than tol."""
+    if not other_scores:
+        return []
+    return [f"item {i!r} (score {own[i]:.6g}) only in {side}, above the other's last score "
+            f"{other_scores[-1]:.6g} by more than {tol:.2g}"
+            for i in ids if i not in other and own[i] > other_scores[-1] + tol]
