@@ -19,10 +19,10 @@ bf16, against a plain matmul with the same multiply-adds.
 The gate. Search runs under the precision policy of ``encoders.precision`` (exact float32 on CUDA:
 TF32 off). A query's CUDA top-10 agrees with its CPU top-10 when scores match within
 ``SCORE_RTOL`` (1e-4) of the scores' size and any difference of order or membership is among
-items within that tolerance of each other (ties; ``encoders.precision.compare_rankings``). The
-script exits 1 if any query's rankings diverge beyond that, or the training check fails, so it can
-gate a release. It also reports, without gating on it, what PyTorch's TF32 default would do to
-the same searches (the noise that made the old gate fail on every run).
+items within that tolerance of each other, or an item that tied at one side's stage-1 cut, so
+that side never scored it (``encoders.precision.compare_rankings``). The script exits 1 if any
+query's rankings diverge beyond that, or the training check fails, so it can gate a release. It
+also reports, without gating on it, the same comparison under PyTorch's TF32 default.
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ import torch
 from bench_search import distractor_images, noise_wav
 
 from encoders import create_model, save_checkpoint, score_matrix
-from encoders.matchmap import frame_mask
+from encoders.matchmap import frame_mask, pool_audio
 from encoders.precision import (
     SCORE_RTOL,
+    Ranking,
     compare_rankings,
     float32_settings,
     restore_float32_settings,
@@ -69,6 +70,18 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
 
 
+def ranking(engine: SearchEngine, query: SearchQuery, result) -> Ranking:
+    """A search result as a Ranking, with its stage-1 scores and the stage-1 cut: the lowest stage-1
+    score among the query's candidates, recomputed the engine's way (its pooled query vector, on its
+    device, searched in the collection's stage-1 index)."""
+    audio, lengths = engine.encode([query.audio.logmel])
+    pooled = np.ascontiguousarray(pool_audio(audio, lengths).float().cpu().numpy())
+    scores, ids = engine.collection(query.collection).search_stage1(pooled, query.candidates)
+    hits = result.hits
+    return Ranking([h.image_id for h in hits], [h.score for h in hits], [h.stage1_score for h in hits],
+                   stage1_cut=float(scores[0][ids[0] >= 0].min()))
+
+
 def compare_devices(cpu: SearchEngine, gpu: SearchEngine, queries: list[SearchQuery]) -> dict:
     """Each query's CUDA top-k against its CPU top-k (encoders.precision.compare_rankings):
     {"identical", "tied", "diverged", "line"}; the first divergence is printed."""
@@ -76,8 +89,7 @@ def compare_devices(cpu: SearchEngine, gpu: SearchEngine, queries: list[SearchQu
     worst = 0.0
     for q in queries:
         on_cpu, on_gpu = cpu.search_batch([q])[0], gpu.search_batch([q])[0]
-        result = compare_rankings([(h.image_id, h.score) for h in on_cpu.hits],
-                                  [(h.image_id, h.score) for h in on_gpu.hits])
+        result = compare_rankings(ranking(cpu, q, on_cpu), ranking(gpu, q, on_gpu))
         overlap += len({h.image_id for h in on_cpu.hits} & {h.image_id for h in on_gpu.hits})
         worst = max(worst, result.max_score_difference / max(result.tolerance / SCORE_RTOL, 1e-30))
         identical += result.identical

@@ -90,55 +90,81 @@ class RankingComparison:
         return not self.problems
 
 
+@dataclass
+class Ranking:
+    """One top-k answer to a query: best-first ``items`` with their ``scores``; for a two-stage
+    search, optionally each item's stage-1 score and ``stage1_cut``, the lowest stage-1 score that
+    was admitted to stage 2 (an item below it was never scored)."""
+
+    items: Sequence[Hashable]
+    scores: Sequence[float]
+    stage1_scores: Sequence[float] | None = None
+    stage1_cut: float | None = None
+
+    @classmethod
+    def of(cls, ranking: Ranking | Sequence[tuple[Hashable, float]]) -> Ranking:
+        """A Ranking as is, or one from a best-first list of (item, score)."""
+        if isinstance(ranking, Ranking):
+            return ranking
+        return cls([i for i, _ in ranking], [float(s) for _, s in ranking])
+
+
 def compare_rankings(
-    reference: Sequence[tuple[Hashable, float]],
-    other: Sequence[tuple[Hashable, float]],
+    reference: Ranking | Sequence[tuple[Hashable, float]],
+    other: Ranking | Sequence[tuple[Hashable, float]],
     *,
     rtol: float = SCORE_RTOL,
 ) -> RankingComparison:
-    """Compare two top-k rankings of one query, each a best-first list of (item, score).
+    """Compare two top-k rankings of one query (Rankings, or best-first lists of (item, score)).
 
     They agree when (1) they have the same length; (2) each item in both has scores within the
-    tolerance; (3) the scores at each rank are within the tolerance (so the k-th best score is the
-    same); (4) two items ordered differently have scores within the tolerance of each other; and
-    (5) an item in one list only scores within the tolerance of the other list's last item (a tie
-    at the cut). The tolerance is ``score_tolerance(both lists' scores, rtol=rtol)``.
+    tolerance; (3) two items ordered differently have scores within the tolerance of each other;
+    and (4) an item in one list only is a tie at a cut: its score is within the tolerance of the
+    other list's last score, or (both given their stage-1 scores) its stage-1 score is within the
+    stage-1 tolerance of the other side's stage-1 cut, so the other side never scored it. The
+    tolerances are ``score_tolerance`` of the scores, and of the stage-1 scores and cuts.
     """
-    ref_ids, ref_scores = [i for i, _ in reference], [float(s) for _, s in reference]
-    ids, scores = [i for i, _ in other], [float(s) for _, s in other]
-    tol = score_tolerance(ref_scores, scores, rtol=rtol)
+    ref, oth = Ranking.of(reference), Ranking.of(other)
+    tol = score_tolerance(ref.scores, oth.scores, rtol=rtol)
     problems: list[str] = []
-    if len(ref_ids) != len(ids):
-        problems.append(f"{len(ids)} items against the reference's {len(ref_ids)}")
-    for rank, (a, b) in enumerate(zip(ref_scores, scores, strict=False), start=1):
-        if abs(a - b) > tol:
-            problems.append(f"rank {rank}: score {b:.6g} against the reference's {a:.6g} (tolerance {tol:.2g})")
-    ref_score, score = dict(zip(ref_ids, ref_scores, strict=True)), dict(zip(ids, scores, strict=True))
-    common = [i for i in ref_ids if i in score]
+    if len(ref.items) != len(oth.items):
+        problems.append(f"{len(oth.items)} items against the reference's {len(ref.items)}")
+    ref_score, score = dict(zip(ref.items, ref.scores, strict=True)), dict(zip(oth.items, oth.scores, strict=True))
+    common = [i for i in ref.items if i in score]
     differences = [abs(ref_score[i] - score[i]) for i in common]
     for i, d in zip(common, differences, strict=True):
         if d > tol:
-            problems.append(f"item {i!r}: score {score[i]:.6g} against the reference's {ref_score[i]:.6g}")
-    position = {i: p for p, i in enumerate(ids)}
+            problems.append(f"item {i!r}: score {score[i]:.6g} against the reference's {ref_score[i]:.6g} "
+                            f"(tolerance {tol:.2g})")
+    position = {i: p for p, i in enumerate(oth.items)}
     for x_at, x in enumerate(common):
         for y in common[x_at + 1 :]:
             gap = ref_score[x] - ref_score[y]
             if position[y] < position[x] and gap > tol:
                 problems.append(f"items {x!r} and {y!r} swapped, {gap:.3g} apart (tolerance {tol:.2g})")
-    problems += _beyond_the_cut(ref_ids, ref_score, score, scores, tol, "the reference")
-    problems += _beyond_the_cut(ids, score, ref_score, ref_scores, tol, "this ranking")
+    stage1_tol = None
+    if None not in (ref.stage1_scores, oth.stage1_scores, ref.stage1_cut, oth.stage1_cut):
+        stage1_tol = score_tolerance(ref.stage1_scores, oth.stage1_scores, [ref.stage1_cut, oth.stage1_cut], rtol=rtol)
+    problems += _one_sided(ref, oth, tol, stage1_tol, "the reference")
+    problems += _one_sided(oth, ref, tol, stage1_tol, "this ranking")
     return RankingComparison(
-        identical=ref_ids == ids,
+        identical=list(ref.items) == list(oth.items),
         tolerance=tol,
         max_score_difference=max(differences, default=0.0),
         problems=problems,
     )
 
 
-def _beyond_the_cut(ids: list, own: dict, other: dict, other_scores: list[float], tol: float, side: str) -> list[str]:
-    """Items of one ranking missing from the other that score above the other's last item by more than tol."""
-    if not other_scores:
-        return []
-    return [f"item {i!r} (score {own[i]:.6g}) only in {side}, above the other's last score "
-            f"{other_scores[-1]:.6g} by more than {tol:.2g}"
-            for i in ids if i not in other and own[i] > other_scores[-1] + tol]
+def _one_sided(own: Ranking, other: Ranking, tol: float, stage1_tol: float | None, side: str) -> list[str]:
+    """Items of ``own`` missing from ``other`` that are no tie at either cut, described."""
+    problems = []
+    present = set(other.items)
+    for at, (i, s) in enumerate(zip(own.items, own.scores, strict=True)):
+        if i in present or (other.scores and s <= other.scores[-1] + tol):
+            continue  # in both, or tied with the other's last item
+        if stage1_tol is not None and abs(own.stage1_scores[at] - other.stage1_cut) <= stage1_tol:
+            continue  # tied at the other's stage-1 cut: the other side never scored it
+        last = f"{other.scores[-1]:.6g}" if other.scores else "none"
+        problems.append(f"item {i!r} (score {s:.6g}) only in {side}, above the other's last score {last} "
+                        f"by more than {tol:.2g}, and no tie at the stage-1 cut")
+    return problems

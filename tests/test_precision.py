@@ -8,6 +8,7 @@ import torch
 from encoders import create_model
 from encoders.precision import (
     SCORE_RTOL,
+    Ranking,
     compare_rankings,
     float32_settings,
     restore_float32_settings,
@@ -43,7 +44,7 @@ def test_scores_that_differ_beyond_the_tolerance_fail_even_in_the_same_order():
     tf32_like = [(i, s * (1 + 1e-3)) for i, s in TOP]  # TF32's error: same order, scores off by 1e-3
     result = compare_rankings(TOP, tf32_like)
     assert result.identical and not result.agree
-    assert any(p.startswith("rank 1") for p in result.problems)
+    assert any(p.startswith("item 'a': score 5.005") for p in result.problems)
 
 
 def test_an_item_missing_at_the_cut_agrees_only_when_it_ties_the_cut():
@@ -55,6 +56,23 @@ def test_an_item_missing_at_the_cut_agrees_only_when_it_ties_the_cut():
     assert any("item 'b' (score 4) only in the reference" in p for p in result.problems)
     assert not any("'f'" in p for p in result.problems)  # f is below the reference's cut
     assert not compare_rankings(TOP, TOP[:4]).agree  # a shorter list
+
+
+def test_an_item_one_side_never_scored_agrees_only_when_it_tied_the_stage1_cut():
+    # Two-stage search: 'b' reached stage 2 on the reference side only. If its stage-1 score ties
+    # the other side's stage-1 cut (float noise decided it), that is no divergence; if it was far
+    # above the cut, the other side lost a candidate it should have scored.
+    items, scores = [i for i, _ in TOP], [s for _, s in TOP]
+    stage1 = [0.9, 0.61, 0.7, 0.8, 0.65]
+    reference = Ranking(items, scores, stage1, stage1_cut=0.6100001)
+    rest = [0, 2, 3, 4]
+    other = Ranking([items[j] for j in rest] + ["f"], [scores[j] for j in rest] + [1.5],
+                    [stage1[j] for j in rest] + [0.62], stage1_cut=0.6100002)
+    assert compare_rankings(reference, other).agree
+    far_below = Ranking(other.items, other.scores, other.stage1_scores, stage1_cut=0.64)
+    result = compare_rankings(reference, far_below)
+    assert not result.agree and "item 'b' (score 4) only in the reference" in result.problems[0]
+    assert not compare_rankings(Ranking(items, scores), Ranking(other.items, other.scores)).agree
 
 
 def test_tolerance_scales_with_the_scores():
