@@ -16,7 +16,13 @@ samples/s on CUDA (fp32 and bf16 autocast) and on this machine's CPU cores; (3) 
 the paper's shapes (1,000 captions x 1,000 images, 14x14x1024 maps, 128 frames) on CUDA, fp32 and
 bf16, against a plain matmul with the same multiply-adds.
 
-Exits 1 if any top-10 differs beyond near-ties (score gaps < 1e-4), so it can gate a release.
+The gate. Search runs under the precision policy of ``encoders.precision`` (exact float32 on CUDA:
+TF32 off). A query's CUDA top-10 agrees with its CPU top-10 when scores match within
+``SCORE_RTOL`` (1e-4) of the scores' size and any difference of order or membership is among
+items within that tolerance of each other, or an item that tied at one side's stage-1 cut, so
+that side never scored it (``encoders.precision.compare_rankings``). The script exits 1 if any
+query's rankings diverge beyond that, or the training check fails, so it can gate a release. It
+also reports, without gating on it, the same comparison under PyTorch's TF32 default.
 """
 
 from __future__ import annotations
@@ -35,7 +41,15 @@ import torch
 from bench_search import distractor_images, noise_wav
 
 from encoders import create_model, save_checkpoint, score_matrix
-from encoders.matchmap import frame_mask
+from encoders.matchmap import frame_mask, pool_audio
+from encoders.precision import (
+    SCORE_RTOL,
+    Ranking,
+    compare_rankings,
+    float32_settings,
+    restore_float32_settings,
+    use_exact_float32,
+)
 from indexer import Library
 from search.engine import SearchEngine, SearchQuery
 
@@ -48,6 +62,45 @@ def build_library(folder: Path, images: int, model, seed: int) -> None:
 
 def stage2_ms(engine: SearchEngine, queries: list[SearchQuery]) -> list[float]:
     return [r.timings_ms["stage2"] for r in (engine.search_batch([q])[0] for q in queries)]
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |a|, on the CPU."""
+    a, b = a.float().cpu(), b.float().cpu()
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+
+
+def ranking(engine: SearchEngine, query: SearchQuery, result) -> Ranking:
+    """A search result as a Ranking, with its stage-1 scores and the stage-1 cut: the lowest stage-1
+    score among the query's candidates, recomputed the engine's way (its pooled query vector, on its
+    device, searched in the collection's stage-1 index)."""
+    audio, lengths = engine.encode([query.audio.logmel])
+    pooled = np.ascontiguousarray(pool_audio(audio, lengths).float().cpu().numpy())
+    scores, ids = engine.collection(query.collection).search_stage1(pooled, query.candidates)
+    hits = result.hits
+    return Ranking([h.image_id for h in hits], [h.score for h in hits], [h.stage1_score for h in hits],
+                   stage1_cut=float(scores[0][ids[0] >= 0].min()))
+
+
+def compare_devices(cpu: SearchEngine, gpu: SearchEngine, queries: list[SearchQuery]) -> dict:
+    """Each query's CUDA top-k against its CPU top-k (encoders.precision.compare_rankings):
+    {"identical", "tied", "diverged", "line"}; the first divergence is printed."""
+    identical = tied = diverged = overlap = 0
+    worst = 0.0
+    for q in queries:
+        on_cpu, on_gpu = cpu.search_batch([q])[0], gpu.search_batch([q])[0]
+        result = compare_rankings(ranking(cpu, q, on_cpu), ranking(gpu, q, on_gpu))
+        overlap += len({h.image_id for h in on_cpu.hits} & {h.image_id for h in on_gpu.hits})
+        worst = max(worst, result.max_score_difference / max(result.tolerance / SCORE_RTOL, 1e-30))
+        identical += result.identical
+        tied += result.agree and not result.identical
+        if not result.agree:
+            if not diverged:
+                print(f"  diverged (K={q.candidates}): " + "; ".join(result.problems[:4]))
+            diverged += 1
+    line = (f"top-10 identical {identical}/{len(queries)}, reordered only among ties {tied}, diverged "
+            f"{diverged}; overlap {overlap / len(queries):.2f}/10; max |score cpu - cuda| / score size {worst:.2e}")
+    return {"identical": identical, "tied": tied, "diverged": diverged, "line": line}
 
 
 def bare_score_matrix_ms(device: str, candidates: int, frames: int, grid: int, dim: int, repeats: int = 20) -> float:
@@ -207,6 +260,7 @@ def main() -> int:
         return 2
     command = "python bench/gpu_check.py " + " ".join(sys.argv[1:])
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
+    default_precision = use_exact_float32()  # the policy: search and evaluation in exact float32
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,39 +275,42 @@ def main() -> int:
         wavs = [noise_wav(rng, float(rng.uniform(1.5, 6.0))) for _ in range(args.queries)]
         audio = [cpu.prepare_audio(w) for w in wavs]
         failures = 0
+        print(f"precision policy: {float32_settings()}; tolerance {SCORE_RTOL:g} of the scores' size")
+        cpu_maps, _ = cpu.encode([a.logmel for a in audio[:8]])
+        gpu_maps, _ = gpu.encode([a.logmel for a in audio[:8]])
+        print(f"query audio maps, cuda vs cpu: max |difference| / max |value| "
+              f"{relative_difference(cpu_maps, gpu_maps):.2e}")
         for candidates in args.candidates:
             queries = [SearchQuery(a, "gpu-check", 10, candidates) for a in audio]
-            same = overlap = 0
-            worst = 0.0
-            for q in queries:
-                on_cpu, on_gpu = cpu.search_batch([q])[0], gpu.search_batch([q])[0]
-                cpu_ids, gpu_ids = [h.image_id for h in on_cpu.hits], [h.image_id for h in on_gpu.hits]
-                same += cpu_ids == gpu_ids
-                overlap += len(set(cpu_ids) & set(gpu_ids))
-                cpu_scores = np.array([h.score for h in on_cpu.hits])
-                worst = max(worst, float(np.abs(cpu_scores - [h.score for h in on_gpu.hits]).max()))
-                if cpu_ids != gpu_ids and np.abs(np.diff(cpu_scores)).min() >= 1e-4:
-                    failures += 1
+            agreement = compare_devices(cpu, gpu, queries)
+            failures += agreement.pop("diverged")
             stage2_ms(gpu, queries[:3])  # warm-up (CUDA context, kernels)
             cpu_ms, gpu_ms = stage2_ms(cpu, queries), stage2_ms(gpu, queries)
             frames = int(statistics.median(cpu.encode([a.logmel])[0].shape[1] for a in audio))
             grid = cpu.model.image_grid[0] * cpu.model.image_grid[1]
             k = min(candidates, args.images)
             print(
-                f"K={candidates}: identical top-10 {same}/{len(queries)}, overlap {overlap / len(queries):.2f}/10, "
-                f"max |score cpu - cuda| {worst:.2e}; stage 2 (read + MISA) median "
+                f"K={candidates}: {agreement['line']}; stage 2 (resident bf16 + exact re-score) median "
                 f"cpu {statistics.median(cpu_ms):.2f} ms, cuda {statistics.median(gpu_ms):.2f} ms; "
                 f"bare score_matrix ({k} x {grid} regions x {frames} frames x {cpu.model.embed_dim}) "
                 f"cpu {bare_score_matrix_ms('cpu', k, frames, grid, cpu.model.embed_dim):.2f} ms, "
                 f"cuda {bare_score_matrix_ms('cuda', k, frames, grid, cpu.model.embed_dim):.2f} ms"
             )
+        # Not gated: the same comparison under PyTorch's defaults (TF32 convolutions), for the record.
+        restore_float32_settings(default_precision)
+        tf32 = compare_devices(cpu, gpu, [SearchQuery(a, "gpu-check", 10, args.candidates[0]) for a in audio])
+        use_exact_float32()
+        print(f"for the record, PyTorch's default {default_precision} (not gated), K={args.candidates[0]}: "
+              f"{tf32['line']}, {tf32['diverged']} beyond the tolerance")
         cpu.close()
         gpu.close()
         if not args.skip_training:
+            restore_float32_settings(default_precision)  # training keeps PyTorch's defaults (the policy)
             failures += training_check(folder, args.seed)
             train_step_rates()
             all_pairs_paper_shapes()
-    print(f"{'FAIL' if failures else 'OK'}: {failures} check(s) failed (rankings beyond near-ties, training)")
+    print(f"{'FAIL' if failures else 'OK'}: {failures} check(s) failed (rankings beyond ties within "
+          f"{SCORE_RTOL:g}, training)")
     print(f"reproduce: {command}")
     return 1 if failures else 0
 

@@ -252,6 +252,37 @@ def test_random_crops_vary_and_normalization_uses_mean_and_std():
     assert flat.abs().max() < 0.02
 
 
+@pytest.mark.parametrize("size", [(400, 200), (200, 400), (300, 300)])
+def test_eval_crop_is_the_centre_square(tmp_path, size):
+    # Red everywhere except the square the eval front end should keep (shorter side scaled to
+    # resize_size, centre input_size crop): green, with a blue mark in its top-left corner. A crop
+    # taken elsewhere (a corner) shows red, and misplaces every heatmap drawn on the image.
+    width, height = size
+    side = IMAGE_CFG.input_size * min(width, height) / IMAGE_CFG.resize_size
+    x0, y0 = (width - side) / 2, (height - side) / 2
+    image = Image.new("RGB", size, (255, 0, 0))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([x0, y0, x0 + side, y0 + side], fill=(0, 255, 0))
+    draw.rectangle([x0 + 0.1 * side, y0 + 0.1 * side, x0 + 0.3 * side, y0 + 0.3 * side], fill=(0, 0, 255))
+    path = tmp_path / "regions.png"
+    image.save(path)
+    x = ImageFrontEnd(IMAGE_CFG)(load_image(path))
+    rgb = x * torch.tensor(IMAGE_CFG.std).view(3, 1, 1) + torch.tensor(IMAGE_CFG.mean).view(3, 1, 1)
+    s = IMAGE_CFG.input_size
+    mark = slice(round(0.1 * s) + 2, round(0.3 * s) - 2)
+    expected = torch.zeros(3, s, s)
+    expected[1] = 1.0
+    expected[:, mark, mark] = torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1)
+    inside = slice(2, s - 2)  # the resize blurs the box's edges by a pixel or so
+    blurred = torch.zeros(s, s, dtype=torch.bool)
+    blurred[round(0.1 * s) - 2 : round(0.3 * s) + 3, round(0.1 * s) - 2 : round(0.3 * s) + 3] = True
+    blurred[mark, mark] = False
+    keep = ~blurred[inside, inside]
+    torch.testing.assert_close(rgb[:, inside, inside][:, keep], expected[:, inside, inside][:, keep],
+                               rtol=0, atol=0.02)
+    assert rgb[0].amax() < 0.3, "no red: nothing outside the centre square"
+
+
 def test_transparent_pixels_land_on_white():
     rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     image = load_image(_image_bytes(rgba, "PNG"))

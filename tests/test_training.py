@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,10 +16,10 @@ from click.testing import CliRunner
 from encoders import create_model, load_checkpoint, weights_version
 from encoders.matchmap import score_matrix
 from training.data import LengthBucketBatchSampler
-from training.evaluate import recall_at_k
+from training.evaluate import Embeddings, evaluate_embeddings, mean_r10, recall_at_k
 from training.losses import SampledMarginRankingLoss, SymmetricInfoNCELoss
 from training.manifest import load_manifest
-from training.train import TrainConfig, train
+from training.train import PairObjective, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,17 @@ def test_infonce_prefers_a_matrix_with_a_dominant_diagonal():
     loss = SymmetricInfoNCELoss()
     noisy = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
     assert loss(noisy + 10 * torch.eye(8)).item() < loss(noisy).item() < loss(noisy - 10 * torch.eye(8)).item()
+
+
+def test_infonce_averages_both_directions():
+    # rows: caption -> images (target = own image); columns: image -> captions. A matrix that is not
+    # symmetric tells a one-direction loss from the symmetric one.
+    scores = torch.tensor([[2.0, 0.0], [1.0, 0.0]])
+    rows = (math.log1p(math.exp(-2.0)) + math.log1p(math.e)) / 2  # row 0 (2, 0) -> 0, row 1 (1, 0) -> 1
+    columns = (math.log1p(math.exp(-1.0)) + math.log(2.0)) / 2  # column 0 (2, 1) -> 0, column 1 (0, 0) -> 1
+    loss = SymmetricInfoNCELoss()
+    assert loss(scores).item() == pytest.approx((rows + columns) / 2, rel=1e-6)
+    assert loss(scores.T).item() == pytest.approx(loss(scores).item(), rel=1e-6)
 
 
 def test_infonce_temperature_calibrates_to_unit_spread_logits_on_the_first_batch():
@@ -59,6 +71,89 @@ def test_recall_at_k_on_a_known_ranking():
             scores[a, image] = n - position
     result = recall_at_k(scores)
     assert result["speech_to_image"] == {"R@1": 1 / n, "R@5": 5 / n, "R@10": 10 / n}
+
+
+def _embeddings_with_scores(misa: torch.Tensor, sisa: torch.Tensor) -> Embeddings:
+    """One-frame captions and two-region images whose MISA and SISA score matrices are exactly ``misa``
+    and ``sisa`` (requires misa >= sisa everywhere): caption a is the one-hot e_a, and image i's two
+    regions hold misa[:, i] and 2 * sisa[:, i] - misa[:, i], so the max over regions is misa[a, i] and
+    their mean sisa[a, i]."""
+    n = misa.shape[0]
+    assert bool((misa >= sisa).all())
+    audio = torch.eye(n, dtype=torch.float32).unsqueeze(1)  # (N, T=1, D=N)
+    regions = torch.stack([misa.T, 2 * sisa.T - misa.T], dim=1)  # (N images, 2 regions, D)
+    return Embeddings(image_maps=regions.reshape(n, 1, 2, n).float(), audio=audio, lengths=torch.ones(n, dtype=torch.long))
+
+
+def _hub_scores(n: int, hubs: int) -> torch.Tensor:
+    """scores[a, i]: every caption's own image is its best (speech->image R@1 = 1), but the first
+    ``hubs`` captions score above every other image's own caption (image->speech: those images rank
+    their caption behind all the hubs)."""
+    scores = -0.01 * torch.arange(n, dtype=torch.float32)[None, :] - 0.001 * torch.arange(n)[:, None]
+    scores[:hubs] = 50.0 - torch.arange(hubs, dtype=torch.float32)[:, None]
+    scores.fill_diagonal_(10.0)
+    scores[range(hubs), range(hubs)] = 100.0
+    return scores
+
+
+def test_evaluation_ranks_images_along_rows_and_captions_along_columns_for_misa_and_sisa():
+    # MISA and SISA rank differently by construction: for MISA every caption finds its image but 15
+    # of 20 images find their caption only 6th (behind 5 hub captions); SISA is the transpose. The
+    # exact values tell a swapped direction, a wrong ranking axis and a swapped score kind apart.
+    n, hubs = 20, 5
+    misa = _hub_scores(n, hubs)
+    sisa = misa.T - 200.0
+    emb = _embeddings_with_scores(misa, sisa)
+    scores = score_matrix(emb.audio, emb.lengths, emb.image_maps, kinds=("misa", "sisa"))
+    torch.testing.assert_close(scores["misa"], misa)
+    torch.testing.assert_close(scores["sisa"], sisa)
+    result = evaluate_embeddings(emb)
+    assert result["pairs"] == n
+    perfect = {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0}
+    behind_hubs = {"R@1": hubs / n, "R@5": hubs / n, "R@10": 1.0}
+    assert result["MISA"] == {"speech_to_image": perfect, "image_to_speech": behind_hubs}
+    assert result["SISA"] == {"speech_to_image": behind_hubs, "image_to_speech": perfect}
+    assert mean_r10(result) == 1.0 and mean_r10(result, "SISA") == 1.0
+
+
+class _FixedMaps(torch.nn.Module):
+    """A stand-in for the two branches: returns the maps of ``_embeddings_with_scores`` as parameters."""
+
+    def __init__(self, emb: Embeddings) -> None:
+        super().__init__()
+        self.image_maps = torch.nn.Parameter(emb.image_maps.clone())
+        self.audio = torch.nn.Parameter(emb.audio.clone())
+        self.lengths = emb.lengths
+
+    def encode_images(self, images):
+        return self.image_maps
+
+    def encode_audio(self, logmel, lengths):
+        return self.audio, self.lengths
+
+
+@pytest.mark.parametrize("sisa_weight", [0.0, 0.5])
+def test_training_objective_is_the_loss_of_misa_plus_weighted_sisa(sisa_weight):
+    # MISA and SISA differ by construction; the objective must put its main loss on MISA: its value,
+    # and its gradient, which reaches only each frame's best region (SISA's reaches every region).
+    n = 6
+    misa = 3.0 * torch.eye(n) + 0.1 * torch.arange(n * n, dtype=torch.float32).view(n, n).sin()
+    sisa = misa.T - 5.0 - 0.2 * torch.arange(n, dtype=torch.float32)
+    maps = _FixedMaps(_embeddings_with_scores(misa, sisa))
+    loss = SymmetricInfoNCELoss(initial_scale=2.0)
+    objective = PairObjective(maps, loss, sisa_weight)
+    total = objective(None, None, None)
+    expected = loss(misa) + (sisa_weight * loss(sisa) if sisa_weight else 0.0)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    total.backward()
+    best_region, other_region = maps.image_maps.grad[:, 0, 0], maps.image_maps.grad[:, 0, 1]
+    assert best_region.abs().sum() > 0
+    if sisa_weight == 0:
+        assert torch.all(other_region == 0), "MISA's gradient reaches only the max region"
+    else:
+        # SISA's gradient is the same on both regions (each region's share of the mean)
+        sisa_only = torch.autograd.grad(sisa_weight * objective.sisa_loss(sisa.requires_grad_()), sisa)[0]
+        torch.testing.assert_close(other_region, 0.5 * sisa_only.T, rtol=1e-4, atol=1e-6)
 
 
 def test_recall_counts_ties_against_the_model():

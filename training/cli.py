@@ -165,6 +165,10 @@ def evaluate(manifest, checkpoint, as_json, batch_size, device, skip_bad, server
 
     loaded = _load_manifest_or_exit(manifest, skip_bad)
     torch_device = resolve_device(device)
+    if torch_device.type == "cuda":
+        from encoders.precision import use_exact_float32
+
+        use_exact_float32()  # evaluation on CUDA in exact float32 (encoders/precision.py)
     try:
         model = create_model(checkpoint).to(torch_device)
     except (FileNotFoundError, ValueError) as exc:
