@@ -13,7 +13,7 @@ Policy:
 - **Search and evaluation on CUDA compute in exact float32**: TF32 off for convolutions and for
   matrix products (:func:`use_exact_float32`). Whoever puts a model on a CUDA device to serve or
   evaluate it calls it once: ``matchmap eval --device cuda``, ``bench/gpu_check.py``, the CUDA
-  tests, and (pending, issue 18) the search engine when it opens a CUDA device. It costs little:
+  tests, and the search engine when it opens a CUDA device. It costs little:
   the service's work on the GPU is one caption's encoder pass and a few hundred MISA scores.
 - **Deliberately approximate steps stay approximate and are named**: stage 2's coarse pass over the
   resident maps is bfloat16 by design, and its best few are re-scored exactly in float32

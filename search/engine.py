@@ -167,6 +167,10 @@ class SearchEngine:
         self, model, library: Library, *, device: str = "auto", limits: SearchLimits | None = None, vad: bool = True
     ):
         self.device = resolve_device(device)
+        if self.device.type == "cuda":
+            from encoders.precision import use_exact_float32
+
+            use_exact_float32()  # scores as the CPU's within 1e-4 (encoders/precision.py)
         self.vad = vad  # cut a query to its speech with search.vad (else only its silence is trimmed)
         self.model = model.to(self.device).eval()
         self.library = library
