@@ -38,7 +38,8 @@ gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 	    faiss-cpu==1.15.1 SQLAlchemy==2.1.9 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 grpcio==1.85.3 \
-	    grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2
+	    grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 grpcio-status==1.85.3 \
+	    googleapis-common-protos==1.76.0 silero-vad==6.2.3
 
 clean:
 	rm -rf .demo .pytest_cache
