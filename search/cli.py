@@ -16,7 +16,7 @@ import click
 import numpy as np
 from PIL import Image
 
-from search import DEFAULT_PORT
+from search import DEFAULT_HTTP_PORT, DEFAULT_PORT
 from search.client import Heatmap, SearchClient, SearchHits, SearchServiceError, ServerUnreachable
 
 DEFAULT_SERVER = f"localhost:{DEFAULT_PORT}"
@@ -36,6 +36,9 @@ EXIT_OK, EXIT_QUERY_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, help="Port to listen on (0 = any free port).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               help="Where the model and stage-2 re-ranking run (auto = CUDA when available).")
+@click.option("--http", "http_port", type=click.IntRange(0, 65535), default=DEFAULT_HTTP_PORT,
+              help="Port of the search page and JSON API, served beside gRPC by the same engine (0 = any free port).")
+@click.option("--no-http", is_flag=True, help="Serve gRPC only, no page or JSON API.")
 @click.option("--token", default=None, envvar="MATCHMAP_TOKEN",
               help="Require 'authorization: Bearer TOKEN' on every call (health stays open). [env MATCHMAP_TOKEN]")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
@@ -61,6 +64,8 @@ def serve(
     host: str,
     port: int,
     device: str,
+    http_port: int,
+    no_http: bool,
     token: str | None,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -74,7 +79,8 @@ def serve(
     """Run the gRPC spoken-query search service until SIGTERM / SIGINT.
 
     Loads the model and the library once, serves matchmap.v1.SpokenImageSearch (Search, Localize,
-    Highlight, ListCollections) plus grpc.health.v1.Health and server reflection. On SIGTERM or
+    Highlight, ListCollections) plus grpc.health.v1.Health and server reflection, and (unless --no-http)
+    a web page to search by speaking and a JSON API on --http's port (/openapi.json). On SIGTERM or
     SIGINT, health turns NOT_SERVING, in-flight calls finish, then the server stops.
     """
     import asyncio
@@ -86,7 +92,7 @@ def serve(
     try:
         options = ServerOptions(
             host=host, port=port, token=token, tls_cert=tls_cert, tls_key=tls_key,
-            max_message_mb=max_message_mb, max_batch=max_batch,
+            max_message_mb=max_message_mb, max_batch=max_batch, http_port=None if no_http else http_port,
         )
         limits = SearchLimits(
             max_audio_seconds=max_audio_seconds,
@@ -110,8 +116,11 @@ def serve(
             err=True,
         )
 
+    def http_ready(url: str) -> None:
+        click.echo(f"matchmap serve: search page and JSON API on {url} (/openapi.json)", err=True)
+
     try:
-        asyncio.run(serve_until_signalled(engine, options, on_ready=ready))
+        asyncio.run(serve_until_signalled(engine, options, on_ready=ready, on_http_ready=http_ready))
     except OSError as error:
         raise click.ClickException(str(error)) from error
     finally:

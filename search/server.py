@@ -56,12 +56,15 @@ class ServerOptions:
     max_queue: int = 256  # queued Search calls beyond which new ones get RESOURCE_EXHAUSTED
     decode_threads: int = 2
     shutdown_grace_s: float = 30.0  # how long in-flight calls may run on after SIGTERM
+    http_port: int | None = None  # the web page and JSON API (search.web) beside gRPC; None = off, 0 = any free port
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must lie in 0..65535, got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must lie in 0..65535, got {self.http_port}")
         if not self.max_message_mb > 0:
             raise ValueError(f"max_message_mb must be > 0, got {self.max_message_mb}")
 
@@ -287,6 +290,7 @@ class SearchServer:
         self._server: grpc.aio.Server | None = None
         self._servicer: SpokenImageSearchServicer | None = None
         self._health = health.aio.HealthServicer()
+        self.http = None  # search.web.HttpServer when options.http_port is set, once started
 
     async def start(self) -> int:
         """Bind and start serving; returns the port (the chosen one when options.port is 0)."""
@@ -316,6 +320,11 @@ class SearchServer:
         if not self.port:
             raise OSError(f"cannot listen on {address}: the port is in use or the address is not local")
         await self._server.start()
+        if opts.http_port is not None:
+            from search.web import HttpServer  # the same servicer (engine, model thread, batcher) over HTTP
+
+            self.http = HttpServer(self._servicer, opts)
+            await self.http.start()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port
@@ -325,7 +334,8 @@ class SearchServer:
         if self._server is None:
             return
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(self.options.shutdown_grace_s if grace is None else grace)
+        grace = self.options.shutdown_grace_s if grace is None else grace
+        await asyncio.gather(self._server.stop(grace), *([self.http.stop(grace)] if self.http is not None else []))
         if self._servicer is not None:
             await self._servicer.close()
         self._server = None
@@ -336,13 +346,19 @@ class SearchServer:
 
 
 async def serve_until_signalled(
-    engine: SearchEngine, options: ServerOptions, on_ready: Callable[[int], None] | None = None
+    engine: SearchEngine,
+    options: ServerOptions,
+    on_ready: Callable[[int], None] | None = None,
+    on_http_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    """Serve until SIGTERM or SIGINT, then stop gracefully. on_ready gets the gRPC port, on_http_ready
+    the web page's URL (when options.http_port is set)."""
     server = SearchServer(engine, options)
     port = await server.start()
     if on_ready is not None:
         on_ready(port)
+    if on_http_ready is not None and server.http is not None:
+        on_http_ready(server.http.url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -531,7 +531,7 @@ def test_serve_command_stops_cleanly_on_sigterm(checkpoint, data_dir, caption_wa
     env = dict(os.environ, MATCHMAP_TOKEN="")
     process = subprocess.Popen(
         [sys.executable, "-m", "matchmap", "serve", "--data-dir", str(data_dir), "--checkpoint", str(checkpoint),
-         "--port", "0", "--host", "127.0.0.1", "--device", "cpu"],
+         "--port", "0", "--host", "127.0.0.1", "--device", "cpu", "--no-http"],
         stderr=subprocess.PIPE, text=True, env=env,
     )
     try:
