@@ -38,7 +38,7 @@ def cached_jpeg(folder: Path, collection: str, record: ImageRecord, size: int | 
         pass
     try:
         image = load_image(record.uri)
-    except ImageDecodeError as error:
+    except (ImageDecodeError, OSError) as error:
         log.warning("image %s of collection %r cannot be read: %s", record.id, collection, error)
         raise ImageNotFound(
             f"image {record.id} of collection {collection!r} can no longer be read on the server "
