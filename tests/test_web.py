@@ -459,8 +459,8 @@ def wait_for(driver, condition, timeout: float = 30):
 def screenshot(element_or_driver, name: str, out: Path) -> Path:
     path = out / name
     (element_or_driver.save_screenshot if hasattr(element_or_driver, "save_screenshot") else element_or_driver.screenshot)(str(path))
-    if DOC_SCREENSHOTS:
-        shutil.copy(path, ROOT / "docs" / "img" / name)
+    if DOC_SCREENSHOTS:  # a 128-colour palette keeps each picture under 300 KB
+        Image.open(path).convert("RGB").quantize(colors=128).save(ROOT / "docs" / "img" / name, optimize=True)
     return path
 
 
