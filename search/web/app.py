@@ -16,7 +16,6 @@ Every request runs through the gRPC servicer (search.web.gateway); errors answer
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -309,4 +308,3 @@ async def _chunks(socket: WebSocket, first: search_pb2.HighlightRequest) -> Asyn
             if not ended:
                 raise InvalidQuery('after the start message, send binary PCM chunks, then {"end": true}')
             return
-        await asyncio.sleep(0)

@@ -68,6 +68,7 @@ class HttpServer:
             self.app,
             lifespan="off",
             log_config=None,  # the process's logging stays as configured
+            log_level="warning",  # uvicorn's own start/stop lines would repeat the server's
             access_log=False,
             ssl_certfile=str(opts.tls_cert) if opts.tls_cert else None,
             ssl_keyfile=str(opts.tls_key) if opts.tls_key else None,
