@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -304,6 +305,31 @@ def test_the_bearer_token_applies_to_http_as_to_grpc(guarded, corpus):
             assert json.loads(socket.recv(10))["error"]["code"] == "UNAUTHENTICATED"
             assert_closed_with(socket, expected)
     assert len(list(highlight_frames(guarded, wav, token=TOKEN))) >= 3
+
+
+def test_http_uses_the_servers_tls_certificate(engine, corpus, tmp_path):
+    openssl = shutil.which("openssl")
+    if not openssl:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    options = ServerOptions(host="localhost", port=0, http_port=0, tls_cert=cert, tls_key=key)
+    with ServerThread(engine, options) as secure:
+        assert secure.server.http.url == f"https://localhost:{http_port(secure)}/"
+        conn = http.client.HTTPSConnection("localhost", http_port(secure), timeout=30,
+                                           context=ssl.create_default_context(cafile=str(cert)))
+        conn.request("POST", f"/api/search?collection={COLLECTION}&top_k=2", body=caption(corpus, 0)[0].read_bytes())
+        response = conn.getresponse()
+        assert response.status == 200 and len(json.loads(response.read())["hits"]) == 2
+        conn.close()
+        plaintext = http.client.HTTPConnection("localhost", http_port(secure), timeout=5)
+        with pytest.raises((http.client.HTTPException, OSError)):
+            plaintext.request("GET", "/api/config")
+            plaintext.getresponse().read()
 
 
 # ---- live highlighting over a WebSocket ----------------------------------------------------------------------------

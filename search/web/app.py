@@ -113,10 +113,11 @@ def create_app(servicer, options) -> FastAPI:
 
     async def audio_body(request: Request) -> bytes:
         """The request body, at most the server's message limit (413 beyond it, naming both sizes)."""
-        declared = request.headers.get("content-length")
+        header = request.headers.get("content-length", "")
+        declared = int(header) if header.isdigit() else None
         size, chunks, too_large = 0, [], False
-        if declared and declared.isdigit() and int(declared) > DRAIN_FACTOR * limit:
-            size, too_large = int(declared), True
+        if declared is not None and declared > DRAIN_FACTOR * limit:
+            size, too_large = declared, True
         else:
             async for chunk in request.stream():
                 size += len(chunk)
@@ -127,9 +128,10 @@ def create_app(servicer, options) -> FastAPI:
                 else:
                     chunks.append(chunk)
         if too_large:
+            size = max(size, declared or 0)
             raise ApiError(
                 413, "RESOURCE_EXHAUSTED",
-                f"the audio upload is {size / 2**20:.1f} MB{' or more' if not declared else ''}; this server "
+                f"the audio upload is {size / 2**20:.1f} MB{' or more' if declared is None else ''}; this server "
                 f"accepts at most {options.max_message_mb:g} MB (and {engine.limits.max_audio_seconds:g} s of audio)",
             )
         return b"".join(chunks)
