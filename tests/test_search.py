@@ -465,16 +465,8 @@ def test_bearer_token_is_required_except_for_health(engine, caption_wav):
             assert len(c.search(caption_wav, COLLECTION, top_k=2)) == 2
 
 
-def test_tls(engine, caption_wav, tmp_path):
-    openssl = subprocess.run(["which", "openssl"], capture_output=True, text=True).stdout.strip()
-    if not openssl:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )
+def test_tls(engine, caption_wav, tls_files):
+    cert, key = tls_files
     options = ServerOptions(host="localhost", port=0, tls_cert=cert, tls_key=key)
     with ServerThread(engine, options) as secure:
         target = f"localhost:{secure.port}"

@@ -307,16 +307,8 @@ def test_the_bearer_token_applies_to_http_as_to_grpc(guarded, corpus):
     assert len(list(highlight_frames(guarded, wav, token=TOKEN))) >= 3
 
 
-def test_http_uses_the_servers_tls_certificate(engine, corpus, tmp_path):
-    openssl = shutil.which("openssl")
-    if not openssl:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )
+def test_http_uses_the_servers_tls_certificate(engine, corpus, tls_files):
+    cert, key = tls_files
     options = ServerOptions(host="localhost", port=0, http_port=0, tls_cert=cert, tls_key=key)
     with ServerThread(engine, options) as secure:
         assert secure.server.http.url == f"https://localhost:{http_port(secure)}/"
