@@ -1,6 +1,6 @@
 # matchmap spoken-query search service.
 #   docker build -t matchmap .
-#   docker run -p 50051:50051 -v matchmap-data:/data matchmap            # serves the library in /data
+#   docker run -p 50051:50051 -p 8080:8080 -v matchmap-data:/data matchmap   # gRPC, and the search page on :8080
 #   docker run -v matchmap-data:/data --entrypoint matchmap matchmap index --collection photos /data/images
 # docker-compose.yml runs it with a health check (and, with --profile postgres, a PostgreSQL catalog).
 FROM python:3.11-slim-bookworm
@@ -30,9 +30,9 @@ RUN pip install --extra-index-url "${TORCH_INDEX}" . \
 
 USER matchmap
 VOLUME ["/data"]
-EXPOSE 50051
+EXPOSE 50051 8080
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-m", "search.healthcheck", "--target", "localhost:50051"]
 ENTRYPOINT ["matchmap", "serve"]
-CMD ["--data-dir", "/data", "--port", "50051"]
+CMD ["--data-dir", "/data", "--port", "50051", "--http", "8080"]

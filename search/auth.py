@@ -15,6 +15,26 @@ import grpc
 OPEN_SERVICE_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
+def token_problem(supplied: str | None, expected: bytes, how_to_send: str) -> str | None:
+    """Why ``supplied`` (an authorization value) does not authenticate, or None when it does.
+
+    ``expected`` is ``b"Bearer <token>"``; compared in constant time. ``how_to_send`` tells the
+    client where the token goes (gRPC metadata, an HTTP header). Shared by gRPC and HTTP.
+    """
+    if supplied is None:
+        return f"this server requires a token: send {how_to_send} 'authorization: Bearer <token>'"
+    if not hmac.compare_digest(str(supplied).encode(), expected):
+        return "the bearer token is not valid for this server"
+    return None
+
+
+def expected_authorization(token: str) -> bytes:
+    """The authorization value that ``token`` expects; ValueError for an empty token."""
+    if not token:
+        raise ValueError("the bearer token must not be empty")
+    return f"Bearer {token}".encode()
+
+
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     """The call metadata that authenticates a client with ``token``."""
     return (("authorization", f"Bearer {token}"),)
@@ -39,9 +59,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Reject calls without ``authorization: Bearer <token>`` (compared in constant time)."""
 
     def __init__(self, token: str):
-        if not token:
-            raise ValueError("the bearer token must not be empty")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = expected_authorization(token)
 
     async def intercept_service(
         self,
@@ -52,11 +70,5 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler_call_details.method.startswith(OPEN_SERVICE_PREFIXES):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
-        supplied = metadata.get("authorization")
-        if supplied is None:
-            return _unauthenticated_handler(
-                handler, "this server requires a token: send metadata 'authorization: Bearer <token>'"
-            )
-        if not hmac.compare_digest(str(supplied).encode(), self._expected):
-            return _unauthenticated_handler(handler, "the bearer token is not valid for this server")
-        return handler
+        problem = token_problem(metadata.get("authorization"), self._expected, "metadata")
+        return handler if problem is None else _unauthenticated_handler(handler, problem)

@@ -16,7 +16,7 @@ import click
 import numpy as np
 from PIL import Image
 
-from search import DEFAULT_PORT
+from search import DEFAULT_HTTP_PORT, DEFAULT_PORT
 from search.client import Heatmap, SearchClient, SearchHits, SearchServiceError, ServerUnreachable
 
 DEFAULT_SERVER = f"localhost:{DEFAULT_PORT}"
@@ -41,6 +41,9 @@ EXIT_CANNOT_LISTEN = 3  # serve
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, help="Port to listen on (0 = any free port).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               help="Where the model and stage-2 re-ranking run (auto = CUDA when available).")
+@click.option("--http", "http_port", type=click.IntRange(0, 65535), default=DEFAULT_HTTP_PORT,
+              help="Port of the search page and JSON API, served beside gRPC by the same engine (0 = any free port).")
+@click.option("--no-http", is_flag=True, help="Serve gRPC only, no page or JSON API.")
 @click.option("--token", default=None, envvar="MATCHMAP_TOKEN",
               help="Require 'authorization: Bearer TOKEN' on every call (health stays open). [env MATCHMAP_TOKEN]")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
@@ -69,7 +72,8 @@ EXIT_CANNOT_LISTEN = 3  # serve
               help="Cut each query to its speech with a voice activity detector (Silero VAD) before scoring; "
                    "--no-vad trims only silence.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON line on stdout when ready ({\"event\": \"ready\", \"port\", ...}) and one when stopped.")
+              help="Print one JSON line on stdout when ready ({\"event\": \"ready\", \"port\", \"http_url\", ...}) "
+                   "and one when stopped.")
 @click.option("--resident-maps-mb", type=click.FloatRange(min=0), default=4096.0, show_default=True,
               help="Memory for holding collections' feature maps (about 32 KB per image with the tiny model) "
                    "so stage 2 can re-rank thousands of candidates; a collection that does not fit is read "
@@ -82,6 +86,8 @@ def serve(
     host: str,
     port: int,
     device: str,
+    http_port: int,
+    no_http: bool,
     token: str | None,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -102,13 +108,15 @@ def serve(
     """Run the gRPC spoken-query search service until SIGTERM / SIGINT.
 
     Loads the model and the library once, serves matchmap.v1.SpokenImageSearch (Search, Localize,
-    Highlight, ListCollections) plus grpc.health.v1.Health and server reflection. On SIGTERM or
+    Highlight, ListCollections) plus grpc.health.v1.Health and server reflection, and (unless --no-http)
+    a web page to search by speaking and a JSON API on --http's port (/openapi.json). On SIGTERM or
     SIGINT, health turns NOT_SERVING, in-flight calls finish, then the server stops.
     """
     import asyncio
 
     from search.engine import SearchEngine, SearchLimits
-    from search.server import PortUnavailable, ServerOptions, serve_until_signalled
+    from search.errors import PortUnavailable
+    from search.server import ServerOptions, serve_until_signalled
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -116,6 +124,7 @@ def serve(
             host=host, port=port, token=token, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
             max_message_mb=max_message_mb, max_batch=max_batch, max_queue=max_queue,
             max_concurrent_rpcs=max_concurrent_rpcs, drain_seconds=drain_seconds, shutdown_grace_s=grace_seconds,
+            http_port=None if no_http else http_port,
         )
         limits = SearchLimits(
             max_audio_seconds=max_audio_seconds,
@@ -128,7 +137,7 @@ def serve(
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         raise click.ClickException(str(error)) from error
 
-    def ready(bound_port: int) -> None:
+    def ready(bound_port: int, http_url: str | None) -> None:
         names = [info.name for info, searchable in engine.list_collections() if searchable]
         resident = engine.resident_bytes()
         security = ("mTLS" if tls_client_ca else "TLS") if tls_cert else "plaintext"
@@ -139,12 +148,14 @@ def serve(
             f"{sum(resident.values()) / 2**20:.0f} MB ({len(resident)} of {len(names)} collections)",
             err=True,
         )
+        if http_url is not None:
+            click.echo(f"matchmap serve: search page and JSON API on {http_url} (/openapi.json)", err=True)
         if as_json:
             click.echo(json.dumps({
-                "event": "ready", "host": host, "port": bound_port, "security": security,
+                "event": "ready", "host": host, "port": bound_port, "http_url": http_url, "security": security,
                 "token_required": bool(token), "model_version": engine.model_version, "device": str(engine.device),
                 "collections": names, "resident_maps_bytes": sum(resident.values()),
-            }), nl=True)
+            }))
             sys.stdout.flush()
 
     try:

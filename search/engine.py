@@ -25,7 +25,7 @@ from torch import Tensor
 
 from encoders import create_model, load_image, trim_silence
 from encoders.matchmap import pool_audio, score_matrix
-from indexer import Collection, CollectionInfo, Library
+from indexer import Collection, CollectionInfo, ImageRecord, Library
 from search.audio import check_sample_rate, decode_audio
 from search.errors import ImageNotFound, InvalidQuery
 from search.localization import LiveHighlighter, Localization, encode_whole_image, localize
@@ -434,8 +434,8 @@ class SearchEngine:
 
     # ---- localization ------------------------------------------------------------------------
 
-    def indexed_image_map(self, collection: str, image_id: str | int) -> ImageMap:
-        """The stored feature map of an indexed image (ImageNotFound, CollectionNotFound, InvalidQuery)."""
+    def indexed_image(self, collection: str, image_id: str | int) -> tuple[Collection, ImageRecord]:
+        """The collection and catalog row of an indexed image (ImageNotFound, CollectionNotFound, InvalidQuery)."""
         try:
             key = int(image_id)
         except (TypeError, ValueError):
@@ -449,6 +449,12 @@ class SearchEngine:
             record = None
         if record is None or record.status != "indexed":
             raise ImageNotFound(f"collection {collection!r} holds no indexed image with id {key}")
+        return coll, record
+
+    def indexed_image_map(self, collection: str, image_id: str | int) -> ImageMap:
+        """The stored feature map of an indexed image (ImageNotFound, CollectionNotFound, InvalidQuery)."""
+        coll, record = self.indexed_image(collection, image_id)
+        key = record.id
         features = torch.from_numpy(np.asarray(coll.feature_maps([key]))[0]).float()
         features = features.reshape(*coll.grid, -1).to(self.device)
         cfg = self.model.config.image

@@ -41,3 +41,7 @@ class Overloaded(RuntimeError):
 
 class ShuttingDown(RuntimeError):
     """The server is stopping and takes no new work; retry on another replica (UNAVAILABLE)."""
+
+
+class PortUnavailable(OSError):
+    """The server cannot listen where asked (the port is taken, or the address is not this machine's)."""

@@ -38,7 +38,15 @@ from search import DEFAULT_PORT
 from search.auth import BearerTokenInterceptor
 from search.batcher import MicroBatcher
 from search.engine import ImageMap, SearchEngine, SearchQuery, SearchResult
-from search.errors import ImageNotFound, InvalidQuery, Overloaded, QueryError, QueryOutOfRange, ShuttingDown
+from search.errors import (
+    ImageNotFound,
+    InvalidQuery,
+    Overloaded,
+    PortUnavailable,
+    QueryError,
+    QueryOutOfRange,
+    ShuttingDown,
+)
 from search.localization import Localization
 
 log = logging.getLogger("matchmap.server")
@@ -67,6 +75,7 @@ class ServerOptions:
     decode_threads: int = 2
     drain_seconds: float = 0.0  # after SIGTERM: NOT_SERVING while still answering, so balancers move away
     shutdown_grace_s: float = 30.0  # then how long in-flight calls may run on while new ones are refused
+    http_port: int | None = None  # the web page and JSON API (search.web) beside gRPC; None = off, 0 = any free port
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -79,6 +88,8 @@ class ServerOptions:
             raise ValueError("drain_seconds and shutdown_grace_s must be >= 0")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must lie in 0..65535, got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must lie in 0..65535, got {self.http_port}")
         if not self.max_message_mb > 0:
             raise ValueError(f"max_message_mb must be > 0, got {self.max_message_mb}")
 
@@ -375,10 +386,6 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
         )
 
 
-class PortUnavailable(OSError):
-    """The server cannot listen where asked (the port is taken, or the address is not this machine's)."""
-
-
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (as given to --host) is only reachable from this machine."""
     if host == "localhost":
@@ -399,6 +406,7 @@ class SearchServer:
         self._server: grpc.aio.Server | None = None
         self._servicer: SpokenImageSearchServicer | None = None
         self._health = health.aio.HealthServicer()
+        self.http = None  # search.web.HttpServer when options.http_port is set, once started
 
     async def start(self) -> int:
         """Bind and start serving; returns the port (the chosen one when options.port is 0)."""
@@ -443,6 +451,11 @@ class SearchServer:
                 opts.host,
             )
         await self._server.start()
+        if opts.http_port is not None:
+            from search.web import HttpServer  # the same servicer (engine, model thread, batcher) over HTTP
+
+            self.http = HttpServer(self._servicer, opts)
+            await self.http.start()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port
@@ -460,7 +473,8 @@ class SearchServer:
             await asyncio.sleep(drain)
         if self._servicer is not None:
             self._servicer.stop_admitting()
-        await self._server.stop(self.options.shutdown_grace_s if grace is None else grace)
+        grace = self.options.shutdown_grace_s if grace is None else grace
+        await asyncio.gather(self._server.stop(grace), *([self.http.stop(grace)] if self.http is not None else []))
         if self._servicer is not None:
             await self._servicer.close()
         self._server = None
@@ -471,13 +485,16 @@ class SearchServer:
 
 
 async def serve_until_signalled(
-    engine: SearchEngine, options: ServerOptions, on_ready: Callable[[int], None] | None = None
+    engine: SearchEngine,
+    options: ServerOptions,
+    on_ready: Callable[[int, str | None], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    """Serve until SIGTERM or SIGINT, then stop gracefully. ``on_ready`` gets the gRPC port and the web
+    page's URL (None when options.http_port is None) once both listen."""
     server = SearchServer(engine, options)
     port = await server.start()
     if on_ready is not None:
-        on_ready(port)
+        on_ready(port, server.http.url if server.http is not None else None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

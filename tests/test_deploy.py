@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import click
 import pytest
 
-from search import DEFAULT_PORT
+from search import DEFAULT_HTTP_PORT, DEFAULT_PORT
 from search.cli import serve
 from search.healthcheck import main as healthcheck
 
@@ -63,7 +63,8 @@ def test_dockerfile_runs_the_real_serve_command_on_the_default_port():
     assert single["FROM"] == "python:3.11-slim-bookworm"
     entrypoint, cmd = exec_form(single["ENTRYPOINT"]), exec_form(single["CMD"])
     params = parse_with(serve, serve_args_of(entrypoint + cmd))
-    assert params["port"] == DEFAULT_PORT == int(single["EXPOSE"])
+    assert [params["port"], params["http_port"]] == [DEFAULT_PORT, DEFAULT_HTTP_PORT] == [int(p) for p in single["EXPOSE"].split()]
+    assert not params["no_http"]
     assert str(params["data_dir"]) in single["VOLUME"]
     assert f"MATCHMAP_DATA_DIR={params['data_dir']}" in single["ENV"].replace(" ", "")
     assert single["STOPSIGNAL"] == "SIGTERM"
@@ -85,6 +86,8 @@ def test_compose_services_use_real_flags_ports_volumes_and_health_probe():
         params = parse_with(serve, serve_args_of(entrypoint + service["command"]))
         host_port, container_port = service["ports"][0].split(":")
         assert int(container_port) == params["port"] == DEFAULT_PORT, name
+        http_host_port, http_container_port = service["ports"][1].split(":")  # the search page and JSON API
+        assert int(http_container_port) == params["http_port"] == DEFAULT_HTTP_PORT and not params["no_http"], name
         mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
         assert str(params["data_dir"]) in mounts, f"{name}: --data-dir {params['data_dir']} is not a volume"
         assert mounts[str(params["data_dir"])] in compose["volumes"]
@@ -93,7 +96,8 @@ def test_compose_services_use_real_flags_ports_volumes_and_health_probe():
         assert parse_with(healthcheck, healthcheck_args_of(probe[1:]))["target"] == f"localhost:{params['port']}"
         assert service["stop_signal"] == "SIGTERM"
         assert "MATCHMAP_TOKEN" in service["environment"]
-    assert servers["search"]["ports"][0] == f"{DEFAULT_PORT}:{DEFAULT_PORT}"
+    assert servers["search"]["ports"] == [f"{DEFAULT_PORT}:{DEFAULT_PORT}", f"{DEFAULT_HTTP_PORT}:{DEFAULT_HTTP_PORT}"]
+    assert len({p.split(":")[0] for s in servers.values() for p in s["ports"]}) == 4  # no host port twice
     assert "profiles" not in servers["search"]
 
 

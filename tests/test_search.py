@@ -34,9 +34,9 @@ from protos.matchmap.v1 import search_pb2, search_pb2_grpc
 from search.cli import query
 from search.client import PcmAudio, SearchClient, SearchServiceError, ServerUnreachable
 from search.engine import SearchEngine, SearchLimits
-from search.vad import keep_speech
 from search.remote_eval import remote_recall
 from search.server import ServerOptions, ServerThread
+from search.vad import keep_speech
 from training.manifest import load_manifest
 
 COLLECTION = "corpus"
@@ -466,16 +466,8 @@ def test_bearer_token_is_required_except_for_health(engine, caption_wav):
             assert len(c.search(caption_wav, COLLECTION, top_k=2)) == 2
 
 
-def test_tls(engine, caption_wav, tmp_path):
-    openssl = subprocess.run(["which", "openssl"], capture_output=True, text=True).stdout.strip()
-    if not openssl:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )
+def test_tls(engine, caption_wav, tls_files):
+    cert, key = tls_files
     options = ServerOptions(host="localhost", port=0, tls_cert=cert, tls_key=key)
     with ServerThread(engine, options) as secure:
         target = f"localhost:{secure.port}"
@@ -532,7 +524,7 @@ def test_serve_command_stops_cleanly_on_sigterm(checkpoint, data_dir, caption_wa
     env = dict(os.environ, MATCHMAP_TOKEN="")
     process = subprocess.Popen(
         [sys.executable, "-m", "matchmap", "serve", "--data-dir", str(data_dir), "--checkpoint", str(checkpoint),
-         "--port", "0", "--host", "127.0.0.1", "--device", "cpu"],
+         "--port", "0", "--host", "127.0.0.1", "--device", "cpu", "--no-http"],
         stderr=subprocess.PIPE, text=True, env=env,
     )
     try:

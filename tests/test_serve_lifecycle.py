@@ -61,17 +61,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_command(data_dir, checkpoint, port: int, *extra: str) -> list[str]:
+def serve_command(data_dir, checkpoint, port: int, *extra: str, http: int = 0) -> list[str]:
     return [sys.executable, "-m", "matchmap", "serve", "--data-dir", str(data_dir), "--checkpoint", str(checkpoint),
-            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *extra]
+            "--host", "127.0.0.1", "--port", str(port), "--http", str(http), "--device", "cpu", *extra]
 
 
-def test_serve_on_a_taken_port_says_so_in_one_line_and_exits_3(checkpoint, data_dir):
+@pytest.mark.parametrize("which", ["grpc", "http"])
+def test_serve_on_a_taken_port_says_so_in_one_line_and_exits_3(checkpoint, data_dir, which):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run(serve_command(data_dir, checkpoint, port), capture_output=True, text=True, timeout=120,
+        command = serve_command(data_dir, checkpoint, port) if which == "grpc" else \
+            serve_command(data_dir, checkpoint, free_port(), http=port)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120,
                               env=dict(os.environ, MATCHMAP_TOKEN=""))
     assert done.returncode == 3, done.stderr
     assert "Traceback" not in done.stderr
@@ -92,6 +95,7 @@ def test_serve_json_readiness_line_and_query_wait(checkpoint, data_dir, caption)
         ready = json.loads(process.stdout.readline())
         assert ready["event"] == "ready" and ready["port"] == port and ready["collections"] == [COLLECTION]
         assert ready["security"] == "plaintext" and ready["token_required"] is False
+        assert ready["http_url"].startswith("http://127.0.0.1:")
         process.terminate()
         assert process.wait(60) == 0
         assert json.loads(process.stdout.readline()) == {"event": "stopped"}
