@@ -455,7 +455,14 @@ class SearchServer:
             from search.web import HttpServer  # the same servicer (engine, model thread, batcher) over HTTP
 
             self.http = HttpServer(self._servicer, opts)
-            await self.http.start()
+            try:
+                await self.http.start()
+            except BaseException:  # e.g. the HTTP port is taken: leave nothing half-started behind
+                self.http = None
+                await self._server.stop(0)
+                await self._servicer.close()
+                self._server = None
+                raise
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port
