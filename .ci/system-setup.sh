@@ -3,7 +3,8 @@
 # Idempotent: installs only what is missing, starts PostgreSQL only if it is not running.
 set -euo pipefail
 
-APT_PACKAGES=(espeak-ng libespeak-ng1 sox postgresql festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts flite)
+APT_PACKAGES=(espeak-ng libespeak-ng1 sox postgresql festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts flite
+              fonts-noto-color-emoji unicode-data)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -49,6 +49,32 @@ def synth(out: Path, pairs: int, val_pairs: int, seed: int, engines: str, worker
     click.echo(f"wrote {pairs} pairs to {train_path} and {val_pairs} pairs to {val_path}")
 
 
+@click.command("vocabulary")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print a JSON list of {"codepoint": "1F415", "names": ["dog"], "group": "animals"} '
+                   '("codepoint": null for the geometric shapes).')
+def vocabulary(as_json: bool) -> None:
+    """The object vocabulary of the objects world (`synth --world objects`).
+
+    One category per emoji of Noto Color Emoji that depicts a concrete, nameable thing, plus the
+    eight geometric shapes of the shapes world. Each has a group and spoken names, the first being
+    what a person says; captions use the first. Other tools read the --json form: it is stable.
+    """
+    import json
+    from collections import Counter
+
+    from training.vocabulary import load_vocabulary
+
+    categories = load_vocabulary()
+    if as_json:
+        click.echo(json.dumps([c.to_json() for c in categories], ensure_ascii=False))
+        return
+    for c in categories:
+        click.echo(f"{c.codepoint or '-':<6} {c.group:<11} {', '.join(c.names)}")
+    counts = Counter(c.group for c in categories)
+    click.echo(f"{len(categories)} categories: " + ", ".join(f"{n} {g}" for g, n in counts.items()))
+
+
 def _load_manifest_or_exit(path: str, skip_bad: bool):
     from training.manifest import ManifestError, load_manifest
 
