@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from encoders import create_model
 from matchmap.cli import main
+from training.data import CaptionedImages
 from training.grounding import object_mentions
 from training.manifest import load_manifest
 from training.objects_world import (
@@ -86,6 +88,10 @@ def test_eval_ranks_unique_images_of_a_multi_caption_manifest(objects_corpus, ch
     report = json.loads(result.output)
     captions = len(load_manifest(objects_corpus / "val.json").entries)
     assert report["pairs"] == captions and report["images"] == IMAGES["val"]
+    # the captions of one image share one decoded copy of it in memory
+    manifest = load_manifest(objects_corpus / "val.json")
+    dataset = CaptionedImages(manifest, create_model(checkpoint), train=False, progress=False)
+    assert len({id(image) for image in dataset.images}) == IMAGES["val"] < len(dataset)
     # with 3 images, every caption's image is within its top 3 and every image has a caption in its top
     # `captions`: R@5 and R@10 are 1 whatever the (random) model
     for kind in ("MISA", "SISA", "SIMA"):
