@@ -255,12 +255,15 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
             batch: Batch = batch.to(device)
             with autocast():
                 loss = trainable(batch.images, batch.logmel, batch.lengths)
-            if not torch.isfinite(loss.detach()).all():
-                raise TrainingDiverged(f"the loss is {loss.item()} at step {step + 1} (epoch {epoch + 1}); last.pt "
-                                       "and best.pt keep the last finite epoch: lower --lr, or check the data")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(objective.parameters(), 10.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), 10.0)
+            # Before the update: a non-finite loss gives non-finite gradients, and under DDP the gradient
+            # norm is the same on every rank (gradients are all-reduced), so all ranks stop together.
+            if not bool(torch.isfinite(grad_norm)) or (world == 1 and not bool(torch.isfinite(loss.detach()).all())):
+                raise TrainingDiverged(f"the loss is {loss.item()} (gradient norm {grad_norm.item()}) at step "
+                                       f"{step + 1} (epoch {epoch + 1}); last.pt and best.pt keep the last finite "
+                                       "epoch: lower --lr, or check the data")
             optimizer.step()
             scheduler.step()
             step += 1
@@ -283,8 +286,8 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             over_budget = bool(flag.item())
         final = over_budget or epoch + 1 == cfg.epochs
+        _check_finite(model, f"after epoch {epoch + 1}")  # every rank: DDP keeps the weights identical
         if main_process:
-            _check_finite(model, f"after epoch {epoch + 1}")
             score = None
             if final or (epoch + 1) % cfg.eval_every == 0:
                 embeddings = embed_pairs(model, val_set, batch_size=cfg.batch_size, device=device, progress=False)
