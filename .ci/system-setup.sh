@@ -4,7 +4,8 @@
 set -euo pipefail
 
 APT_PACKAGES=(espeak-ng libespeak-ng1 sox postgresql festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts flite
-              chromium chromium-driver)  # headless Chromium drives the search page in tests/test_web.py
+              chromium chromium-driver  # headless Chromium drives the search page in tests/test_web.py
+              fonts-noto-color-emoji unicode-data)  # the objects world's glyphs and emoji groups
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -34,7 +34,7 @@ from encoders import create_model, trim_silence  # noqa: E402
 from search.vad import keep_speech  # noqa: E402
 from training.augment import mix_at_snr, snr_db, synthetic_reverb  # noqa: E402
 from training.data import CaptionedImages  # noqa: E402
-from training.evaluate import embed_pairs, evaluate_embeddings  # noqa: E402
+from training.evaluate import embed_pairs, evaluate_embeddings, manifest_images  # noqa: E402
 from training.manifest import load_manifest  # noqa: E402
 
 Perturb = Callable[[torch.Tensor, int, torch.Generator, "CaptionedImages", int], torch.Tensor]
@@ -207,7 +207,7 @@ def main() -> None:
             dataset = DegradedCaptions(data, condition, args.seed, query_path=args.query_path)
             if condition.noisy and "snr_db" not in results["conditions"][condition.name]:
                 results["conditions"][condition.name]["snr_db"] = round(achieved_snr(dataset), 2)
-            recall = evaluate_embeddings(embed_pairs(model, dataset, progress=False))
+            recall = evaluate_embeddings(embed_pairs(model, dataset, progress=False), images=manifest_images(manifest))
             model_result["recall"][condition.name] = {"MISA": recall["MISA"], "SISA": recall["SISA"]}
             misa = recall["MISA"]
             print(f"{model.version} {condition.name}: MISA s->i R@10 {misa['speech_to_image']['R@10']:.3f} "

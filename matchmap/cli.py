@@ -13,6 +13,7 @@ import click
 # subcommand -> ("module:attribute", one-line help shown by `matchmap --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("training.cli:synth", "Generate the spoken-scenes corpus (images + spoken captions)."),
+    "vocabulary": ("training.cli:vocabulary", "The objects world's vocabulary: categories and spoken names."),
     "models": ("encoders.cli:models", "List the registered model configs."),
     "train": ("training.cli:train", "Train a matchmap model on Places-format manifests."),
     "eval": ("training.cli:evaluate", "Recall@1/5/10 (SISA, MISA, SIMA) on a manifest."),

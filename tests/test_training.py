@@ -15,11 +15,11 @@ from click.testing import CliRunner
 
 from encoders import create_model, load_checkpoint, weights_version
 from encoders.matchmap import score_matrix
-from training.data import LengthBucketBatchSampler
-from training.evaluate import Embeddings, evaluate_embeddings, mean_r10, recall_at_k
+from training.data import CaptionedImages, LengthBucketBatchSampler
+from training.evaluate import Embeddings, embed_pairs, evaluate_embeddings, mean_r10, recall_at_k
 from training.losses import SampledMarginRankingLoss, SymmetricInfoNCELoss
 from training.manifest import load_manifest
-from training.train import PairObjective, TrainConfig, train
+from training.train import PairObjective, TrainConfig, TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,6 +167,87 @@ def test_recall_from_chunked_scores_equals_full_matrix():
     full = score_matrix(audio, lengths, images, kinds=("misa",))["misa"]
     chunked = score_matrix(audio, lengths, images, kinds=("misa",), chunk_size=3)["misa"]
     assert recall_at_k(full) == recall_at_k(chunked)
+
+
+def _perfect_embeddings(captions_per_image: list[int]) -> tuple[Embeddings, list[str]]:
+    """A perfect model's embeddings: every caption of image i is image i's own direction, so each
+    caption scores highest on its image; images with several captions repeat the same map."""
+    directions = torch.eye(16)[: len(captions_per_image)]
+    owners = [i for i, count in enumerate(captions_per_image) for _ in range(count)]
+    image_maps = directions[owners][:, None, None, :].expand(-1, 2, 2, -1).contiguous()
+    audio = directions[owners][:, None, :].expand(-1, 3, -1).contiguous()
+    return Embeddings(image_maps, audio, torch.full((len(owners),), 3)), [f"image_{i}.png" for i in owners]
+
+
+def test_multi_caption_recall_ranks_unique_images_and_a_perfect_model_is_perfect():
+    emb, images = _perfect_embeddings([2, 3, 1, 5, 2, 4])
+    grouped = evaluate_embeddings(emb, images=images)
+    assert grouped["pairs"] == 17 and grouped["images"] == 6
+    for kind in ("MISA", "SISA", "SIMA"):
+        for direction in ("speech_to_image", "image_to_speech"):
+            assert grouped[kind][direction] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0}, (kind, direction)
+    # without the grouping, twin images tie with the true one: only the one-caption image counts at R@1
+    assert evaluate_embeddings(emb)["MISA"]["speech_to_image"]["R@1"] == 1 / 17
+
+
+def test_image_to_speech_hits_when_any_caption_of_the_image_is_in_the_top_k():
+    # 3 images; image 0 has captions 0 and 1. Caption 0 is its image's best match overall, caption 1
+    # ranks below every other caption: image 0 is still found at rank 1.
+    scores = torch.tensor([[9.0, 0.0, 0.0],
+                           [-5.0, 0.0, 0.0],
+                           [1.0, 4.0, 0.0],
+                           [2.0, 0.0, 4.0]])
+    result = recall_at_k(scores, ks=(1, 2), caption_image=torch.tensor([0, 0, 1, 2]))
+    assert result["image_to_speech"] == {"R@1": 1.0, "R@2": 1.0}
+    # speech->image averages over the 4 captions: caption 1 ranks its image last of 3
+    assert result["speech_to_image"] == {"R@1": 0.75, "R@2": 0.75}
+
+
+def test_nan_scores_are_never_hits():
+    for shape, caption_image in (((12, 12), None), ((12, 4), torch.arange(12) % 4)):
+        nan = torch.full(shape, float("nan"))
+        result = recall_at_k(nan, caption_image=caption_image)
+        for direction in ("speech_to_image", "image_to_speech"):
+            assert result[direction] == {"R@1": 0.0, "R@5": 0.0, "R@10": 0.0}
+    # a NaN imposter outranks a finite true score; a NaN true score is a miss, whatever the others
+    scores = torch.eye(4)
+    scores[0, 1] = float("nan")
+    scores[2, 2] = float("nan")
+    result = recall_at_k(scores, ks=(1, 4))
+    assert result["speech_to_image"] == {"R@1": 0.5, "R@4": 0.75}
+    assert result["image_to_speech"] == {"R@1": 0.5, "R@4": 0.75}
+
+
+def test_one_caption_per_image_gives_the_classic_protocol_on_a_real_corpus(tiny_corpus, checkpoint):
+    model = create_model(checkpoint)
+    manifest = load_manifest(tiny_corpus / "val.json")
+    emb = embed_pairs(model, CaptionedImages(manifest, model, train=False, progress=False), progress=False)
+    grouped = evaluate_embeddings(emb, images=[e.image for e in manifest.entries])
+    assert grouped["images"] == grouped["pairs"] == len(manifest.entries)
+    # the classic protocol, written out: pair i on the diagonal, ties against the model
+    for kind in ("MISA", "SISA", "SIMA"):
+        scores = score_matrix(emb.audio, emb.lengths, emb.image_maps, kinds=(kind.lower(),))[kind.lower()]
+        positive = scores.diagonal()
+        ranks = {"speech_to_image": (scores >= positive[:, None]).sum(1) - 1,
+                 "image_to_speech": (scores >= positive[None, :]).sum(0) - 1}
+        for direction, rank in ranks.items():
+            classic = {f"R@{k}": int((rank < k).sum()) / len(rank) for k in (1, 5, 10)}
+            assert grouped[kind][direction] == classic, (kind, direction)
+
+
+def test_training_stops_at_a_non_finite_loss_and_never_keeps_a_diverged_model(tiny_corpus, tmp_path):
+    train_m = load_manifest(tiny_corpus / "train.json")
+    val_m = load_manifest(tiny_corpus / "val.json")
+    # an infinite learning rate: step 1 is finite, its update is not, so step 2's loss is NaN
+    with pytest.raises(TrainingDiverged, match="step 2"):
+        train(_cfg(lr=math.inf, warmup_steps=1), train_m, val_m, tmp_path / "nan_loss", progress=False)
+    assert not (tmp_path / "nan_loss" / "best.pt").exists() and not (tmp_path / "nan_loss" / "last.pt").exists()
+    # one step per epoch: epoch 1's loss is finite, the weights it leaves are not; no checkpoint of them
+    with pytest.raises(TrainingDiverged, match="after epoch 1"):
+        train(_cfg(lr=math.inf, warmup_steps=1, batch_size=len(train_m.entries)), train_m, val_m,
+              tmp_path / "nan_weights", progress=False)
+    assert not (tmp_path / "nan_weights" / "best.pt").exists()
+    assert not (tmp_path / "nan_weights" / "last.pt").exists()
 
 
 def _cfg(**overrides) -> TrainConfig:

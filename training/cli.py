@@ -22,12 +22,21 @@ import click
               help="Worker processes (default: all CPU cores). The corpus does not depend on it.")
 @click.option("--force", is_flag=True, help="Replace a corpus that already exists in OUT.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--world", type=click.Choice(["shapes", "objects"]), default="shapes", show_default=True,
+              help="shapes: colored shapes, one caption per image. objects: everyday things (`matchmap "
+                   "vocabulary`) and shapes, several captions per image; --pairs and --val-pairs count images.")
+@click.option("--captions", default="2-5", show_default=True, metavar="MIN-MAX",
+              help="Objects world: spoken captions per image, each by another voice.")
+@click.option("--objects", "objects_range", default="1-4", show_default=True, metavar="MIN-MAX",
+              help="Objects world: objects per image (1-1: one-object scenes).")
 def synth(out: Path, pairs: int, val_pairs: int, seed: int, engines: str, workers: int | None, force: bool,
-          quiet: bool) -> None:
+          quiet: bool, world: str, captions: str, objects_range: str) -> None:
     """Generate the spoken-scenes corpus in OUT.
 
     Each pair is a 256x256 image of 1-3 colored shapes on a textured background and a spoken
     caption naming them (16 kHz wav), with ground truth: word timings, object boxes, background.
+    With --world objects, each image holds 1-4 everyday things (emoji) or shapes and has 2-5
+    captions; each object's ground truth adds its category and the words that name it.
 
     \b
     Writes:
@@ -42,11 +51,48 @@ def synth(out: Path, pairs: int, val_pairs: int, seed: int, engines: str, worker
 
     names = tuple(name.strip() for name in engines.split(",") if name.strip())
     try:
+        ranges = {name: _min_max(value, name) for name, value in (("captions", captions), ("objects", objects_range))}
         train_path, val_path = synthesize_corpus(out, pairs=pairs, val_pairs=val_pairs, seed=seed, engines=names,
-                                                 workers=workers, progress=not quiet, overwrite=force)
+                                                 workers=workers, progress=not quiet, overwrite=force, world=world,
+                                                 **ranges)
     except (CorpusExistsError, SpeechEngineError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"wrote {pairs} pairs to {train_path} and {val_pairs} pairs to {val_path}")
+    unit = "images" if world == "objects" else "pairs"
+    click.echo(f"wrote {pairs} {unit} to {train_path} and {val_pairs} {unit} to {val_path}")
+
+
+def _min_max(value: str, name: str) -> tuple[int, int]:
+    low, _, high = value.partition("-")
+    try:
+        return int(low), int(high or low)
+    except ValueError:
+        raise ValueError(f"--{name} must be MIN-MAX (e.g. 2-5) or N, got {value!r}") from None
+
+
+@click.command("vocabulary")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print a JSON list of {"codepoint": "1F415", "names": ["dog"], "group": "animals"} '
+                   '("codepoint": null for the geometric shapes).')
+def vocabulary(as_json: bool) -> None:
+    """The object vocabulary of the objects world (`synth --world objects`).
+
+    One category per emoji of Noto Color Emoji that depicts a concrete, nameable thing, plus the
+    eight geometric shapes of the shapes world. Each has a group and spoken names, the first being
+    what a person says; captions use the first. Other tools read the --json form: it is stable.
+    """
+    import json
+    from collections import Counter
+
+    from training.vocabulary import load_vocabulary
+
+    categories = load_vocabulary()
+    if as_json:
+        click.echo(json.dumps([c.to_json() for c in categories], ensure_ascii=False))
+        return
+    for c in categories:
+        click.echo(f"{c.codepoint or '-':<6} {c.group:<11} {', '.join(c.names)}")
+    counts = Counter(c.group for c in categories)
+    click.echo(f"{len(categories)} categories: " + ", ".join(f"{n} {g}" for g, n in counts.items()))
 
 
 def _load_manifest_or_exit(path: str, skip_bad: bool):

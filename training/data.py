@@ -51,11 +51,15 @@ class CaptionedImages(Dataset):
         self.waveforms: list[np.ndarray] = []
         self.images: list[Image.Image] = []
         entries = manifest.entries
+        decoded: dict = {}  # several captions of one image share one decoded copy
         for entry in tqdm(entries, desc=f"loading {len(entries)} pairs", unit="pair", disable=not progress,
                           leave=False):
             wave = load_audio(manifest.audio_path(entry), self.sample_rate)
             self.waveforms.append((wave.clamp(-1, 1) * 32767).to(torch.int16).numpy())
-            self.images.append(load_image(manifest.image_path(entry)).copy())
+            path = manifest.image_path(entry)
+            if path not in decoded:
+                decoded[path] = load_image(path).copy()
+            self.images.append(decoded[path])
 
     def __len__(self) -> int:
         return len(self.waveforms)

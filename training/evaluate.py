@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,38 +46,88 @@ def embed_pairs(model, dataset: CaptionedImages, *, batch_size: int = 64, device
     return Embeddings(torch.cat(image_maps), audio, torch.cat(lengths))
 
 
-def recall_at_k(scores: torch.Tensor, ks: Sequence[int] = KS) -> dict[str, dict[str, float]]:
-    """scores: (N, N) float, caption a vs image i, pair i on the diagonal -> recall fractions.
+def image_groups(images: Sequence[Hashable]) -> tuple[list[int], torch.Tensor]:
+    """Unique images of a list of entries' images, in order of first appearance.
 
-    speech_to_image: caption a's own image ranks within the top k of its row;
-    image_to_speech: image i's own caption ranks within the top k of its column.
-    Ties count against the model (a tie with the true item ranks it below).
+    Returns (the entry index of each unique image's first occurrence, each entry's unique-image index).
     """
-    n = scores.shape[0]
-    positive = scores.diagonal()
-    # rank = number of items scoring at least as high as the true one, minus the true one itself
-    rank_s2i = (scores >= positive[:, None]).sum(dim=1) - 1
-    rank_i2s = (scores >= positive[None, :]).sum(dim=0) - 1
+    group_of: dict[Hashable, int] = {}
+    representatives, caption_image = [], []
+    for index, image in enumerate(images):
+        if image not in group_of:
+            group_of[image] = len(representatives)
+            representatives.append(index)
+        caption_image.append(group_of[image])
+    return representatives, torch.tensor(caption_image, dtype=torch.long)
+
+
+def recall_at_k(scores: torch.Tensor, ks: Sequence[int] = KS,
+                caption_image: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+    """scores: (N captions, M images) float; caption_image: (N,) long, the column of each caption's own
+    image (default: a square matrix with pair i on the diagonal) -> recall fractions.
+
+    The multi-caption protocol of Flickr8k and SpokenCOCO: speech_to_image ranks the M unique images
+    for each caption (a hit: its own image within the top k), averaged over the N captions;
+    image_to_speech ranks all N captions for each image (a hit: any of its own captions within the
+    top k), averaged over the M images. With one caption per image both are the classic protocol.
+    Ties count against the model (an imposter scoring as high as the true item ranks above it), a NaN
+    imposter outranks everything, and a NaN true score is never a hit.
+    """
+    n, m = scores.shape
+    if caption_image is None:
+        if n != m:
+            raise ValueError(f"a non-square score matrix ({n}x{m}) needs caption_image")
+        caption_image = torch.arange(n)
+    caption_image = caption_image.to(scores.device)
+    own = torch.zeros(n, m, dtype=torch.bool, device=scores.device)
+    own[torch.arange(n, device=scores.device), caption_image] = True
+    nan = scores.isnan()
+    against = scores.masked_fill(nan, math.inf)  # what imposters score: NaN counts as the highest
+    positive = scores[torch.arange(n, device=scores.device), caption_image]  # (N,)
+    # rank = how many imposters score at least as high as the true item
+    rank_s2i = ((against >= positive[:, None]) & ~own).sum(dim=1)
+    hit_s2i = ~positive.isnan()
+    # each image's best own caption (NaN own scores never help), ranked among the other images' captions
+    best = scores.masked_fill(~own | nan, -math.inf).amax(dim=0)  # (M,)
+    rank_i2s = ((against >= best[None, :]) & ~own).sum(dim=0)
+    hit_i2s = (own & ~nan).any(dim=0)
     return {
-        "speech_to_image": {f"R@{k}": int((rank_s2i < k).sum()) / n for k in ks},
-        "image_to_speech": {f"R@{k}": int((rank_i2s < k).sum()) / n for k in ks},
+        "speech_to_image": {f"R@{k}": int(((rank_s2i < k) & hit_s2i).sum()) / n for k in ks},
+        "image_to_speech": {f"R@{k}": int(((rank_i2s < k) & hit_i2s).sum()) / m for k in ks},
     }
 
 
-def evaluate_embeddings(emb: Embeddings, *, compute_dtype: torch.dtype | None = None) -> dict:
-    """All-pairs SISA/MISA/SIMA scores of the embedded pairs -> the ``eval --json`` object."""
-    scores = score_matrix(emb.audio, emb.lengths, emb.image_maps, kinds=("misa", "sisa", "sima"),
-                          compute_dtype=compute_dtype)
-    result: dict = {kind: recall_at_k(scores[kind.lower()]) for kind in KINDS}
+def evaluate_embeddings(emb: Embeddings, *, images: Sequence[Hashable] | None = None,
+                        compute_dtype: torch.dtype | None = None) -> dict:
+    """All-pairs SISA/MISA/SIMA scores of the embedded pairs -> the ``eval --json`` object.
+
+    images: each pair's image (e.g. its path); pairs that share an image are several captions of one
+    image, scored against the unique images only (``recall_at_k``'s multi-caption protocol). None:
+    every pair has an image of its own. The result counts ``pairs`` (captions) and ``images``.
+    """
+    representatives, caption_image = image_groups(range(len(emb.lengths)) if images is None else images)
+    if len(caption_image) != len(emb.lengths):
+        raise ValueError(f"{len(caption_image)} images given for {len(emb.lengths)} pairs")
+    scores = score_matrix(emb.audio, emb.lengths, emb.image_maps[representatives],
+                          kinds=("misa", "sisa", "sima"), compute_dtype=compute_dtype)
+    result: dict = {kind: recall_at_k(scores[kind.lower()], caption_image=caption_image) for kind in KINDS}
     result["pairs"] = int(emb.lengths.shape[0])
+    result["images"] = len(representatives)
     return result
 
 
 def evaluate(model, manifest: Manifest, *, batch_size: int = 64, device: str | torch.device = "cpu",
              progress: bool = True) -> dict:
-    """Recall@1/5/10 of ``model`` on every pair of ``manifest`` (see ``evaluate_embeddings``)."""
+    """Recall@1/5/10 of ``model`` on every caption of ``manifest``, captions grouped by image file
+    (see ``evaluate_embeddings``)."""
     dataset = CaptionedImages(manifest, model, train=False, progress=progress)
-    return evaluate_embeddings(embed_pairs(model, dataset, batch_size=batch_size, device=device, progress=progress))
+    return evaluate_embeddings(embed_pairs(model, dataset, batch_size=batch_size, device=device, progress=progress),
+                               images=manifest_images(manifest))
+
+
+def manifest_images(manifest: Manifest) -> list[str]:
+    """Each entry's image file: entries that share one are several captions of the same image."""
+    return [str(manifest.image_path(entry)) for entry in manifest.entries]
 
 
 def mean_r10(result: dict, kind: str = "MISA") -> float:
@@ -91,5 +142,7 @@ def format_table(result: dict) -> str:
         for direction in ("speech_to_image", "image_to_speech"):
             r = result[kind][direction]
             lines.append(f"{kind:<6} {direction:<16} {r['R@1']:>6.3f} {r['R@5']:>6.3f} {r['R@10']:>6.3f}")
-    lines.append(f"({result['pairs']} pairs)")
+    images = result.get("images", result["pairs"])
+    lines.append(f"({result['pairs']} pairs)" if images == result["pairs"] else
+                 f"({result['pairs']} captions of {images} images)")
     return "\n".join(lines)

@@ -116,18 +116,24 @@ def _spoken(word: Word) -> str:
 def object_mentions(entry: Entry) -> tuple[list[Mention], int]:
     """The mentions of ``entry``'s objects found in its word timings, and how many objects had none.
 
-    A mention is a color word directly followed by the object's shape word; the corpus gives every
-    object of an image a distinct (color, shape), so each object has at most one.
+    Objects-world objects say which words name them (``SceneObject.mention``; None in a count or when
+    the caption leaves them out). Otherwise (the shapes world) a mention is a color word directly
+    followed by the object's shape word; that corpus gives every object of an image a distinct
+    (color, shape), so each object has at most one.
     """
     words = entry.words or []
     spoken = [_spoken(w) for w in words]
     mentions, missing = [], 0
     for obj in entry.objects or []:
-        at = next((i for i in range(len(words) - 1) if spoken[i] == obj.color and spoken[i + 1] == obj.shape), None)
-        if at is None:
+        if obj.category is not None:
+            span = obj.mention if obj.mention is not None and obj.mention[1] < len(words) else None
+        else:
+            at = next((i for i in range(len(words) - 1) if spoken[i] == obj.color and spoken[i + 1] == obj.shape), None)
+            span = None if at is None else (at, at + 1)
+        if span is None:
             missing += 1
         else:
-            mentions.append(Mention(obj, words[at].start, words[at + 1].end))
+            mentions.append(Mention(obj, words[span[0]].start, words[span[1]].end))
     return mentions, missing
 
 
@@ -180,8 +186,8 @@ def point_mentions(pair: GroundingPair, entry: Entry, frame_seconds: float,
         trials.append(
             PointingTrial(
                 uttid=entry.uttid,
-                color=m.object.color,
-                shape=m.object.shape,
+                color=m.object.color or "",  # objects world: things have no color word
+                shape=m.object.shape or m.object.category,
                 size=m.object.size,
                 bbox=tuple(float(v) for v in m.object.bbox),
                 start_seconds=m.start,

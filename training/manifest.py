@@ -7,7 +7,9 @@ The format is the one of the Places Audio Captions release::
 
 The spoken-scenes corpus extends each entry with ground truth: ``"words"`` (``[{"word", "start",
 "end"}]``, seconds), ``"objects"`` (``[{"color", "shape", "size", "bbox": [x0, y0, x1, y1]}]``,
-pixels, x1/y1 exclusive), ``"background"``, ``"engine"`` and ``"voice"``. Real Places JSON without
+pixels, x1/y1 exclusive; in the objects world ``{"category", "codepoint", "size", "bbox", "mention"}``,
+see ``SceneObject``), ``"background"``, ``"engine"`` and ``"voice"``. Several entries may share one
+image: they are several captions of it. Real Places JSON without
 the extras loads as well; keys this module does not know are kept in ``Entry.extra`` (and top-level
 ones in ``Manifest.extra``) so that a manifest round-trips exactly.
 
@@ -56,15 +58,31 @@ class Word:
 
 @dataclass(frozen=True)
 class SceneObject:
-    """One object of a spoken-scenes image: its attributes and its box ``(x0, y0, x1, y1)`` in pixels."""
+    """One object of a spoken-scenes image: its attributes and its box ``(x0, y0, x1, y1)`` in pixels.
 
-    color: str
-    shape: str
+    The shapes world gives ``color`` and ``shape``; the objects world gives ``category`` (the
+    vocabulary's first name, e.g. "dog"; a shape's is its shape), ``codepoint`` (the emoji's, None for
+    a shape) and ``mention``: the first and last index into its caption's ``words`` of the words that
+    name this object alone (None when the caption names it only in a count, "two dogs", or not at all).
+    """
+
+    color: str | None
+    shape: str | None
     size: str
     bbox: tuple[int, int, int, int]
+    category: str | None = None
+    codepoint: str | None = None
+    mention: tuple[int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"color": self.color, "shape": self.shape, "size": self.size, "bbox": list(self.bbox)}
+        out: dict[str, Any] = {key: getattr(self, key) for key in ("color", "shape") if getattr(self, key) is not None}
+        out.update(size=self.size, bbox=list(self.bbox))
+        for key in ("category", "codepoint"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.category is not None:
+            out["mention"] = None if self.mention is None else list(self.mention)
+        return out
 
 
 @dataclass
@@ -155,8 +173,9 @@ def _parse_word(item: Any) -> Word:
 
 def _parse_object(item: Any) -> SceneObject:
     if not isinstance(item, dict):
-        raise ValueError("expected {'color', 'shape', 'size', 'bbox'}")
-    missing = [key for key in ("color", "shape", "size", "bbox") if key not in item]
+        raise ValueError("expected {'color', 'shape', 'size', 'bbox'} or {'category', 'size', 'bbox'}")
+    needed = ("size", "bbox") if "category" in item else ("color", "shape", "size", "bbox")
+    missing = [key for key in needed if key not in item]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
     bbox = item["bbox"]
@@ -164,7 +183,12 @@ def _parse_object(item: Any) -> SceneObject:
         raise ValueError(f"'bbox' must be [x0, y0, x1, y1] numbers, got {bbox!r}")
     if bbox[2] < bbox[0] or bbox[3] < bbox[1]:
         raise ValueError(f"'bbox' {bbox!r} has x1 < x0 or y1 < y0")
-    return SceneObject(item["color"], item["shape"], item["size"], tuple(bbox))
+    mention = item.get("mention")
+    if mention is not None and not (isinstance(mention, list) and len(mention) == 2
+                                    and all(isinstance(i, int) for i in mention) and 0 <= mention[0] <= mention[1]):
+        raise ValueError(f"'mention' must be [first, last] word indices or null, got {mention!r}")
+    return SceneObject(item.get("color"), item.get("shape"), item["size"], tuple(bbox), category=item.get("category"),
+                       codepoint=item.get("codepoint"), mention=None if mention is None else tuple(mention))
 
 
 @dataclass

@@ -155,13 +155,45 @@ def _stone(rng: np.random.Generator) -> np.ndarray:
     return _paint(t, (60, 58, 56), (185, 180, 172))
 
 
-_TEXTURES = {"grass": _grass, "sand": _sand, "water": _water, "snow": _snow, "wood": _wood, "stone": _stone}
+def _sky(rng: np.random.Generator) -> np.ndarray:
+    # A blue gradient, lighter towards the horizon, with soft clouds.
+    y, _ = _grid()
+    blue = _paint(y / IMAGE_SIZE * rng.uniform(0.6, 1.0), (40, 110, 200), (170, 210, 245))
+    clouds = np.clip((_fractal(rng, (2, 4, 8, 16)) - rng.uniform(0.45, 0.6)) * 3.0, 0.0, 1.0)[..., None]
+    return blue * (1 - clouds) + 248.0 * clouds
+
+
+def _tiles(rng: np.random.Generator) -> np.ndarray:
+    # Square tiles of one glaze, each a little lighter or darker, with grout lines between them.
+    y, x = _grid()
+    tile = rng.uniform(28, 52)
+    rows, cols = np.floor(y / tile).astype(int), np.floor(x / tile).astype(int)
+    tones = rng.uniform(-0.1, 0.1, size=(rows.max() + 1, cols.max() + 1)).astype(np.float32)
+    t = 0.7 + tones[rows, cols] + 0.05 * (_fractal(rng, (4, 8)) - 0.5)
+    grout = ((y % tile) < 2.0) | ((x % tile) < 2.0)
+    dark = tuple(int(v) for v in rng.integers(40, 120, 3))
+    light = tuple(int(v) for v in rng.integers(170, 250, 3))
+    return np.where(grout[..., None], 90.0, _paint(t, dark, light))
+
+
+def _plain(rng: np.random.Generator) -> np.ndarray:
+    # One flat color with a slight gradient and grain: a studio backdrop.
+    y, x = _grid()
+    angle = rng.uniform(0, 2 * np.pi)
+    t = 0.5 + 0.25 * ((x * math.cos(angle) + y * math.sin(angle)) / IMAGE_SIZE - 0.5) \
+        + 0.02 * rng.standard_normal((IMAGE_SIZE, IMAGE_SIZE))
+    base = rng.integers(60, 230, 3).astype(np.float32)
+    return _paint(t, tuple(base * 0.8), tuple(np.minimum(base * 1.15, 255)))
+
+
+_TEXTURES = {"grass": _grass, "sand": _sand, "water": _water, "snow": _snow, "wood": _wood, "stone": _stone,
+             "sky": _sky, "tiles": _tiles, "plain": _plain}
 
 
 def render_background(name: str, rng: np.random.Generator) -> np.ndarray:
     """A procedural texture: (256, 256, 3) float32 RGB in [0, 255]."""
     if name not in _TEXTURES:
-        raise ValueError(f"unknown background {name!r}; known: {', '.join(BACKGROUNDS)}")
+        raise ValueError(f"unknown background {name!r}; known: {', '.join(_TEXTURES)}")
     return _TEXTURES[name](rng)
 
 

@@ -27,7 +27,7 @@ from encoders import create_model, load_checkpoint, save_checkpoint, weights_ver
 from encoders.matchmap import score_matrix
 from training.augment import AugmentConfig
 from training.data import Batch, CaptionedImages, LengthBucketBatchSampler, collate
-from training.evaluate import embed_pairs, evaluate_embeddings, format_table, mean_r10
+from training.evaluate import embed_pairs, evaluate_embeddings, format_table, manifest_images, mean_r10
 from training.losses import make_loss
 from training.manifest import Manifest
 
@@ -137,6 +137,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the model went non-finite (NaN or infinity): training stops, nothing of it is saved."""
+
+
+def _check_finite(model: nn.Module, what: str) -> None:
+    bad = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise TrainingDiverged(f"{what}: {len(bad)} parameter(s)/buffer(s) are not finite ({', '.join(bad[:3])}"
+                               f"{', ...' if len(bad) > 3 else ''}); last.pt and best.pt keep the last finite epoch")
+
+
 def _lr_lambda(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -153,6 +165,9 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
 
     Writes out_dir/last.pt (every epoch), out_dir/best.pt (best mean MISA R@10), out_dir/metrics.jsonl,
     out_dir/summary.json and out_dir/replica-<rank>.json (each rank's final weights version).
+    Raises ``TrainingDiverged`` at the first non-finite loss, or when an epoch ends with non-finite
+    weights or validation embeddings, before anything of that epoch is saved: a diverged model never
+    becomes last.pt or best.pt.
     """
     rank, world, local_world = _distributed()
     if world > 1 and not dist.is_initialized():
@@ -221,6 +236,7 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
                        + ": temperatures set for unit-spread logits")
     trainable = DistributedDataParallel(objective) if world > 1 else objective
 
+    val_images = manifest_images(val_manifest)
     metrics_path = out_dir / "metrics.jsonl"
     started = time.monotonic()
     summary: dict = {}
@@ -241,7 +257,13 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
                 loss = trainable(batch.images, batch.logmel, batch.lengths)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(objective.parameters(), 10.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), 10.0)
+            # Before the update: a non-finite loss gives non-finite gradients, and under DDP the gradient
+            # norm is the same on every rank (gradients are all-reduced), so all ranks stop together.
+            if not bool(torch.isfinite(grad_norm)) or (world == 1 and not bool(torch.isfinite(loss.detach()).all())):
+                raise TrainingDiverged(f"the loss is {loss.item()} (gradient norm {grad_norm.item()}) at step "
+                                       f"{step + 1} (epoch {epoch + 1}); last.pt and best.pt keep the last finite "
+                                       "epoch: lower --lr, or check the data")
             optimizer.step()
             scheduler.step()
             step += 1
@@ -264,11 +286,15 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             over_budget = bool(flag.item())
         final = over_budget or epoch + 1 == cfg.epochs
+        _check_finite(model, f"after epoch {epoch + 1}")  # every rank: DDP keeps the weights identical
         if main_process:
             score = None
             if final or (epoch + 1) % cfg.eval_every == 0:
-                result = evaluate_embeddings(embed_pairs(model, val_set, batch_size=cfg.batch_size, device=device,
-                                                         progress=False))
+                embeddings = embed_pairs(model, val_set, batch_size=cfg.batch_size, device=device, progress=False)
+                if not all(bool(torch.isfinite(t).all()) for t in (embeddings.image_maps, embeddings.audio)):
+                    raise TrainingDiverged(f"after epoch {epoch + 1} the validation embeddings are not finite; "
+                                           "last.pt and best.pt keep the last finite epoch")
+                result = evaluate_embeddings(embeddings, images=val_images)
                 record["val"] = result
                 score = mean_r10(result)
                 last_result = result
