@@ -22,7 +22,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
     {
         "indexer.discover": ("IMAGE_EXTENSIONS", "PathsError"),
         "indexer.library": (
-            "Collection", "CollectionBusyError", "CollectionInfo", "CollectionNotFound", "ImageRecord",
+            "Collection", "CollectionBusyError", "CollectionInfo", "CollectionNotFound", "DataDirNotFound", "ImageRecord",
             "IndexReport", "Library", "ModelMismatchError", "default_data_dir",
         ),
     },

@@ -19,7 +19,7 @@ data_dir_option = click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder of the catalog, stage-1 indexes and feature stores "
+    help="Folder of the catalog, stage-1 indexes and feature stores; only `index` creates it when missing "
     "[default: $MATCHMAP_DATA_DIR, else ~/.local/share/matchmap].",
 )
 db_option = click.option(
@@ -43,11 +43,17 @@ def _exits_2_on_error(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
-        from indexer import CollectionBusyError, CollectionNotFound, ModelMismatchError, PathsError
+        from indexer import (
+            CollectionBusyError,
+            CollectionNotFound,
+            DataDirNotFound,
+            ModelMismatchError,
+            PathsError,
+        )
 
         try:
             return command(*args, **kwargs)
-        except (PathsError, CollectionNotFound, ModelMismatchError, CollectionBusyError) as exc:
+        except (PathsError, CollectionNotFound, DataDirNotFound, ModelMismatchError, CollectionBusyError) as exc:
             _fatal(str(exc))
         except (RuntimeError, OSError, ValueError) as exc:
             _fatal(f"{type(exc).__name__}: {exc}")
@@ -58,10 +64,11 @@ def _exits_2_on_error(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _open_library(data_dir: Path | None, db_url: str | None):
+def _open_library(data_dir: Path | None, db_url: str | None, *, create: bool = False):
+    """Only `index` creates a missing data dir; reading commands refuse one that was named but is absent."""
     from indexer import Library
 
-    return Library.open(data_dir, db_url)
+    return Library.open(data_dir, db_url, create=create)
 
 
 INDEX_EPILOG = """\b
@@ -146,7 +153,7 @@ def index(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = create_model(str(checkpoint) if checkpoint else None, device=device)
-    library = _open_library(data_dir, db_url)
+    library = _open_library(data_dir, db_url, create=True)
     try:
         started = time.perf_counter()
         report = library.index(
@@ -191,8 +198,9 @@ def index(
 
 COLLECTIONS_EPILOG = """\b
 Exit codes:
-  0  listed
-  2  the catalog could not be opened
+  0  listed (also when there are none yet)
+  2  the data dir named by --data-dir or $MATCHMAP_DATA_DIR does not exist,
+     or the catalog could not be opened
 """
 
 
@@ -250,7 +258,8 @@ REMOVE_EPILOG = """\b
 Exit codes:
   0  removed
   1  some of the named images are not in the collection (the others were removed)
-  2  usage or fatal error (unknown collection, catalog unreachable, collection busy)
+  2  usage or fatal error (unknown collection, missing data dir, catalog unreachable,
+     collection busy)
 
 \b
 Removed images leave holes in the feature store; once holes exceed half of its slots

@@ -67,6 +67,13 @@ def default_data_dir() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".local" / "share" / "matchmap"
 
 
+class DataDirNotFound(FileNotFoundError):
+    """A data directory that was named (``--data-dir`` / $MATCHMAP_DATA_DIR) but does not exist, opened to read."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class CollectionNotFound(KeyError):
     """No collection of that name in the catalog."""
 
@@ -400,14 +407,31 @@ class Library:
         self._engine, self._sessions = open_catalog(db_url)
 
     @classmethod
-    def open(cls, data_dir: str | Path | None = None, db_url: str | None = None) -> Library:
-        """Open (creating if needed) the library at ``data_dir`` (default :func:`default_data_dir`).
+    def open(
+        cls, data_dir: str | Path | None = None, db_url: str | None = None, *, create: bool = False
+    ) -> Library:
+        """Open the library at ``data_dir`` (default :func:`default_data_dir`).
+
+        A missing folder is created when ``create`` (what writers such as ``matchmap index`` pass) or
+        when it is the built-in default ~/.local/share/matchmap (a first run finds no collections
+        yet). A folder that was named (``data_dir`` or $MATCHMAP_DATA_DIR) and does not exist is
+        refused with :class:`DataDirNotFound` when only reading: a mistyped path must not silently
+        become a new, empty catalog.
 
         The catalog is the SQLite file ``data_dir/catalog.sqlite`` unless ``db_url`` names another
         database (e.g. ``postgresql+psycopg2://user:pass@host/db``); the index and store files are in
         ``data_dir`` either way. Raises RuntimeError when the catalog cannot be opened.
         """
+        named = data_dir is not None or bool(os.environ.get("MATCHMAP_DATA_DIR"))
         folder = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+        if folder.exists() and not folder.is_dir():
+            raise DataDirNotFound(f"data directory {folder} is a file, not a directory")
+        if not folder.exists() and named and not create:
+            source = "--data-dir" if data_dir is not None else "$MATCHMAP_DATA_DIR"
+            raise DataDirNotFound(
+                f"data directory {folder} (from {source}) does not exist: check the path, "
+                "or index into it first (`matchmap index --data-dir DIR ...` creates it)"
+            )
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -27,7 +27,7 @@ EXIT_OK, EXIT_QUERY_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Library folder (catalog, stage-1 indexes, feature store). [default: $MATCHMAP_DATA_DIR or ~/.local/share/matchmap]")
+              help="Library folder (catalog, stage-1 indexes, feature store); must exist unless it is the default. [default: $MATCHMAP_DATA_DIR or ~/.local/share/matchmap]")
 @click.option("--db", "db_url", default=None, envvar="MATCHMAP_DB_URL",
               help="Catalog database URL (e.g. postgresql+psycopg2://user:pw@host/db) instead of the SQLite file in --data-dir. [env MATCHMAP_DB_URL]")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,

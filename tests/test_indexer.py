@@ -118,7 +118,7 @@ def db_url(request):
 
 @pytest.fixture
 def library(tmp_path, db_url):
-    with Library.open(tmp_path / "data", db_url) as opened:
+    with Library.open(tmp_path / "data", db_url, create=True) as opened:
         yield opened
 
 
@@ -227,7 +227,7 @@ def test_incremental_add_and_duplicates(library, model, images, tmp_path, db_url
         np.testing.assert_array_equal(after[uri], stored)  # earlier images were not re-embedded or moved
 
     # Incremental results equal a one-shot build of the same images.
-    with Library.open(tmp_path / "one-shot", db_url) as other:
+    with Library.open(tmp_path / "one-shot", db_url, create=True) as other:
         other.index("all-at-once", [str(images[0].parent)], model, progress=False)
         queries = np.random.default_rng(0).standard_normal((4, collection.embed_dim)).astype(np.float32)
         assert ranked_uris(collection, queries, 8) == ranked_uris(other.collection("all-at-once"), queries, 8)
@@ -484,10 +484,9 @@ def test_cli_fatal_errors_exit_2(tmp_path, checkpoint, images):
     assert code == 2 and "no such file or folder" in err
     code, _, err = run_cli("index", *base, str(images[0]))  # --collection missing
     assert code == 2
+    assert run_cli("index", *base, "--collection", "c", str(images[0]))[0] == 0
     code, _, err = run_cli("remove", "--data-dir", data, "--collection", "absent")
     assert code == 2 and "no collection named 'absent'" in err
-
-    assert run_cli("index", *base, "--collection", "c", str(images[0]))[0] == 0
     torch.manual_seed(2)
     other = tmp_path / "other.pt"
     save_checkpoint(other, create_model("tiny"))
@@ -530,7 +529,7 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, checkpo
         stderr=subprocess.PIPE,
     )
     indexed_at_kill = 0
-    with Library.open(crashed_dir, db_url) as watcher:
+    with Library.open(crashed_dir, db_url, create=True) as watcher:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
             infos = [i for i in watcher.list_collections() if i.name == "crashed"]
