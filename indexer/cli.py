@@ -13,6 +13,8 @@ from typing import Any, NoReturn
 
 import click
 
+from matchmap.options import checkpoint_option, device_option, quiet_option
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_FATAL = 0, 1, 2
 
 data_dir_option = click.option(
@@ -89,12 +91,7 @@ batch ended.
 @click.command(epilog=INDEX_EPILOG)
 @data_dir_option
 @db_option
-@click.option(
-    "--checkpoint",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Model checkpoint to embed with [default: the shipped default model].",
-)
+@checkpoint_option("Model checkpoint to embed with [default: the shipped default model].")
 @click.option("--collection", "collection_name", required=True, help="Collection to create or add to.")
 @click.option(
     "--index-type",
@@ -112,14 +109,8 @@ batch ended.
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch."
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Where the model runs: auto = cuda when available.",
-)
-@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@device_option()
+@quiet_option
 @json_option
 @click.argument("paths", nargs=-1, required=True)
 @_exits_2_on_error
@@ -132,7 +123,7 @@ def index(
     flat_threshold: int | None,
     batch_size: int,
     device: str,
-    no_progress: bool,
+    quiet: bool,
     as_json: bool,
     paths: tuple[str, ...],
 ) -> None:
@@ -162,7 +153,7 @@ def index(
             model,
             batch_size=batch_size,
             index_type=index_type,
-            progress=not no_progress,
+            progress=not quiet,
             flat_threshold=flat_threshold,
         )
         seconds = time.perf_counter() - started

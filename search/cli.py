@@ -25,7 +25,11 @@ DEFAULT_SERVER = f"localhost:{DEFAULT_PORT}"
 EXIT_OK, EXIT_QUERY_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+    epilog="Exit codes: 0 stopped cleanly after SIGTERM / SIGINT; 1 could not start (model, data dir, "
+    "catalog, TLS files or the port: the message says which); 2 usage error.",
+)
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Library folder (catalog, stage-1 indexes, feature store); must exist unless it is the default. [default: $MATCHMAP_DATA_DIR or ~/.local/share/matchmap]")
 @click.option("--db", "db_url", default=None, envvar="MATCHMAP_DB_URL",
@@ -53,7 +57,8 @@ EXIT_OK, EXIT_QUERY_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
               help="Memory for holding collections' feature maps (about 32 KB per image with the tiny model) "
                    "so stage 2 can re-rank thousands of candidates; a collection that does not fit is read "
                    "from its store per query. 0 = never hold them.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              help="Least severe log messages written to stderr.")
 def serve(
     data_dir: Path | None,
     db_url: str | None,
@@ -285,7 +290,11 @@ def _heatmap_json(title: str, requested: tuple[float, float] | None, result, box
     }
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+    epilog="Exit codes: 0 written; 1 IMAGE, AUDIO, the checkpoint or a span could not be used (the message "
+    "says which); 2 usage error (a missing file, a bad option).",
+)
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("audio", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -299,7 +308,8 @@ def _heatmap_json(title: str, requested: tuple[float, float] | None, result, box
 @click.option("--panels", type=click.Choice(["words", "objects"]), default="words",
               help="With --words: a panel per spoken word, or per object mention (color word to shape word).")
 @click.option("--columns", type=click.IntRange(min=1), default=4, help="Panels per row of the picture.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", help="Where the model runs.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              help="Where the model runs (auto = CUDA when available).")
 @click.option("--json", "as_json", is_flag=True, help="Print the heatmaps (rows, cols, values, spans) as JSON.")
 def localize(image: Path, audio: Path, out: Path, checkpoint: Path | None, spans: tuple[str, ...],
              words_manifest: Path | None, uttid: str | None, panels: str, columns: int, device: str,

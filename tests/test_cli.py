@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -51,3 +52,48 @@ def test_an_unknown_subcommand_is_a_usage_error():
     result = CliRunner().invoke(main, ["frobnicate"])
     assert result.exit_code == 2
     assert "No such command" in result.output
+
+
+def _commands():
+    ctx = click.Context(main)
+    return [(name, main.get_command(ctx, name)) for name in SUBCOMMANDS]
+
+
+def _options(command):
+    return [p for p in command.params if isinstance(p, click.Option)]
+
+
+def test_every_option_has_help_and_every_command_lists_its_exit_codes():
+    undocumented = [f"{name} {o.opts[0]}" for name, command in _commands() for o in _options(command)
+                    if not (o.help or "").strip()]
+    assert not undocumented, f"options without help: {undocumented}"
+    for name, _ in _commands():
+        text = CliRunner().invoke(main, [name, "--help"]).output
+        assert "Exit codes" in text, f"`matchmap {name} --help` does not list its exit codes"
+        assert "0 " in text.split("Exit codes")[1][:80], f"`matchmap {name} --help`: exit code 0 is not explained"
+
+
+# Commands that show progress bars; serve (the readiness line) is the only command without --json.
+PROGRESS_COMMANDS = {"synth", "train", "eval", "index", "discover"}
+
+
+def test_one_spelling_per_idea_across_commands():
+    for name, command in _commands():
+        by_name = {o.name: o for o in _options(command)}
+        if "checkpoint" in by_name:
+            assert by_name["checkpoint"].opts == ["--checkpoint"], name
+            assert by_name["checkpoint"].make_metavar(click.Context(command)) == "FILE", name
+        if "device" in by_name:
+            assert by_name["device"].default == "auto", f"matchmap {name} --device defaults to {by_name['device'].default}"
+        if name in PROGRESS_COMMANDS:
+            assert {"-q", "--quiet"} <= set(by_name["quiet"].opts), f"matchmap {name} lacks --quiet/-q"
+        if name != "serve":
+            assert "--json" in by_name.get("as_json", click.Option(["--x"])).opts, f"matchmap {name} lacks --json"
+
+
+def test_no_progress_still_works_on_index_but_help_shows_only_quiet():
+    help_text = CliRunner().invoke(main, ["index", "--help"]).output
+    assert "-q, --quiet" in help_text and "--no-progress" not in help_text
+    # The old spelling parses: a PATH that names nothing fails (exit 2) after options were accepted.
+    result = CliRunner().invoke(main, ["index", "--no-progress", "--collection", "c", "/no/such/folder"])
+    assert result.exit_code == 2 and "no such file or folder" in result.output
