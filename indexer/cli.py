@@ -84,7 +84,8 @@ Exit codes:
 \b
 Running the same command again is safe and cheap: content already in the collection
 is skipped (by SHA-256), and a run killed midway resumes where its last committed
-batch ended.
+batch ended. A collection holds each picture once: a byte-identical copy at another
+path is skipped and named on stderr ("copy: PATH has the same content as INDEXED").
 """
 
 
@@ -162,12 +163,15 @@ def index(
         library.close()
     for path, reason in report.failed:
         click.echo(f"failed: {path}: {reason}", err=True)
+    _report_copies(report.duplicates, as_json)
     rate = report.added / seconds if seconds > 0 else 0.0
     if as_json:
         document = {
             "collection": collection_name,
             "added": report.added,
             "skipped_duplicates": report.skipped_duplicates,
+            "unchanged": report.unchanged,
+            "duplicates": [{"path": path, "duplicate_of": original} for path, original in report.duplicates],
             "replaced": report.replaced,
             "failed": [{"path": path, "reason": reason} for path, reason in report.failed],
             "images": info.images,
@@ -180,11 +184,26 @@ def index(
     else:
         click.echo(
             f"{collection_name}: added {report.added} images ({rate:.1f} images/s), "
-            f"skipped {report.skipped_duplicates} already indexed, {len(report.failed)} failed"
+            f"{report.unchanged} already indexed, "
+            + (f"{len(report.duplicates)} copies of indexed images skipped, " if report.duplicates else "")
+            + f"{len(report.failed)} failed"
             + (f", replaced {report.replaced} changed files" if report.replaced else "")
             + f"; now {info.images} images, stage-1 index {info.index_type}, {_human_bytes(info.bytes)} on disk"
         )
     sys.exit(EXIT_SOME_FAILED if report.failed else EXIT_OK)
+
+
+COPIES_SHOWN = 10
+
+
+def _report_copies(copies: list[tuple[str, str]], as_json: bool) -> None:
+    """Say on stderr which files were skipped as copies of which indexed image (--json: all in the JSON)."""
+    if as_json or not copies:
+        return
+    for path, original in copies[:COPIES_SHOWN]:
+        click.echo(f"copy: {path} has the same content as {original}; not indexed again", err=True)
+    if len(copies) > COPIES_SHOWN:
+        click.echo(f"copy: ... and {len(copies) - COPIES_SHOWN} more (--json lists them all)", err=True)
 
 
 COLLECTIONS_EPILOG = """\b

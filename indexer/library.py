@@ -122,6 +122,10 @@ class ImageRecord:
 class IndexReport:
     """What one :meth:`Library.index` run did.
 
+    ``skipped_duplicates``: files not embedded because their content is already in the collection:
+    ``unchanged`` of them are indexed files seen again (same uri, same content); the others are
+    ``duplicates``, (copy's uri, uri of the image with the same content): a collection holds each
+    content once, so a copy gets no entry of its own (search would show the same picture twice).
     ``replaced``: images whose file (same uri) now has different content; the old version was removed.
     """
 
@@ -129,6 +133,8 @@ class IndexReport:
     skipped_duplicates: int
     failed: list[tuple[str, str]] = field(default_factory=list)
     replaced: int = 0
+    unchanged: int = 0
+    duplicates: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _record(row: ImageRow) -> ImageRecord:
@@ -654,17 +660,17 @@ class Library:
             collection._row.index_policy = row.index_policy
             collection._row.flat_threshold = row.flat_threshold
 
-    def _known_hashes(self, collection: Collection, hashes: list[str]) -> set[str]:
+    def _known_hashes(self, collection: Collection, hashes: list[str]) -> dict[str, str]:
+        """{content hash: uri of the indexed image holding it} for those of ``hashes`` already indexed."""
         with self._sessions() as session:
-            return set(
-                session.execute(
-                    select(ImageRow.content_hash).where(
-                        ImageRow.collection_id == collection._row.id,
-                        ImageRow.status == STATUS_INDEXED,
-                        ImageRow.content_hash.in_(set(hashes)),
-                    )
-                ).scalars()
+            rows = session.execute(
+                select(ImageRow.content_hash, ImageRow.uri).where(
+                    ImageRow.collection_id == collection._row.id,
+                    ImageRow.status == STATUS_INDEXED,
+                    ImageRow.content_hash.in_(set(hashes)),
+                )
             )
+            return {content_hash: uri for content_hash, uri in rows}
 
     def _store_batch(
         self,
@@ -687,12 +693,15 @@ class Library:
                     ImageRow.uri.in_(set(batch.uris)),
                 )
             ).rowcount
+            copies = [(uri, original) for uri, original in batch.skipped if uri != original]
+            # An indexed row at a new image's uri, or at a copy's uri (the file now holds other content,
+            # which an image elsewhere already has), is an old version of that file.
             replaced = (
                 session.execute(
                     select(ImageRow.id).where(
                         ImageRow.collection_id == row.id,
                         ImageRow.status == STATUS_INDEXED,
-                        ImageRow.uri.in_({image.uri for image in batch.images}),
+                        ImageRow.uri.in_({image.uri for image in batch.images} | {uri for uri, _ in copies}),
                     )
                 )
                 .scalars()
@@ -740,7 +749,9 @@ class Library:
             collection._added(ids, slots, pooled)
         report.added += len(added)
         report.replaced += len(replaced)
-        report.skipped_duplicates += len(batch.skipped_uris)
+        report.skipped_duplicates += len(batch.skipped)
+        report.unchanged += len(batch.skipped) - len(copies)
+        report.duplicates.extend(copies)
         report.failed.extend((item.uri, item.reason) for item in batch.failed)
 
     def _finish_index(self, collection: Collection) -> None:
