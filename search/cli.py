@@ -192,7 +192,7 @@ def query(
     tls_ca: Path | None,
     timeout: float,
 ) -> None:
-    """Search a collection by speaking: send each AUDIO file (WAV, FLAC, OGG) and print ranked images.
+    """Search a collection by speaking: send each AUDIO file (WAV, FLAC, OGG, MP3, AIFF); print ranked images.
 
     Each query prints a table (rank, MISA score, stage-1 SISA score, image id, uri) and the
     server's timings; --json prints {"server", "collection", "queries": [{"audio", "hits",
