@@ -183,6 +183,19 @@ def test_eval_quiet_silences_progress_bars(tiny_corpus, checkpoint):
     assert quiet.stderr == "" and quiet.stdout == loud.stdout
 
 
+def test_eval_through_an_unreachable_server_exits_3_naming_it(tiny_corpus):
+    import socket
+
+    from matchmap.cli import main
+
+    with socket.socket() as s:  # a loopback port with nothing listening on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = CliRunner().invoke(main, ["eval", "--server", f"127.0.0.1:{port}", "--collection", "c",
+                                       str(tiny_corpus / "val.json")])
+    assert result.exit_code == 3 and f"cannot reach a server at 127.0.0.1:{port}" in result.stderr
+
+
 def test_train_checkpoint_option_fine_tunes_and_names_a_missing_file(tiny_corpus, tmp_path):
     from matchmap.cli import main
 
