@@ -12,8 +12,8 @@ from matchmap.options import checkpoint_option, device_option, exit_codes, quiet
 
 @click.command("synth", epilog=exit_codes(
     "0  the corpus was written",
-    "1  it could not be: OUT already holds a corpus (see --force), a speech engine is missing or failed,",
-    "   or OUT is not writable (the message says which)",
+    "1  it could not be: OUT already holds a corpus (see --force), a speech engine",
+    "   is missing or failed, or OUT is not writable (the message says which)",
     "2  usage error (a bad option value)",
 ))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
@@ -91,9 +91,10 @@ def _load_manifest_or_exit(path: str, skip_bad: bool):
 @click.option("--loss", type=click.Choice(["infonce", "margin"]), default="infonce",
               help="infonce: symmetric softmax over the in-batch matrix; margin: the paper's sampled margin ranking.")
 @click.option("--epochs", type=click.IntRange(min=1), default=18,
-              help="Passes over the training manifest (the learning rate follows a cosine over them).")
+              help="Passes over the training manifest.")
 @click.option("--batch-size", type=int, default=64, help="Pairs per step (per process under torchrun).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Peak learning rate (AdamW).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+              help="Peak learning rate of AdamW (reached after 100 warm-up steps, then a cosine decay to 0).")
 @click.option("--sisa-weight", type=float, default=0.5,
               help="Weight of the same loss on SISA scores (trains the stage-1 pooled vectors).")
 @click.option("--augment", default="speed,noise,vtlp,specaugment",
