@@ -8,67 +8,26 @@ Imports nothing else of this project. The usual entry point is one call::
     logmel, length = model.audio_frontend(load_audio("caption.wav"))
 
 The function ``encoders.matchmap.matchmap`` is not re-exported here: the name would shadow the module.
+
+Names are imported from their submodules on first use (encoders/_lazy.py), so ``import encoders``
+loads no torch until a name that needs it is touched.
 """
 
-from encoders.checkpoint import (
-    create_model,
-    default_checkpoint_path,
-    load_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
-)
-from encoders.config import AudioConfig, ImageConfig, ModelConfig, get_config, list_models, register_config
-from encoders.frontend import (
-    AUDIO_FORMATS,
-    AudioDecodeError,
-    AudioFrontEnd,
-    AudioTooLong,
-    ImageDecodeError,
-    ImageFrontEnd,
-    load_audio,
-    load_image,
-    trim_silence,
-    waveform_from_pcm,
-)
-from encoders.matchmap import (
-    SCORE_KINDS,
-    frame_mask,
-    pair_score,
-    pool_audio,
-    pool_images,
-    score_matrix,
-)
-from encoders.models import MatchmapModel, count_parameters, weights_version
+from encoders._lazy import lazy_exports
 
-__all__ = [
-    "SCORE_KINDS",
-    "AudioConfig",
-    "AUDIO_FORMATS",
-    "AudioDecodeError",
-    "AudioTooLong",
-    "AudioFrontEnd",
-    "ImageConfig",
-    "ImageDecodeError",
-    "ImageFrontEnd",
-    "MatchmapModel",
-    "ModelConfig",
-    "count_parameters",
-    "create_model",
-    "default_checkpoint_path",
-    "frame_mask",
-    "get_config",
-    "list_models",
-    "load_audio",
-    "load_checkpoint",
-    "load_image",
-    "model_from_checkpoint",
-    "pair_score",
-    "pool_audio",
-    "pool_images",
-    "register_config",
-    "save_checkpoint",
-    "score_matrix",
-    "trim_silence",
-    "waveform_from_pcm",
-    "weights_version",
-]
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "encoders.checkpoint": (
+            "create_model", "default_checkpoint_path", "load_checkpoint", "model_from_checkpoint", "save_checkpoint",
+        ),
+        "encoders.config": ("AudioConfig", "ImageConfig", "ModelConfig", "get_config", "list_models", "register_config"),
+        "encoders.formats": ("AUDIO_FORMATS_TEXT",),
+        "encoders.frontend": (
+            "AudioDecodeError", "AudioFrontEnd", "AudioTooLong", "ImageDecodeError", "ImageFrontEnd", "load_audio",
+            "load_image", "trim_silence", "waveform_from_pcm",
+        ),
+        "encoders.matchmap": ("SCORE_KINDS", "frame_mask", "pair_score", "pool_audio", "pool_images", "score_matrix"),
+        "encoders.models": ("MatchmapModel", "count_parameters", "weights_version"),
+    },
+)

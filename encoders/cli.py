@@ -33,7 +33,7 @@ def model_rows() -> list[dict]:
     return rows
 
 
-@click.command("models")
+@click.command("models", epilog="\b\nExit codes:\n  0  listed\n  2  usage error (an unknown option)")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def models(as_json: bool) -> None:
     """List the registered model configs: dims, input size, map grid, audio frame rate, parameters."""

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2 as T
 
 from encoders.config import AudioConfig, ImageConfig
+from encoders.formats import AUDIO_FORMATS_TEXT
 
 # Frames whose energy is this far below the utterance's loudest frame are left out of the
 # normalization statistics, so leading/trailing silence cannot dominate the mean and variance.
@@ -32,8 +33,6 @@ LOG_FLOOR_DB = 80.0
 _WAV_STREAMING_SIZE = 0x7FFF0000
 # Frames read at a time from a file whose length is unknown or over the caller's limit.
 _READ_BLOCK_FRAMES = 1 << 16
-# What load_audio decodes (libsndfile 1.1+), named in error messages and help texts.
-AUDIO_FORMATS = "WAV, FLAC, OGG/Vorbis, Opus or MP3"
 
 
 class AudioDecodeError(ValueError):
@@ -111,7 +110,7 @@ def load_audio(
             samples = _read_frames(f, label, max_seconds)
     except (soundfile.SoundFileError, RuntimeError) as e:
         reason = getattr(e, "error_string", None) or str(e)
-        raise AudioDecodeError(f"audio {label}: cannot decode as {AUDIO_FORMATS}: {reason}") from e
+        raise AudioDecodeError(f"audio {label}: cannot decode as {AUDIO_FORMATS_TEXT}: {reason}") from e
     if samples.shape[0] == 0:
         raise AudioDecodeError(f"audio {label}: decodes to no samples (the input is empty or truncated)")
     if 0 < declared_frames < _WAV_STREAMING_SIZE and samples.shape[0] < declared_frames:

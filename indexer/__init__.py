@@ -10,31 +10,20 @@ The public API (what ``search`` and users' scripts use; nothing else touches the
         scores, ids = collection.search_stage1(pooled_audio, k)   # (B, D) -> (B, k), (B, k)
         maps = collection.feature_maps(ids[0][ids[0] >= 0])       # (K, R, D) float16
         records = collection.images(ids[0][ids[0] >= 0])          # catalog rows
+
+Names are imported from their submodules on first use (encoders/_lazy.py), so ``import indexer``
+(and ``matchmap index --help``) loads neither faiss nor SQLAlchemy.
 """
 
-from indexer.discover import IMAGE_EXTENSIONS, PathsError
-from indexer.library import (
-    Collection,
-    CollectionBusyError,
-    CollectionInfo,
-    CollectionNotFound,
-    ImageRecord,
-    IndexReport,
-    Library,
-    ModelMismatchError,
-    default_data_dir,
-)
+from encoders._lazy import lazy_exports
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "Collection",
-    "CollectionBusyError",
-    "CollectionInfo",
-    "CollectionNotFound",
-    "ImageRecord",
-    "IndexReport",
-    "Library",
-    "ModelMismatchError",
-    "PathsError",
-    "default_data_dir",
-]
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "indexer.discover": ("IMAGE_EXTENSIONS", "PathsError"),
+        "indexer.library": (
+            "Collection", "CollectionBusyError", "CollectionInfo", "CollectionNotFound", "DataDirNotFound", "ImageRecord",
+            "IndexReport", "Library", "ModelMismatchError", "default_data_dir",
+        ),
+    },
+)

@@ -13,13 +13,15 @@ from typing import Any, NoReturn
 
 import click
 
+from matchmap.options import checkpoint_option, device_option, quiet_option
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_FATAL = 0, 1, 2
 
 data_dir_option = click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder of the catalog, stage-1 indexes and feature stores "
+    help="Folder of the catalog, stage-1 indexes and feature stores; only `index` creates it when missing "
     "[default: $MATCHMAP_DATA_DIR, else ~/.local/share/matchmap].",
 )
 db_option = click.option(
@@ -43,11 +45,17 @@ def _exits_2_on_error(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
-        from indexer import CollectionBusyError, CollectionNotFound, ModelMismatchError, PathsError
+        from indexer import (
+            CollectionBusyError,
+            CollectionNotFound,
+            DataDirNotFound,
+            ModelMismatchError,
+            PathsError,
+        )
 
         try:
             return command(*args, **kwargs)
-        except (PathsError, CollectionNotFound, ModelMismatchError, CollectionBusyError) as exc:
+        except (PathsError, CollectionNotFound, DataDirNotFound, ModelMismatchError, CollectionBusyError) as exc:
             _fatal(str(exc))
         except (RuntimeError, OSError, ValueError) as exc:
             _fatal(f"{type(exc).__name__}: {exc}")
@@ -58,10 +66,11 @@ def _exits_2_on_error(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _open_library(data_dir: Path | None, db_url: str | None):
+def _open_library(data_dir: Path | None, db_url: str | None, *, create: bool = False):
+    """Only `index` creates a missing data dir; reading commands refuse one that was named but is absent."""
     from indexer import Library
 
-    return Library.open(data_dir, db_url)
+    return Library.open(data_dir, db_url, create=create)
 
 
 INDEX_EPILOG = """\b
@@ -75,19 +84,15 @@ Exit codes:
 \b
 Running the same command again is safe and cheap: content already in the collection
 is skipped (by SHA-256), and a run killed midway resumes where its last committed
-batch ended.
+batch ended. A collection holds each picture once: a byte-identical copy at another
+path is skipped and named on stderr ("copy: PATH has the same content as INDEXED").
 """
 
 
 @click.command(epilog=INDEX_EPILOG)
 @data_dir_option
 @db_option
-@click.option(
-    "--checkpoint",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Model checkpoint to embed with [default: the shipped default model].",
-)
+@checkpoint_option("Model checkpoint to embed with [default: the shipped default model].")
 @click.option("--collection", "collection_name", required=True, help="Collection to create or add to.")
 @click.option(
     "--index-type",
@@ -105,14 +110,8 @@ batch ended.
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch."
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Where the model runs: auto = cuda when available.",
-)
-@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@device_option()
+@quiet_option
 @json_option
 @click.argument("paths", nargs=-1, required=True)
 @_exits_2_on_error
@@ -125,7 +124,7 @@ def index(
     flat_threshold: int | None,
     batch_size: int,
     device: str,
-    no_progress: bool,
+    quiet: bool,
     as_json: bool,
     paths: tuple[str, ...],
 ) -> None:
@@ -146,7 +145,7 @@ def index(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = create_model(str(checkpoint) if checkpoint else None, device=device)
-    library = _open_library(data_dir, db_url)
+    library = _open_library(data_dir, db_url, create=True)
     try:
         started = time.perf_counter()
         report = library.index(
@@ -155,7 +154,7 @@ def index(
             model,
             batch_size=batch_size,
             index_type=index_type,
-            progress=not no_progress,
+            progress=not quiet,
             flat_threshold=flat_threshold,
         )
         seconds = time.perf_counter() - started
@@ -164,12 +163,15 @@ def index(
         library.close()
     for path, reason in report.failed:
         click.echo(f"failed: {path}: {reason}", err=True)
+    _report_copies(report.duplicates, as_json)
     rate = report.added / seconds if seconds > 0 else 0.0
     if as_json:
         document = {
             "collection": collection_name,
             "added": report.added,
             "skipped_duplicates": report.skipped_duplicates,
+            "unchanged": report.unchanged,
+            "duplicates": [{"path": path, "duplicate_of": original} for path, original in report.duplicates],
             "replaced": report.replaced,
             "failed": [{"path": path, "reason": reason} for path, reason in report.failed],
             "images": info.images,
@@ -182,17 +184,33 @@ def index(
     else:
         click.echo(
             f"{collection_name}: added {report.added} images ({rate:.1f} images/s), "
-            f"skipped {report.skipped_duplicates} already indexed, {len(report.failed)} failed"
+            f"{report.unchanged} already indexed, "
+            + (f"{len(report.duplicates)} copies of indexed images skipped, " if report.duplicates else "")
+            + f"{len(report.failed)} failed"
             + (f", replaced {report.replaced} changed files" if report.replaced else "")
             + f"; now {info.images} images, stage-1 index {info.index_type}, {_human_bytes(info.bytes)} on disk"
         )
     sys.exit(EXIT_SOME_FAILED if report.failed else EXIT_OK)
 
 
+COPIES_SHOWN = 10
+
+
+def _report_copies(copies: list[tuple[str, str]], as_json: bool) -> None:
+    """Say on stderr which files were skipped as copies of which indexed image (--json: all in the JSON)."""
+    if as_json or not copies:
+        return
+    for path, original in copies[:COPIES_SHOWN]:
+        click.echo(f"copy: {path} has the same content as {original}; not indexed again", err=True)
+    if len(copies) > COPIES_SHOWN:
+        click.echo(f"copy: ... and {len(copies) - COPIES_SHOWN} more (--json lists them all)", err=True)
+
+
 COLLECTIONS_EPILOG = """\b
 Exit codes:
-  0  listed
-  2  the catalog could not be opened
+  0  listed (also when there are none yet)
+  2  the data dir named by --data-dir or $MATCHMAP_DATA_DIR does not exist,
+     or the catalog could not be opened
 """
 
 
@@ -250,7 +268,8 @@ REMOVE_EPILOG = """\b
 Exit codes:
   0  removed
   1  some of the named images are not in the collection (the others were removed)
-  2  usage or fatal error (unknown collection, catalog unreachable, collection busy)
+  2  usage or fatal error (unknown collection, missing data dir, catalog unreachable,
+     collection busy)
 
 \b
 Removed images leave holes in the feature store; once holes exceed half of its slots

@@ -56,17 +56,18 @@ class PreparedBatch:
 
     images: list[PreparedImage] = field(default_factory=list)
     failed: list[FailedImage] = field(default_factory=list)
-    skipped_uris: list[str] = field(default_factory=list)
+    # (uri, uri of the image with the same content: indexed before, or earlier in this run)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def files(self) -> int:
         """Files this batch accounts for."""
-        return len(self.images) + len(self.failed) + len(self.skipped_uris)
+        return len(self.images) + len(self.failed) + len(self.skipped)
 
     @property
     def uris(self) -> list[str]:
         """Every file's uri, whatever its outcome."""
-        return [i.uri for i in self.images] + [f.uri for f in self.failed] + self.skipped_uris
+        return [i.uri for i in self.images] + [f.uri for f in self.failed] + [uri for uri, _ in self.skipped]
 
 
 @dataclass
@@ -89,19 +90,19 @@ def _read_file(path: Path) -> _ReadFile:
 def prepare_batches(
     files: Sequence[Path],
     decode: Callable[[bytes, str], tuple[torch.Tensor, int, int]],
-    known_hashes: Callable[[list[str]], set[str]],
+    known_hashes: Callable[[list[str]], dict[str, str]],
     batch_size: int,
     workers: int = 2,
 ) -> Iterator[PreparedBatch]:
     """Yield batches of at most ``batch_size`` new images covering ``files`` in order.
 
     ``decode(data, uri) -> (pixels (3, S, S), width, height)`` raises on bad input (its message becomes
-    the failure reason); ``known_hashes(hashes) -> the subset already indexed``. A hash seen earlier in
-    the same run counts as a duplicate too.
+    the failure reason); ``known_hashes(hashes) -> {hash: uri}`` for those already indexed. A file
+    whose hash is known, or was seen earlier in the same run, is skipped with the uri that holds it.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # hash -> uri of its first file in this run
     pending = PreparedBatch()
 
     def decode_one(read: _ReadFile) -> PreparedImage | FailedImage:
@@ -117,15 +118,16 @@ def prepare_batches(
         for start in range(0, len(files), batch_size):
             reads = list(pool.map(_read_file, files[start : start + batch_size]))
             hashes = [r.content_hash for r in reads if r.content_hash is not None]
-            known = known_hashes(hashes) if hashes else set()
+            known = known_hashes(hashes) if hashes else {}
             to_decode = []
             for read in reads:
                 if read.content_hash is None:
                     pending.failed.append(FailedImage(read.uri, None, read.error or "unreadable"))
                 elif read.content_hash in known or read.content_hash in seen:
-                    pending.skipped_uris.append(read.uri)
+                    original = known.get(read.content_hash) or seen[read.content_hash]
+                    pending.skipped.append((read.uri, original))
                 else:
-                    seen.add(read.content_hash)
+                    seen[read.content_hash] = read.uri
                     to_decode.append(read)
             for outcome in pool.map(decode_one, to_decode):
                 if isinstance(outcome, PreparedImage):

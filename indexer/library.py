@@ -67,6 +67,13 @@ def default_data_dir() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".local" / "share" / "matchmap"
 
 
+class DataDirNotFound(FileNotFoundError):
+    """A data directory that was named (``--data-dir`` / $MATCHMAP_DATA_DIR) but does not exist, opened to read."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class CollectionNotFound(KeyError):
     """No collection of that name in the catalog. The message (for the local CLI and the server's log)
     names the catalog and the collections it holds; ``name`` is the collection asked for, all that a
@@ -121,6 +128,10 @@ class ImageRecord:
 class IndexReport:
     """What one :meth:`Library.index` run did.
 
+    ``skipped_duplicates``: files not embedded because their content is already in the collection:
+    ``unchanged`` of them are indexed files seen again (same uri, same content); the others are
+    ``duplicates``, (copy's uri, uri of the image with the same content): a collection holds each
+    content once, so a copy gets no entry of its own (search would show the same picture twice).
     ``replaced``: images whose file (same uri) now has different content; the old version was removed.
     """
 
@@ -128,6 +139,8 @@ class IndexReport:
     skipped_duplicates: int
     failed: list[tuple[str, str]] = field(default_factory=list)
     replaced: int = 0
+    unchanged: int = 0
+    duplicates: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _record(row: ImageRow) -> ImageRecord:
@@ -406,14 +419,31 @@ class Library:
         self._engine, self._sessions = open_catalog(db_url)
 
     @classmethod
-    def open(cls, data_dir: str | Path | None = None, db_url: str | None = None) -> Library:
-        """Open (creating if needed) the library at ``data_dir`` (default :func:`default_data_dir`).
+    def open(
+        cls, data_dir: str | Path | None = None, db_url: str | None = None, *, create: bool = False
+    ) -> Library:
+        """Open the library at ``data_dir`` (default :func:`default_data_dir`).
+
+        A missing folder is created when ``create`` (what writers such as ``matchmap index`` pass) or
+        when it is the built-in default ~/.local/share/matchmap (a first run finds no collections
+        yet). A folder that was named (``data_dir`` or $MATCHMAP_DATA_DIR) and does not exist is
+        refused with :class:`DataDirNotFound` when only reading: a mistyped path must not silently
+        become a new, empty catalog.
 
         The catalog is the SQLite file ``data_dir/catalog.sqlite`` unless ``db_url`` names another
         database (e.g. ``postgresql+psycopg2://user:pass@host/db``); the index and store files are in
         ``data_dir`` either way. Raises RuntimeError when the catalog cannot be opened.
         """
+        named = data_dir is not None or bool(os.environ.get("MATCHMAP_DATA_DIR"))
         folder = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+        if folder.exists() and not folder.is_dir():
+            raise DataDirNotFound(f"data directory {folder} is a file, not a directory")
+        if not folder.exists() and named and not create:
+            source = "--data-dir" if data_dir is not None else "$MATCHMAP_DATA_DIR"
+            raise DataDirNotFound(
+                f"data directory {folder} (from {source}) does not exist: check the path, "
+                "or index into it first (`matchmap index --data-dir DIR ...` creates it)"
+            )
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -634,17 +664,17 @@ class Library:
             collection._row.index_policy = row.index_policy
             collection._row.flat_threshold = row.flat_threshold
 
-    def _known_hashes(self, collection: Collection, hashes: list[str]) -> set[str]:
+    def _known_hashes(self, collection: Collection, hashes: list[str]) -> dict[str, str]:
+        """{content hash: uri of the indexed image holding it} for those of ``hashes`` already indexed."""
         with self._sessions() as session:
-            return set(
-                session.execute(
-                    select(ImageRow.content_hash).where(
-                        ImageRow.collection_id == collection._row.id,
-                        ImageRow.status == STATUS_INDEXED,
-                        ImageRow.content_hash.in_(set(hashes)),
-                    )
-                ).scalars()
+            rows = session.execute(
+                select(ImageRow.content_hash, ImageRow.uri).where(
+                    ImageRow.collection_id == collection._row.id,
+                    ImageRow.status == STATUS_INDEXED,
+                    ImageRow.content_hash.in_(set(hashes)),
+                )
             )
+            return {content_hash: uri for content_hash, uri in rows}
 
     def _store_batch(
         self,
@@ -667,12 +697,15 @@ class Library:
                     ImageRow.uri.in_(set(batch.uris)),
                 )
             ).rowcount
+            copies = [(uri, original) for uri, original in batch.skipped if uri != original]
+            # An indexed row at a new image's uri, or at a copy's uri (the file now holds other content,
+            # which an image elsewhere already has), is an old version of that file.
             replaced = (
                 session.execute(
                     select(ImageRow.id).where(
                         ImageRow.collection_id == row.id,
                         ImageRow.status == STATUS_INDEXED,
-                        ImageRow.uri.in_({image.uri for image in batch.images}),
+                        ImageRow.uri.in_({image.uri for image in batch.images} | {uri for uri, _ in copies}),
                     )
                 )
                 .scalars()
@@ -720,7 +753,9 @@ class Library:
             collection._added(ids, slots, pooled)
         report.added += len(added)
         report.replaced += len(replaced)
-        report.skipped_duplicates += len(batch.skipped_uris)
+        report.skipped_duplicates += len(batch.skipped)
+        report.unchanged += len(batch.skipped) - len(copies)
+        report.duplicates.extend(copies)
         report.failed.extend((item.uri, item.reason) for item in batch.failed)
 
     def _finish_index(self, collection: Collection) -> None:

@@ -60,7 +60,9 @@ def main() -> None:
       matchmap serve &                                    # start the search service
       matchmap query --collection demo some_caption.wav   # speak, get images
 
-    Every command takes --help. Commands that need a model use the shipped default model
-    unless --checkpoint is given; data lives in $MATCHMAP_DATA_DIR (default
-    ~/.local/share/matchmap) unless --data-dir is given.
+    Every command takes --help (it lists the exit codes). Commands that need a model use the
+    shipped default model unless --checkpoint FILE is given, on --device auto (CUDA when
+    available); -q silences progress bars and --json prints one JSON document. Data lives in
+    $MATCHMAP_DATA_DIR (default ~/.local/share/matchmap) unless --data-dir is given; only
+    `index` creates a data dir that does not exist yet.
     """

@@ -14,7 +14,7 @@ import math
 import soundfile
 import torch
 
-from encoders import AUDIO_FORMATS, AudioDecodeError, AudioTooLong, load_audio, waveform_from_pcm
+from encoders import AUDIO_FORMATS_TEXT, AudioDecodeError, AudioTooLong, load_audio, waveform_from_pcm
 from search.errors import InvalidQuery
 
 # Sample rates a query may declare. Outside this range a rate is a mistake (0, a byte count, ...)
@@ -68,14 +68,14 @@ def decode_audio(
 ) -> torch.Tensor:
     """Decode one query's audio and check it is usable speech.
 
-    data: a file's bytes (any of encoders.AUDIO_FORMATS) when ``sample_rate`` is None, else raw mono
+    data: a file's bytes (any of encoders.AUDIO_FORMATS_TEXT) when ``sample_rate`` is None, else raw mono
     signed 16-bit little-endian PCM at ``sample_rate`` Hz; ``name``: the request field, used in
     messages and as the BadRequest field. Returns (N,) float32 at ``target_rate``.
     Raises InvalidQuery (empty, bad rate, silent, longer than ``max_seconds``) or AudioDecodeError
     (undecodable, truncated, odd PCM byte count, NaN/inf samples).
     """
     if not data:
-        raise InvalidQuery(f"{name} is empty: send an audio file ({AUDIO_FORMATS}) or raw 16-bit PCM samples",
+        raise InvalidQuery(f"{name} is empty: send an audio file ({AUDIO_FORMATS_TEXT}) or raw 16-bit PCM samples",
                            field=name)
     if sample_rate is None:
         waveform = _decode_encoded(data, target_rate, max_seconds, name)

@@ -28,11 +28,12 @@ EXIT_CANNOT_LISTEN = 3  # serve
 
 @click.command(
     context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
-    epilog="Exit codes: 0 stopped by SIGTERM/SIGINT after draining; 1 could not start (model, library, "
-    "TLS files, options); 2 usage error; 3 cannot listen on --host/--port (port in use, address not local).",
+    epilog="Exit codes: 0 stopped by SIGTERM/SIGINT after draining; 1 could not start (model, data dir, "
+    "catalog, TLS files, options: the message says which); 2 usage error; 3 cannot listen on --port or --http "
+    "(port in use, address not local).",
 )
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Library folder (catalog, stage-1 indexes, feature store). [default: $MATCHMAP_DATA_DIR or ~/.local/share/matchmap]")
+              help="Library folder (catalog, stage-1 indexes, feature store); must exist unless it is the default. [default: $MATCHMAP_DATA_DIR or ~/.local/share/matchmap]")
 @click.option("--db", "db_url", default=None, envvar="MATCHMAP_DB_URL",
               help="Catalog database URL (e.g. postgresql+psycopg2://user:pw@host/db) instead of the SQLite file in --data-dir. [env MATCHMAP_DB_URL]")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
@@ -78,7 +79,8 @@ EXIT_CANNOT_LISTEN = 3  # serve
               help="Memory for holding collections' feature maps (about 32 KB per image with the tiny model) "
                    "so stage 2 can re-rank thousands of candidates; a collection that does not fit is read "
                    "from its store per query. 0 = never hold them.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              help="Least severe log messages written to stderr.")
 def serve(
     data_dir: Path | None,
     db_url: str | None,
@@ -249,7 +251,7 @@ def query(
     timeout: float,
     wait_seconds: float,
 ) -> None:
-    """Search a collection by speaking: send each AUDIO file (WAV, FLAC, OGG) and print ranked images.
+    """Search a collection by speaking: send each AUDIO file (WAV, FLAC, OGG, MP3, AIFF); print ranked images.
 
     Each query prints a table (rank, MISA score, stage-1 SISA score, image id, uri) and the
     server's timings; --json prints {"server", "collection", "queries": [{"audio", "hits",
@@ -352,7 +354,11 @@ def _heatmap_json(title: str, requested: tuple[float, float] | None, result, box
     }
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+    epilog="Exit codes: 0 written; 1 IMAGE, AUDIO, the checkpoint or a span could not be used (the message "
+    "says which); 2 usage error (a missing file, a bad option).",
+)
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("audio", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -366,7 +372,8 @@ def _heatmap_json(title: str, requested: tuple[float, float] | None, result, box
 @click.option("--panels", type=click.Choice(["words", "objects"]), default="words",
               help="With --words: a panel per spoken word, or per object mention (color word to shape word).")
 @click.option("--columns", type=click.IntRange(min=1), default=4, help="Panels per row of the picture.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", help="Where the model runs.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              help="Where the model runs (auto = CUDA when available).")
 @click.option("--json", "as_json", is_flag=True, help="Print the heatmaps (rows, cols, values, spans) as JSON.")
 def localize(image: Path, audio: Path, out: Path, checkpoint: Path | None, spans: tuple[str, ...],
              words_manifest: Path | None, uttid: str | None, panels: str, columns: int, device: str,

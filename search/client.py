@@ -31,7 +31,7 @@ class PcmAudio:
     sample_rate: int
 
 
-AudioLike = str | Path | bytes | PcmAudio  # a file path, a file's bytes (WAV/FLAC/OGG), or raw PCM
+AudioLike = str | Path | bytes | PcmAudio  # a file path, a file's bytes (encoders.formats.AUDIO_FORMATS_TEXT), or raw PCM
 ImageLike = str | Path | bytes
 
 

@@ -102,5 +102,5 @@ def _index_images(
     from indexer import Library
 
     model = create_model(str(checkpoint) if checkpoint is not None else None)
-    with Library.open(data_dir, db_url) as library:
+    with Library.open(data_dir, db_url, create=True) as library:
         library.index(collection, images, model, progress=False)

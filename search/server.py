@@ -31,7 +31,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from encoders import AUDIO_FORMATS, AudioDecodeError, ImageDecodeError
+from encoders import AUDIO_FORMATS_TEXT, AudioDecodeError, ImageDecodeError
 from indexer import CollectionNotFound, ModelMismatchError
 from protos.matchmap.v1 import search_pb2, search_pb2_grpc
 from search import DEFAULT_PORT
@@ -181,7 +181,7 @@ def _audio_source(audio: search_pb2.AudioInput, field: str = "audio") -> tuple[b
     if source == "pcm":
         return audio.pcm.samples_s16le, audio.pcm.sample_rate
     raise InvalidQuery(
-        f"{field} is missing: set {field}.encoded (an audio file: {AUDIO_FORMATS}) or {field}.pcm (raw PCM)",
+        f"{field} is missing: set {field}.encoded (an audio file: {AUDIO_FORMATS_TEXT}) or {field}.pcm (raw PCM)",
         field=field,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -173,8 +174,11 @@ def test_resample_keeps_a_tone_and_removes_what_the_new_rate_cannot_hold():
 def test_cli_refuses_to_overwrite_a_corpus_unless_forced(tmp_path):
     runner = CliRunner()
     args = ["synth", str(tmp_path), "--pairs", "2", "--val-pairs", "1", "--workers", "1", "--quiet"]
-    first = runner.invoke(main, args)
+    first = runner.invoke(main, [*args, "--json"])
     assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout) == {"train": str(tmp_path / "train.json"), "val": str(tmp_path / "val.json"),
+                                        "pairs": 2, "val_pairs": 1}
+    assert first.stderr == ""  # --quiet: no progress bar
     before = corpus_files(tmp_path)
     second = runner.invoke(main, args + ["--seed", "5"])
     assert second.exit_code != 0 and "--force" in second.output and "train.json" in second.output

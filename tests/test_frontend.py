@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from encoders.config import get_config
+from encoders.formats import AUDIO_FORMATS_TEXT, TESTED_AUDIO_FORMATS
 from encoders.frontend import (
     TRIM_MARGIN_SECONDS,
     AudioDecodeError,
@@ -82,6 +83,18 @@ def test_logmel_shape_and_true_length(speech, tmp_path, seconds, rate, channels,
     assert torch.all(logmel[:, length:] == 0), "padding must be zeros"
     assert torch.isfinite(logmel).all()
     assert logmel[:, :length].std() > 0.5
+
+
+@pytest.mark.parametrize(("name", "container", "subtype"), TESTED_AUDIO_FORMATS)
+def test_every_listed_audio_format_decodes_to_the_same_speech(speech, tmp_path, name, container, subtype):
+    samples = _at_duration(speech[0], len(speech[0]) / speech[1], 16000, speech[1])
+    path = tmp_path / f"caption.{container.lower()}"
+    soundfile.write(path, samples, 16000, format=container, subtype=subtype)
+    decoded = load_audio(path).numpy()
+    assert abs(len(decoded) - len(samples)) <= 16000 * 0.01, name  # gapless: no codec delay left in
+    n = min(len(decoded), len(samples))
+    assert np.corrcoef(decoded[:n], samples[:n])[0, 1] > 0.98, name
+    assert name.split()[0] in AUDIO_FORMATS_TEXT
 
 
 def test_passing_the_native_rate_resamples(speech):

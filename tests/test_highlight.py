@@ -117,7 +117,7 @@ def test_highlight_over_an_indexed_image_by_id(checkpoint, tiny_corpus, caption,
 
     image, audio = caption
     library_dir = tmp_path / "library"
-    with Library.open(library_dir) as library:
+    with Library.open(library_dir, create=True) as library:
         library.index("scenes", [str(image)], create_model(checkpoint), progress=False)
         [[image_id]] = library.collection("scenes").ids_for_uris([str(image)]).values()
     engine = SearchEngine.open(checkpoint, library_dir, device="cpu")

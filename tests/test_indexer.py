@@ -118,7 +118,7 @@ def db_url(request):
 
 @pytest.fixture
 def library(tmp_path, db_url):
-    with Library.open(tmp_path / "data", db_url) as opened:
+    with Library.open(tmp_path / "data", db_url, create=True) as opened:
         yield opened
 
 
@@ -215,9 +215,10 @@ def test_incremental_add_and_duplicates(library, model, images, tmp_path, db_url
     shutil.copy(images[0], copy)
     second = library.index("photos", [str(images[0].parent), str(copy)], model, batch_size=4, progress=False)
     assert (second.added, second.skipped_duplicates, second.failed) == (N_IMAGES - 10, 11, [])
+    assert (second.unchanged, second.duplicates) == (10, [(str(copy), str(images[0]))])
 
     again = library.index("photos", [str(images[0].parent)], model, progress=False)
-    assert (again.added, again.skipped_duplicates) == (0, N_IMAGES)
+    assert (again.added, again.skipped_duplicates, again.unchanged, again.duplicates) == (0, N_IMAGES, N_IMAGES, [])
 
     collection = library.collection("photos")
     assert collection.size == N_IMAGES
@@ -227,10 +228,41 @@ def test_incremental_add_and_duplicates(library, model, images, tmp_path, db_url
         np.testing.assert_array_equal(after[uri], stored)  # earlier images were not re-embedded or moved
 
     # Incremental results equal a one-shot build of the same images.
-    with Library.open(tmp_path / "one-shot", db_url) as other:
+    with Library.open(tmp_path / "one-shot", db_url, create=True) as other:
         other.index("all-at-once", [str(images[0].parent)], model, progress=False)
         queries = np.random.default_rng(0).standard_normal((4, collection.embed_dim)).astype(np.float32)
         assert ranked_uris(collection, queries, 8) == ranked_uris(other.collection("all-at-once"), queries, 8)
+
+
+def test_a_file_that_became_a_copy_of_another_loses_its_old_entry(library, model, tmp_path):
+    folder = tmp_path / "changing"
+    paths = write_images(folder, 3)
+    library.index("c", [str(folder)], model, progress=False)
+    shutil.copy(paths[0], paths[2])  # img-2 now shows img-0's picture
+    report = library.index("c", [str(folder)], model, progress=False)
+    assert (report.added, report.replaced, report.unchanged) == (0, 1, 2)
+    assert report.duplicates == [(str(paths[2]), str(paths[0]))]
+    collection = library.collection("c")
+    assert sorted(r.uri for r in collection.images(all_ids(collection))) == [str(paths[0]), str(paths[1])]
+
+
+def test_cli_names_copies_at_other_paths_and_gives_them_no_entry(tmp_path, checkpoint, images):
+    second_folder = tmp_path / "backup"
+    second_folder.mkdir()
+    for path in images[:3]:
+        shutil.copy(path, second_folder / path.name)
+    base = ["index", "--data-dir", str(tmp_path / "data"), "--checkpoint", str(checkpoint), "-q", "--collection", "c"]
+    code, out, err = run_cli(*base, str(images[0]), str(images[1]), str(second_folder))
+    assert code == 0, err
+    assert "added 3 images" in out and "0 already indexed, 2 copies of indexed images skipped" in out
+    assert f"copy: {second_folder / images[2].name}" not in err  # new content: indexed, not a copy
+    for path in images[:2]:
+        assert f"copy: {second_folder / path.name} has the same content as {path}; not indexed again" in err
+    code, out, err = run_cli(*base, "--json", str(second_folder), str(images[0]))
+    report = json.loads(out)
+    assert (report["added"], report["skipped_duplicates"], report["unchanged"], report["images"]) == (0, 4, 2, 3)
+    assert report["duplicates"] == [{"path": str(second_folder / p.name), "duplicate_of": str(p)} for p in images[:2]]
+    assert err == ""
 
 
 def test_changed_file_replaces_its_old_version(library, model, tmp_path):
@@ -484,10 +516,9 @@ def test_cli_fatal_errors_exit_2(tmp_path, checkpoint, images):
     assert code == 2 and "no such file or folder" in err
     code, _, err = run_cli("index", *base, str(images[0]))  # --collection missing
     assert code == 2
+    assert run_cli("index", *base, "--collection", "c", str(images[0]))[0] == 0
     code, _, err = run_cli("remove", "--data-dir", data, "--collection", "absent")
     assert code == 2 and "no collection named 'absent'" in err
-
-    assert run_cli("index", *base, "--collection", "c", str(images[0]))[0] == 0
     torch.manual_seed(2)
     other = tmp_path / "other.pt"
     save_checkpoint(other, create_model("tiny"))
@@ -530,7 +561,7 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, checkpo
         stderr=subprocess.PIPE,
     )
     indexed_at_kill = 0
-    with Library.open(crashed_dir, db_url) as watcher:
+    with Library.open(crashed_dir, db_url, create=True) as watcher:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
             infos = [i for i in watcher.list_collections() if i.name == "crashed"]

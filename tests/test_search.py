@@ -577,6 +577,20 @@ def test_query_command_prints_a_table_or_json_and_exits_by_outcome(server, capti
     assert unreachable.exit_code == 3 and "cannot reach" in unreachable.output
 
 
+def test_an_mp3_query_is_decoded_and_answered(server, caption_wav, tmp_path):
+    samples, rate = soundfile.read(caption_wav, dtype="float32")
+    mp3 = tmp_path / "caption.mp3"
+    soundfile.write(mp3, samples, rate, format="MP3")
+    answers = {}
+    for path in (caption_wav, mp3):
+        result = CliRunner().invoke(query, ["--server", server.target, "--collection", COLLECTION, "--top-k", "3",
+                                            "--json", str(path)])
+        assert result.exit_code == 0, result.output
+        answers[path.suffix] = json.loads(result.output)["queries"][0]
+    assert len(answers[".mp3"]["hits"]) == 3
+    assert answers[".mp3"]["audio_seconds"] == pytest.approx(answers[".wav"]["audio_seconds"], abs=0.02)
+
+
 def unused_port() -> int:
     """A loopback port with nothing listening on it."""
     with socket.socket() as s:

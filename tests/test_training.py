@@ -349,6 +349,40 @@ def test_eval_reports_a_missing_checkpoint_clearly(tiny_corpus, tmp_path):
     assert "nope.pt" in result.output
 
 
+def test_eval_quiet_silences_progress_bars(tiny_corpus, checkpoint):
+    from matchmap.cli import main
+
+    args = ["eval", "--checkpoint", str(checkpoint), "--device", "cpu", str(tiny_corpus / "val.json")]
+    loud, quiet = CliRunner().invoke(main, args), CliRunner().invoke(main, [*args, "-q"])
+    assert loud.exit_code == quiet.exit_code == 0, quiet.output
+    assert "100%|" in loud.stderr  # a tqdm bar
+    assert quiet.stderr == "" and quiet.stdout == loud.stdout
+
+
+def test_eval_through_an_unreachable_server_exits_3_naming_it(tiny_corpus):
+    import socket
+
+    from matchmap.cli import main
+
+    with socket.socket() as s:  # a loopback port with nothing listening on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = CliRunner().invoke(main, ["eval", "--server", f"127.0.0.1:{port}", "--collection", "c",
+                                       str(tiny_corpus / "val.json")])
+    assert result.exit_code == 3 and f"cannot reach a server at 127.0.0.1:{port}" in result.stderr
+
+
+def test_train_checkpoint_option_fine_tunes_and_names_a_missing_file(tiny_corpus, tmp_path):
+    from matchmap.cli import main
+
+    base = ["train", "--train", str(tiny_corpus / "train.json"), "--val", str(tiny_corpus / "val.json"),
+            "--out", str(tmp_path / "run"), "-q"]
+    both = CliRunner().invoke(main, [*base, "--config", "tiny", "--checkpoint", str(tmp_path / "x.pt")])
+    assert both.exit_code == 2 and "not both" in both.output
+    missing = CliRunner().invoke(main, [*base, "--checkpoint", str(tmp_path / "nope.pt")])
+    assert missing.exit_code == 1 and "nope.pt" in missing.output and "Traceback" not in missing.output
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_keep_identical_weights_and_learn(tiny_corpus, tmp_path):
     run = tmp_path / "ddp"

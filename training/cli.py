@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
+from matchmap.options import checkpoint_option, device_option, exit_codes, quiet_option
 
-@click.command("synth")
+
+@click.command("synth", epilog=exit_codes(
+    "0  the corpus was written",
+    "1  it could not be: OUT already holds a corpus (see --force), a speech engine",
+    "   is missing or failed, or OUT is not writable (the message says which)",
+    "2  usage error (a bad option value)",
+))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--pairs", type=click.IntRange(min=1), default=5000, show_default=True,
               help="Training pairs (image + spoken caption) to generate.")
@@ -21,7 +29,8 @@ import click
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes (default: all CPU cores). The corpus does not depend on it.")
 @click.option("--force", is_flag=True, help="Replace a corpus that already exists in OUT.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
+@click.option("--json", "as_json", is_flag=True, help='Print {"train", "val", "pairs", "val_pairs"} as JSON.')
 @click.option("--world", type=click.Choice(["shapes", "objects"]), default="shapes", show_default=True,
               help="shapes: colored shapes, one caption per image. objects: everyday things (`matchmap "
                    "vocabulary`) and shapes, several captions per image; --pairs and --val-pairs count images.")
@@ -30,7 +39,7 @@ import click
 @click.option("--objects", "objects_range", default="1-4", show_default=True, metavar="MIN-MAX",
               help="Objects world: objects per image (1-1: one-object scenes).")
 def synth(out: Path, pairs: int, val_pairs: int, seed: int, engines: str, workers: int | None, force: bool,
-          quiet: bool, world: str, captions: str, objects_range: str) -> None:
+          quiet: bool, as_json: bool, world: str, captions: str, objects_range: str) -> None:
     """Generate the spoken-scenes corpus in OUT.
 
     Each pair is a 256x256 image of 1-3 colored shapes on a textured background and a spoken
@@ -58,7 +67,13 @@ def synth(out: Path, pairs: int, val_pairs: int, seed: int, engines: str, worker
     except (CorpusExistsError, SpeechEngineError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     unit = "images" if world == "objects" else "pairs"
-    click.echo(f"wrote {pairs} {unit} to {train_path} and {val_pairs} {unit} to {val_path}")
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"train": str(train_path), "val": str(val_path), "pairs": pairs,
+                               "val_pairs": val_pairs, "world": world}, indent=2))
+    else:
+        click.echo(f"wrote {pairs} {unit} to {train_path} and {val_pairs} {unit} to {val_path}")
 
 
 def _min_max(value: str, name: str) -> tuple[int, int]:
@@ -104,30 +119,40 @@ def _load_manifest_or_exit(path: str, skip_bad: bool):
         raise click.ClickException(f"{path}: {exc}") from exc
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings={"show_default": True}, epilog=exit_codes(
+    "0  trained (under torchrun: this process's share finished)",
+    "1  a manifest, --checkpoint or --resume could not be read, or training failed",
+    "2  usage error (a missing or bad option)",
+))
 @click.option("--train", "train_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Training manifest (Places JSON), e.g. corpus/train.json.")
 @click.option("--val", "val_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Validation manifest, evaluated after every epoch (its voices should be unheard).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory: last.pt, best.pt, metrics.jsonl, learning_curves.png, summary.json.")
-@click.option("--config", "model", default="tiny", help="Model config from `matchmap models`, or a checkpoint to fine-tune.")
+@click.option("--config", "model", default="tiny",
+              help="Model config from `matchmap models` to train from scratch (a checkpoint path here works "
+                   "like --checkpoint).")
+@checkpoint_option("Fine-tune this checkpoint instead of training a fresh --config model.")
 @click.option("--loss", type=click.Choice(["infonce", "margin"]), default="infonce",
               help="infonce: symmetric softmax over the in-batch matrix; margin: the paper's sampled margin ranking.")
-@click.option("--epochs", type=int, default=18)
+@click.option("--epochs", type=click.IntRange(min=1), default=18,
+              help="Passes over the training manifest.")
 @click.option("--batch-size", type=int, default=64, help="Pairs per step (per process under torchrun).")
-@click.option("--lr", type=float, default=1e-3)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+              help="Peak learning rate of AdamW (reached after 100 warm-up steps, then a cosine decay to 0).")
 @click.option("--sisa-weight", type=float, default=0.5,
               help="Weight of the same loss on SISA scores (trains the stage-1 pooled vectors).")
 @click.option("--augment", default="speed,noise,vtlp,specaugment",
               help="Comma-separated: speed, noise, reverb, eq, vtlp, specaugment; or none. The default is "
                    "the shipped model's set: what paid on unheard engines and noisy recordings (docs/model.md).")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=int, default=0,
+              help="Seed of initialization, batch order and augmentation: the same seed repeats a run.")
 @click.option("--max-minutes", type=float, default=None, help="Stop after the epoch that crosses this wall-clock budget.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Evaluate on --val after every N-th epoch (and always after the last): evaluation time "
                    "goes to training instead.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@device_option("training")
 @click.option("--workers", type=int, default=0, help="DataLoader worker processes.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: run forward passes under bfloat16 autocast (much faster on CPUs with AVX512-BF16 "
@@ -139,9 +164,10 @@ def _load_manifest_or_exit(path: str, skip_bad: bool):
 @click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Continue a run exactly from its last.pt.")
 @click.option("--skip-bad", is_flag=True, help="Skip (and count) manifest entries with missing or unreadable files.")
-@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
-def train(train_path, val_path, out_dir, model, loss, epochs, batch_size, lr, sisa_weight, augment, seed,
-          max_minutes, eval_every, device, workers, precision, bucket_by_length, resume, skip_bad, as_json):
+@quiet_option
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON (and no progress bars).")
+def train(train_path, val_path, out_dir, model, checkpoint, loss, epochs, batch_size, lr, sisa_weight, augment, seed,
+          max_minutes, eval_every, device, workers, precision, bucket_by_length, resume, skip_bad, quiet, as_json):
     """Train a matchmap model on spoken captions and their images.
 
     Evaluates recall@1/5/10 on --val after every epoch (or every --eval-every epochs), keeps the best
@@ -154,14 +180,19 @@ def train(train_path, val_path, out_dir, model, loss, epochs, batch_size, lr, si
     from training.train import TrainConfig
     from training.train import train as run_training
 
+    if checkpoint is not None:
+        if click.get_current_context().get_parameter_source("model") is not click.core.ParameterSource.DEFAULT:
+            raise click.UsageError("give --config (train from scratch) or --checkpoint (fine-tune), not both")
+        model = str(checkpoint)
     cfg = TrainConfig(model=model, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr, sisa_weight=sisa_weight,
                       augment=augment, seed=seed, max_minutes=max_minutes, device=device, num_workers=workers,
                       bucket_by_length=bucket_by_length, precision=precision, eval_every=eval_every)
     train_manifest = _load_manifest_or_exit(train_path, skip_bad)
     val_manifest = _load_manifest_or_exit(val_path, skip_bad)
     try:
-        summary = run_training(cfg, train_manifest, val_manifest, out_dir, resume=resume, progress=not as_json)
-    except ValueError as exc:
+        summary = run_training(cfg, train_manifest, val_manifest, out_dir, resume=resume,
+                               progress=not (quiet or as_json))
+    except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     if summary:  # rank 0
         plot_learning_curves([out_dir], Path(out_dir) / "learning_curves.png")
@@ -171,21 +202,29 @@ def train(train_path, val_path, out_dir, model, loss, epochs, batch_size, lr, si
             click.echo(f"best mean MISA R@10 {summary['best_mean_r10']:.3f}; checkpoints in {out_dir}")
 
 
-@click.command("eval", context_settings={"show_default": True})
+@click.command("eval", context_settings={"show_default": True}, epilog=exit_codes(
+    "0  evaluated",
+    "1  the manifest or --checkpoint could not be read, or (with --server) the service failed",
+    "2  usage error (a missing or bad option)",
+    "3  with --server: no server answers at HOST:PORT",
+))
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
-@click.option("--checkpoint", default=None, help="Model checkpoint; the shipped default model when omitted.")
+@checkpoint_option()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (recall as fractions 0..1).")
-@click.option("--batch-size", type=int, default=64)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Pairs per forward pass.")
+@device_option()
 @click.option("--skip-bad", is_flag=True, help="Skip (and count) entries with missing or unreadable files.")
 @click.option("--server", default=None, metavar="HOST:PORT",
               help="Evaluate through a live search service instead (speech_to_image recall only).")
 @click.option("--collection", default=None, help="With --server: the collection holding the manifest's images.")
-@click.option("--index-first", is_flag=True, help="With --server: index the manifest's images into --collection first.")
+@click.option("--index-first", is_flag=True,
+              help="With --server: index the manifest's images into --collection first (with --checkpoint, "
+                   "which must be the server's model).")
 @click.option("--data-dir", default=None, help="With --index-first: the server's data directory.")
 @click.option("--token", envvar="MATCHMAP_TOKEN", default=None, help="With --server: bearer token.")
+@quiet_option
 def evaluate(manifest, checkpoint, as_json, batch_size, device, skip_bad, server, collection, index_first,
-             data_dir, token):
+             data_dir, token, quiet):
     """Recall@1/5/10 in both directions for MISA, SISA and SIMA on MANIFEST.
 
     speech_to_image: each spoken caption retrieves its image among all images of the manifest;
@@ -199,7 +238,16 @@ def evaluate(manifest, checkpoint, as_json, batch_size, device, skip_bad, server
 
         if not collection:
             raise click.UsageError("--server needs --collection (the collection that holds the manifest's images)")
-        result = remote_recall(server, manifest, collection, token=token, index_first=index_first, data_dir=data_dir)
+        from search.client import SearchServiceError, ServerUnreachable
+
+        try:
+            result = remote_recall(server, manifest, collection, token=token, index_first=index_first,
+                                   data_dir=data_dir, checkpoint=checkpoint)
+        except ServerUnreachable as exc:
+            click.echo(f"matchmap eval: cannot reach a server at {server}: {exc.details}", err=True)
+            sys.exit(3)
+        except (SearchServiceError, OSError, ValueError) as exc:
+            raise click.ClickException(f"{manifest}: {exc}") from exc
         click.echo(json.dumps(result, indent=2) if as_json else
                    "\n".join(f"speech_to_image {k}: {v:.3f}" for k, v in result["MISA"]["speech_to_image"].items()))
         return
@@ -216,16 +264,21 @@ def evaluate(manifest, checkpoint, as_json, batch_size, device, skip_bad, server
 
         use_exact_float32()  # evaluation on CUDA in exact float32 (encoders/precision.py)
     try:
-        model = create_model(checkpoint).to(torch_device)
+        model = create_model(str(checkpoint) if checkpoint else None).to(torch_device)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    result = run_evaluation(model, loaded, batch_size=batch_size, device=torch_device, progress=not as_json)
+    result = run_evaluation(model, loaded, batch_size=batch_size, device=torch_device,
+                            progress=not (quiet or as_json))
     click.echo(json.dumps(result) if as_json else format_table(result))
 
 
-@click.command("discover", context_settings={"show_default": True})
+@click.command("discover", context_settings={"show_default": True}, epilog=exit_codes(
+    "0  the report was written",
+    "1  the manifest or --checkpoint could not be read, or the manifest has no word timings",
+    "2  usage error (a missing or bad option)",
+))
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
-@click.option("--checkpoint", default=None, help="Model checkpoint; the shipped default model when omitted.")
+@checkpoint_option()
 @click.option("--clusters", type=click.IntRange(min=2), required=True, help="k of the k-means over grounded segments.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Report directory: index.html, summary.json, segments.json, cluster_<id>.png.")
@@ -238,12 +291,13 @@ def evaluate(manifest, checkpoint, as_json, batch_size, device, skip_bad, server
                    "(0 = audio alone: purer word clusters, bench/bench_discovery.py).")
 @click.option("--max-pairs", type=click.IntRange(min=1), default=None, help="Use only the manifest's first N pairs.")
 @click.option("--seed", type=int, default=0, help="k-means seed.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Pairs per forward pass.")
+@device_option()
 @click.option("--skip-bad", is_flag=True, help="Skip (and count) entries with missing or unreadable files.")
+@quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def discover(manifest, checkpoint, clusters, out_dir, keep, half_width, image_weight, max_pairs, seed, batch_size,
-             device, skip_bad, as_json):
+             device, skip_bad, quiet, as_json):
     """Audio-visual concept discovery on MANIFEST, as in the paper.
 
     Finds speech segments that ground strongly in their images (peaks over time of each frame's best
@@ -263,9 +317,10 @@ def discover(manifest, checkpoint, clusters, out_dir, keep, half_width, image_we
     if not any(entry.words for entry in loaded.entries):
         raise click.ClickException(f"{manifest}: no entry has word timings ('words'); clusters could not be named")
     try:
-        model = create_model(checkpoint).to(resolve_device(device))
+        model = create_model(str(checkpoint) if checkpoint else None).to(resolve_device(device))
         discovery = discover_concepts(model, loaded, clusters, keep=keep, half_width=half_width,
-                                      image_weight=image_weight, batch_size=batch_size, limit=max_pairs, seed=seed, progress=not as_json)
+                                      image_weight=image_weight, batch_size=batch_size, limit=max_pairs, seed=seed,
+                                      progress=not (quiet or as_json))
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     index = write_report(discovery, loaded, out_dir)

@@ -3,7 +3,7 @@
     GET  /                      the page (static/, no build step)
     GET  /api/config            what the page needs to know (open: no token)
     GET  /api/collections       ListCollections
-    POST /api/search            Search; the body is the audio (a WAV/FLAC/OGG file, or raw s16le PCM with ?sample_rate=)
+    POST /api/search            Search; the body is the audio (a WAV, FLAC, OGG, MP3 or AIFF file, or raw s16le PCM with ?sample_rate=)
     POST /api/localize          Localize an indexed image; the body is the audio
     GET  /api/collections/{collection}/images/{image_id}/thumbnail   a JPEG of at most 256 px, cached
     GET  /api/collections/{collection}/images/{image_id}/image       the image as the model saw it (JPEG)
@@ -59,7 +59,7 @@ def _responses(message) -> dict:
 _AUDIO_BODY = {
     "requestBody": {
         "required": True,
-        "description": "The spoken query: a WAV, FLAC or OGG file, or raw mono signed 16-bit little-endian "
+        "description": "The spoken query: a WAV, FLAC, OGG, MP3 or AIFF file, or raw mono signed 16-bit little-endian "
                        "PCM when sample_rate is given.",
         "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in AUDIO_TYPES},
     }
