@@ -61,7 +61,7 @@ def main() -> None:
         else:
             manifest = load_manifest(args.manifest)
         model = create_model(args.checkpoint)
-        library = Library.open(Path(work) / "library")
+        library = Library.open(Path(work) / "library", create=True)
         library.index(COLLECTION, [str(manifest.image_path(e).resolve()) for e in manifest.entries], model, progress=False)
         captions = [manifest.audio_path(e).read_bytes() for e in manifest.entries]
         engine = SearchEngine(model, library, device="cpu")

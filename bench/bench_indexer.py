@@ -86,7 +86,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = create_model(args.checkpoint).eval()
 
-        with Library.open(work / "data") as library:
+        with Library.open(work / "data", create=True) as library:
             started = time.perf_counter()
             report = library.index("bench", [str(images)], model, batch_size=args.batch_size, progress=True)
             index_seconds = time.perf_counter() - started

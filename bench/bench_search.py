@@ -93,7 +93,7 @@ def build_collection(work: Path, checkpoint: Path, images: list[Path]) -> tuple[
     """Index ``images`` into the bench collection (incremental: reruns reuse it); (seconds, size)."""
     model = create_model(str(checkpoint))
     started = time.perf_counter()
-    with Library.open(work / "library") as library:
+    with Library.open(work / "library", create=True) as library:
         library.index(COLLECTION, [str(p) for p in images], model, progress=True)
         size = library.collection(COLLECTION).size
     return time.perf_counter() - started, size

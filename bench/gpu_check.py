@@ -56,7 +56,7 @@ from search.engine import SearchEngine, SearchQuery
 
 def build_library(folder: Path, images: int, model, seed: int) -> None:
     image_paths = distractor_images(folder / "images", images, seed)
-    with Library.open(folder / "library") as library:
+    with Library.open(folder / "library", create=True) as library:
         library.index("gpu-check", [str(p) for p in image_paths], model, progress=False)
 
 

@@ -223,12 +223,14 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
         )
 
     @contextlib.contextmanager
-    def admitted(self) -> Iterator[None]:
-        """Hold one of max_queue places while a call works; Overloaded (RESOURCE_EXHAUSTED) at once,
-        before decoding anything, when all are taken; ShuttingDown (UNAVAILABLE) once stopping."""
-        if self._closing:
+    def admitted(self, new_call: bool = True) -> Iterator[None]:
+        """Hold one of max_queue places while a call works. A new call gets Overloaded
+        (RESOURCE_EXHAUSTED) at once, before decoding anything, when all are taken, and ShuttingDown
+        (UNAVAILABLE) once the server stops admitting; a stream already admitted (``new_call`` False:
+        Highlight's later heatmaps) is counted but never refused, so it can finish while the server drains."""
+        if new_call and self._closing:
             raise ShuttingDown("the server is shutting down; retry against another replica")
-        if self.busy >= self.max_queue:
+        if new_call and self.busy >= self.max_queue:
             raise Overloaded(f"the server is busy with {self.busy} calls (its limit); retry in a moment")
         self.busy += 1
         try:
@@ -346,7 +348,7 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
                 waiter.cancel()
                 if arrived.is_set():
                     arrived.clear()
-                    with self.admitted():
+                    with self.admitted(new_call=False):
                         result = await self._in_model_thread(highlighter.localize_latest)
                     if result is not None:
                         yield search_pb2.HighlightResponse(**_heatmap_fields(result, image))
@@ -478,8 +480,6 @@ class SearchServer:
         if drain > 0:
             log.info("NOT_SERVING; still answering for %.1f s before refusing new calls", drain)
             await asyncio.sleep(drain)
-        if self._servicer is not None:
-            self._servicer.stop_admitting()
         grace = self.options.shutdown_grace_s if grace is None else grace
         await asyncio.gather(self._server.stop(grace), *([self.http.stop(grace)] if self.http is not None else []))
         if self._servicer is not None:

@@ -177,7 +177,7 @@ def test_cli_refuses_to_overwrite_a_corpus_unless_forced(tmp_path):
     first = runner.invoke(main, [*args, "--json"])
     assert first.exit_code == 0, first.output
     assert json.loads(first.stdout) == {"train": str(tmp_path / "train.json"), "val": str(tmp_path / "val.json"),
-                                        "pairs": 2, "val_pairs": 1}
+                                        "pairs": 2, "val_pairs": 1, "world": "shapes"}
     assert first.stderr == ""  # --quiet: no progress bar
     before = corpus_files(tmp_path)
     second = runner.invoke(main, args + ["--seed", "5"])

@@ -642,7 +642,7 @@ def stage2_library(model, tmp_path_factory) -> Path:
         blocks = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
         paths.append(folder / f"blocks-{i:04d}.png")
         Image.fromarray(blocks.repeat(16, 0).repeat(16, 1)).save(paths[-1])
-    with Library.open(folder / "library") as library:
+    with Library.open(folder / "library", create=True) as library:
         report = library.index(STAGE2_COLLECTION, [str(p) for p in paths], model, progress=False)
     assert report.added == STAGE2_IMAGES and not report.failed
     return folder / "library"

@@ -240,7 +240,7 @@ BAD = [
     pytest.param("POST", "/api/search", "wav", 400, "INVALID_ARGUMENT", "query collection: Field required", id="no collection"),
     pytest.param("POST", f"/api/search?collection={COLLECTION}&top_k=many", "wav", 400, "INVALID_ARGUMENT",
                  "query top_k: Input should be a valid integer", id="top_k not a number"),
-    pytest.param("POST", f"/api/search?collection={COLLECTION}&top_k=5000", "wav", 400, "OUT_OF_RANGE", "top_k is 5000",
+    pytest.param("POST", f"/api/search?collection={COLLECTION}&top_k=5000", "wav", 400, "INVALID_ARGUMENT", "top_k is 5000",
                  id="top_k too large"),
     pytest.param("POST", f"/api/search?collection={COLLECTION}&sample_rate=3", "wav", 400, "INVALID_ARGUMENT",
                  "sample_rate is 3 Hz", id="bad sample rate"),

@@ -84,7 +84,10 @@ def _min_max(value: str, name: str) -> tuple[int, int]:
         raise ValueError(f"--{name} must be MIN-MAX (e.g. 2-5) or N, got {value!r}") from None
 
 
-@click.command("vocabulary")
+@click.command("vocabulary", epilog=exit_codes(
+    "0  the vocabulary was printed",
+    "2  usage error",
+))
 @click.option("--json", "as_json", is_flag=True,
               help='Print a JSON list of {"codepoint": "1F415", "names": ["dog"], "group": "animals"} '
                    '("codepoint": null for the geometric shapes).')
