@@ -9,9 +9,10 @@ every --sample-seconds; the verdict is the end RSS within --tolerance (10 %) of 
 
     PYTHONPATH=. .venv/bin/python bench/bench_soak.py                                  # the issue's soak: 32 x 10 min
     PYTHONPATH=. .venv/bin/python bench/bench_soak.py --concurrency 16 --seconds 120   # a short run
-    PYTHONPATH=. .venv/bin/python bench/bench_soak.py --server-env MALLOC_ARENA_MAX=0  # glibc's own default arenas
+    PYTHONPATH=. .venv/bin/python bench/bench_soak.py --serve-arg=--heap-trim-interval=0  # without heap trimming
 
---server-env NAME=VALUE sets the server's environment (e.g. to compare allocator settings side by side);
+--server-env NAME=VALUE sets the server's environment (e.g. MALLOC_ARENA_MAX=2, to compare allocator
+settings side by side), --serve-arg passes an argument to `matchmap serve`;
 --mix all adds Localize (of a hit), Highlight (a short stream) and ListCollections calls to the Searches.
 Exit status 0 when the verdict is a pass.
 """
@@ -138,6 +139,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment of the server process (repeatable)")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="extra `matchmap serve` argument, e.g. --serve-arg=--heap-trim-interval=0 (repeatable)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/matchmap-soak"),
                         help="corpus and library (reused by reruns)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
@@ -155,11 +158,13 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     print(f"collection: {size} images ({index_seconds:.1f} s to index or check); {len(queries)} spoken captions as queries")
 
-    server = ServeProcess(work / f"library-{args.images}", args.checkpoint, "cpu", args.max_batch, env=server_env)
+    server = ServeProcess(work / f"library-{args.images}", args.checkpoint, "cpu", args.max_batch,
+                          extra_args=tuple(args.serve_arg), env=server_env)
     proc = psutil.Process(server.process.pid)
     samples: list[tuple[float, float, int]] = []  # (seconds since the load started, RSS MB, threads)
     load = Load(server.target, queries, args.concurrency, args.mix)
-    print(f"server pid {proc.pid} at {server.target}, env {server_env or 'inherited'}; RSS idle {rss_mb(proc):.0f} MB")
+    print(f"server pid {proc.pid} at {server.target}, env {server_env or 'inherited'}, extra args {args.serve_arg}; "
+          f"RSS idle {rss_mb(proc):.0f} MB")
     try:
         started = time.monotonic()
         load.start()
@@ -201,6 +206,7 @@ def main() -> None:
         "concurrency": args.concurrency,
         "seconds": wall,
         "server_env": server_env,
+        "serve_args": args.serve_arg,
         "answers": dict(load.answers),
         "errors": dict(load.errors),
         "throughput_qps": answers / wall,

@@ -53,6 +53,9 @@ EXIT_OK, EXIT_QUERY_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
               help="Memory for holding collections' feature maps (about 32 KB per image with the tiny model) "
                    "so stage 2 can re-rank thousands of candidates; a collection that does not fit is read "
                    "from its store per query. 0 = never hold them.")
+@click.option("--heap-trim-interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Seconds between handing the C heap's free pages back to the OS (malloc_trim), which keeps "
+                   "the server's memory flat under sustained load (see search/memory.py). 0 = never.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def serve(
     data_dir: Path | None,
@@ -69,6 +72,7 @@ def serve(
     default_candidates: int,
     max_batch: int,
     resident_maps_mb: float,
+    heap_trim_interval: float,
     log_level: str,
 ) -> None:
     """Run the gRPC spoken-query search service until SIGTERM / SIGINT.
@@ -80,6 +84,7 @@ def serve(
     import asyncio
 
     from search.engine import SearchEngine, SearchLimits
+    from search.memory import HeapTrimmer
     from search.server import ServerOptions, serve_until_signalled
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -110,11 +115,14 @@ def serve(
             err=True,
         )
 
+    trimmer = HeapTrimmer(heap_trim_interval).start() if heap_trim_interval > 0 else None
     try:
         asyncio.run(serve_until_signalled(engine, options, on_ready=ready))
     except OSError as error:
         raise click.ClickException(str(error)) from error
     finally:
+        if trimmer is not None:
+            trimmer.stop()
         engine.close()
     click.echo("matchmap serve: stopped", err=True)
 
