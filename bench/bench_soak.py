@@ -168,7 +168,8 @@ def main() -> None:
     try:
         started = time.monotonic()
         load.start()
-        baseline = None
+        baseline = cpu_at_warmup = None
+        answers_at_warmup = 0
         next_sample = started
         while (now := time.monotonic()) - started < args.seconds:
             if server.process.poll() is not None:
@@ -180,10 +181,12 @@ def main() -> None:
                     answered = sum(load.answers.values())
                 print(f"  t={t:6.0f} s  RSS {mb:7.1f} MB  threads {samples[-1][2]:3d}  answers {answered}", flush=True)
                 if baseline is None and t >= warmup:
-                    baseline = mb
+                    baseline, cpu_at_warmup, answers_at_warmup = mb, proc.cpu_times(), answered
                 next_sample += interval
             time.sleep(min(0.5, max(0.0, next_sample - time.monotonic())))
-        end_mb = rss_mb(proc)
+        end_mb, cpu_at_end = rss_mb(proc), proc.cpu_times()
+        with load.lock:
+            answers_at_end = sum(load.answers.values())
         samples.append((time.monotonic() - started, end_mb, proc.num_threads()))
         load.join()
         wall = time.monotonic() - started
@@ -192,6 +195,9 @@ def main() -> None:
         server.stop()
 
     baseline = baseline if baseline is not None else samples[0][1]
+    # The server's own CPU per answer after warm-up: unlike answers/s, barely moved by other work on the machine.
+    cpu_ms = (1000 * (sum(cpu_at_end[:2]) - sum(cpu_at_warmup[:2])) / max(1, answers_at_end - answers_at_warmup)
+              if cpu_at_warmup is not None else float("nan"))
     after = [(t, mb) for t, mb, _ in samples if t >= warmup]
     slope = float(np.polyfit([t for t, _ in after], [mb for _, mb in after], 1)[0]) * 60 if len(after) >= 3 else 0.0
     growth = end_mb / baseline - 1
@@ -211,6 +217,7 @@ def main() -> None:
         "errors": dict(load.errors),
         "throughput_qps": answers / wall,
         "p50_ms": p50, "p95_ms": p95, "p99_ms": p99,
+        "server_cpu_ms_per_answer": cpu_ms,
         "rss_mb": [[round(t, 1), round(mb, 1), n] for t, mb, n in samples],
         "rss_after_warmup_mb": baseline,
         "rss_end_mb": end_mb,
@@ -219,7 +226,8 @@ def main() -> None:
         "passed": passed,
     }
     print(f"answers: {answers} ({', '.join(f'{k} {v}' for k, v in load.answers.items())}) in {wall:.0f} s, "
-          f"{answers / wall:.1f}/s; latency p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms")
+          f"{answers / wall:.1f}/s; latency p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms; "
+          f"server CPU {cpu_ms:.1f} ms per answer after warm-up")
     print(f"errors: {errors}" + (f" by status: {dict(load.errors)}; first: {load.first_errors}" if errors else ""))
     print("RSS MB: " + " ".join(f"{mb:.0f}" for _, mb, _ in samples))
     print(f"RSS after {warmup:.0f} s warm-up {baseline:.1f} MB, at the end {end_mb:.1f} MB: {100 * growth:+.1f} % "
