@@ -55,7 +55,7 @@ EXIT_OK, EXIT_QUERY_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
                    "from its store per query. 0 = never hold them.")
 @click.option("--heap-trim-interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds between handing the C heap's free pages back to the OS (malloc_trim), which keeps "
-                   "the server's memory flat under sustained load (see search/memory.py). 0 = never.")
+                   "the server's memory under sustained load lower and flat (see search/memory.py). 0 = never.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def serve(
     data_dir: Path | None,
