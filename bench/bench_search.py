@@ -105,12 +105,13 @@ def build_collection(work: Path, checkpoint: Path, images: list[Path]) -> tuple[
 class ServeProcess:
     """`matchmap serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, work: Path, checkpoint: Path, device: str, max_batch: int):
+    def __init__(self, work: Path, checkpoint: Path, device: str, max_batch: int,
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
         self.process = subprocess.Popen(
             [sys.executable, "-m", "matchmap", "serve", "--data-dir", str(work / "library"), "--checkpoint",
              str(checkpoint), "--host", "127.0.0.1", "--port", "0", "--device", device, "--max-batch",
-             str(max_batch), "--log-level", "warning"],
-            stderr=subprocess.PIPE, text=True,
+             str(max_batch), "--log-level", "warning", *extra_args],
+            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
         )
         line = ""
         while "listening on" not in line:

@@ -79,6 +79,9 @@ EXIT_CANNOT_LISTEN = 3  # serve
               help="Memory for holding collections' feature maps (about 32 KB per image with the tiny model) "
                    "so stage 2 can re-rank thousands of candidates; a collection that does not fit is read "
                    "from its store per query. 0 = never hold them.")
+@click.option("--heap-trim-interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Seconds between handing the C heap's free pages back to the OS (malloc_trim), which keeps "
+                   "the server's memory under sustained load lower and flat (see search/memory.py). 0 = never.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               help="Least severe log messages written to stderr.")
 def serve(
@@ -104,6 +107,7 @@ def serve(
     vad: bool,
     as_json: bool,
     resident_maps_mb: float,
+    heap_trim_interval: float,
     log_level: str,
     tls_client_ca: Path | None,
 ) -> None:
@@ -118,6 +122,7 @@ def serve(
 
     from search.engine import SearchEngine, SearchLimits
     from search.errors import PortUnavailable
+    from search.memory import HeapTrimmer
     from search.server import ServerOptions, serve_until_signalled
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -160,6 +165,7 @@ def serve(
             }))
             sys.stdout.flush()
 
+    trimmer = HeapTrimmer(heap_trim_interval).start() if heap_trim_interval > 0 else None
     try:
         asyncio.run(serve_until_signalled(engine, options, on_ready=ready))
     except PortUnavailable as error:
@@ -168,6 +174,8 @@ def serve(
     except OSError as error:
         raise click.ClickException(str(error)) from error
     finally:
+        if trimmer is not None:
+            trimmer.stop()
         engine.close()
     click.echo("matchmap serve: stopped", err=True)
     if as_json:
