@@ -443,6 +443,8 @@ class SearchEngine:
                 f"image_id {image_id!r} is not an image id (ids are integers, as Search returns)", field="image_id"
             ) from None
         coll = self.collection(collection)
+        if not -(2**63) <= key < 2**63:  # the catalog's ids are 64-bit: such an id names no image
+            raise ImageNotFound(f"collection {collection!r} holds no indexed image with id {key}")
         try:
             record = coll.images([key])[0]
         except KeyError:

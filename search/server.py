@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -398,6 +399,64 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class UnparsableRequest:
+    """What the server's request deserializer gives for bytes that are not the method's message, so the
+    servicer answers INVALID_ARGUMENT (grpc would answer UNKNOWN, or INTERNAL on a stream)."""
+
+    def __init__(self, message_type: str, error: Exception):
+        self.problem = InvalidQuery(f"the request is not a valid {message_type} message ({error})", field="request")
+
+
+def _lenient_deserializer(message_class) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as error:
+            return UnparsableRequest(message_class.DESCRIPTOR.full_name, error)
+
+    return deserialize
+
+
+async def _parsed_stream(requests: AsyncIterator) -> AsyncIterator:
+    async for request in requests:
+        if isinstance(request, UnparsableRequest):
+            raise request.problem
+        yield request
+
+
+def _refusing_unparsable(method: Callable, streaming: bool) -> Callable:
+    if streaming:
+        async def stream_handler(request_iterator, context):  # an async generator, as grpc.aio expects
+            async for response in method(_parsed_stream(request_iterator), context):
+                yield response
+
+        return stream_handler
+
+    async def unary_handler(request, context):
+        if isinstance(request, UnparsableRequest):
+            await abort_with(context, request.problem)
+        return await method(request, context)
+
+    return unary_handler
+
+
+def add_search_service(servicer: SpokenImageSearchServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` as the generated ``add_SpokenImageSearchServicer_to_server`` does, but with
+    request deserializers that turn bytes which do not parse into INVALID_ARGUMENT."""
+    handlers = {}
+    for method in search_pb2.DESCRIPTOR.services_by_name["SpokenImageSearch"].methods:
+        request_class = getattr(search_pb2, method.input_type.name)
+        response_class = getattr(search_pb2, method.output_type.name)
+        make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            _refusing_unparsable(getattr(servicer, method.name), method.client_streaming),
+            request_deserializer=_lenient_deserializer(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 class SearchServer:
     """A started gRPC server: the search service, health and reflection on one port."""
 
@@ -424,7 +483,7 @@ class SearchServer:
             maximum_concurrent_rpcs=opts.max_concurrent_rpcs,
         )
         self._servicer = SpokenImageSearchServicer(self.engine, opts)
-        search_pb2_grpc.add_SpokenImageSearchServicer_to_server(self._servicer, self._server)
+        add_search_service(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

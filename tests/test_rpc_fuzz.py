@@ -484,9 +484,6 @@ def test_list_collections_answers_any_message_that_parses(server, stub, bank, da
     still_serving(stub, bank)
 
 
-@pytest.mark.xfail(strict=True, reason="grpc.aio answers a request it cannot parse with UNKNOWN (unary) or "
-                   "INTERNAL (Highlight's stream) before our handlers run; needs a request deserializer that "
-                   "turns DecodeError into INVALID_ARGUMENT (search/server.py)")
 @RUN
 @given(method=st.sampled_from(sorted(METHODS)), data=st.binary(min_size=1, max_size=200))
 def test_a_message_that_does_not_parse_is_invalid_argument(server, stub, bank, method, data):
@@ -497,8 +494,6 @@ def test_a_message_that_does_not_parse_is_invalid_argument(server, stub, bank, m
     still_serving(stub, bank)
 
 
-@pytest.mark.xfail(strict=True, reason="indexed_image_map hands an id beyond int64 to SQLite, whose OverflowError "
-                   "becomes INTERNAL; such an id names no image (NOT_FOUND) (search/engine.py)")
 @pytest.mark.parametrize("image_id", [str(2**63), str(-(2**63) - 1), "9" * 30])
 def test_an_image_id_beyond_int64_is_not_found(stub, bank, image_id):
     audio = search_pb2.AudioInput(pcm=search_pb2.RawPcm(samples_s16le=bank.pcm(16000), sample_rate=16000))
