@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("training.cli:synth", "Generate the spoken-scenes corpus (images + spoken captions)."),
     "vocabulary": ("training.cli:vocabulary", "The objects world's vocabulary: categories and spoken names."),
     "models": ("encoders.cli:models", "List the registered model configs."),
+    "pretrain-images": ("training.cli:pretrain_images", "Pretrain the image branch on rendered, labelled scenes."),
     "train": ("training.cli:train", "Train a matchmap model on Places-format manifests."),
     "eval": ("training.cli:evaluate", "Recall@1/5/10 (SISA, MISA, SIMA) on a manifest."),
     "index": ("indexer.cli:index", "Index image folders, globs or a manifest into a collection."),

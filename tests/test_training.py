@@ -60,6 +60,32 @@ def test_infonce_temperature_calibrates_to_unit_spread_logits_on_the_first_batch
     assert loss(scores).item() < min(saturated, 4.5)
 
 
+@pytest.mark.parametrize("loss", [SymmetricInfoNCELoss(), SampledMarginRankingLoss()], ids=["infonce", "margin"])
+def test_other_captions_of_the_same_image_are_no_negatives(loss):
+    # pairs 0 and 1 are two captions of one image: whatever they score against each other's image
+    # must not move the loss, while any other off-diagonal score still does
+    torch.manual_seed(0)
+    base = torch.randn(6, 6) + 4 * torch.eye(6)
+    groups = torch.tensor([0, 0, 1, 2, 3, 4])
+    confused = base.clone()
+    confused[0, 1] = confused[1, 0] = 50.0
+    def value(scores, g):
+        return loss(scores, generator=torch.Generator().manual_seed(3), groups=g)
+    assert torch.allclose(value(base, groups), value(confused, groups))
+    assert value(confused, None) > value(base, None) + 1.0  # unmasked, it is (wrongly) a hard negative
+    other = base.clone()
+    other[2, 3] = 50.0
+    assert value(other, groups) > value(base, groups) + 1.0
+
+
+def test_a_training_batch_names_each_pairs_image(tiny_corpus):
+    manifest = load_manifest(tiny_corpus / "train.json")
+    dataset = CaptionedImages(manifest, create_model("tiny"), train=False, progress=False)
+    paths = [manifest.image_path(e) for e in manifest.entries]
+    groups = dataset.image_groups.tolist()
+    assert all((groups[a] == groups[b]) == (paths[a] == paths[b]) for a in range(len(paths)) for b in range(len(paths)))
+
+
 def test_recall_at_k_on_a_known_ranking():
     # caption a ranks its image at position a (0-based) in speech->image
     n = 12

@@ -205,6 +205,62 @@ def train(train_path, val_path, out_dir, model, checkpoint, loss, epochs, batch_
             click.echo(f"best mean MISA R@10 {summary['best_mean_r10']:.3f}; checkpoints in {out_dir}")
 
 
+@click.command("pretrain-images", context_settings={"show_default": True}, epilog=exit_codes(
+    "0  pretrained: OUT/model.pt is ready for `matchmap train --checkpoint OUT/model.pt`",
+    "1  --resume could not be read, or pretraining failed (the message says which)",
+    "2  usage error (a bad option value)",
+))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory: model.pt (to train from), last.pt (to resume), metrics.jsonl, summary.json.")
+@click.option("--config", "model", default="tiny", help="Model config from `matchmap models`.")
+@click.option("--scenes", type=click.IntRange(min=1), default=20_000,
+              help="Objects-world scenes rendered for training (no speech: rendering only).")
+@click.option("--val-scenes", type=click.IntRange(min=1), default=500, help="Scenes rendered for validation.")
+@click.option("--objects", "objects_range", default="1-4", metavar="MIN-MAX", help="Objects per scene.")
+@click.option("--epochs", type=click.IntRange(min=1), default=8, help="Passes over the rendered scenes.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Scenes per step.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3,
+              help="Peak learning rate of AdamW (100 warm-up steps, then a cosine decay to 0).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the scenes, initialization and batch order.")
+@click.option("--max-minutes", type=float, default=None, help="Stop after the epoch that crosses this wall-clock budget.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes rendering scenes (default: all CPU cores); the scenes do not depend on it.")
+@click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Continue a run exactly from its last.pt.")
+@quiet_option
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON (and no progress bars).")
+def pretrain_images(out_dir, model, scenes, val_scenes, objects_range, epochs, batch_size, lr, seed, max_minutes,
+                    workers, resume, quiet, as_json):
+    """Pretrain the image branch to name the objects-world categories in rendered scenes.
+
+    The stand-in for the paper's ImageNet-pretrained VGG16: the scene generator knows what it drew,
+    so the image branch learns which categories each scene holds (a per-region classifier pooled
+    over regions), with no speech and no captions. Validation reports R-precision (a scene's
+    categories among its top-scored ones) and pointing (a category's best region inside its box).
+    Then train the whole model from it:
+
+    \b
+      matchmap pretrain-images --out pre
+      matchmap train --checkpoint pre/model.pt --train corpus/train.json --val corpus/val.json --out run
+    """
+    import json
+
+    from training.pretrain_images import PretrainConfig, pretrain
+
+    try:
+        cfg = PretrainConfig(model=model, scenes=scenes, val_scenes=val_scenes, objects=_min_max(objects_range, "objects"),
+                             epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_minutes=max_minutes)
+        summary = pretrain(cfg, out_dir, resume=resume, workers=workers, progress=not (quiet or as_json))
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        val = summary["val"]
+        click.echo(f"R-precision {val['r_precision']:.3f}, pointing {val['pointing']:.3f}; "
+                   f"train from {summary['model']}")
+
+
 @click.command("eval", context_settings={"show_default": True}, epilog=exit_codes(
     "0  evaluated",
     "1  the manifest or --checkpoint could not be read, or (with --server) the service failed",

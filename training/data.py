@@ -6,7 +6,7 @@ so each epoch costs only the front ends and the augmentations.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,21 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(*(t.to(device) for t in (self.images, self.logmel, self.lengths, self.indices)))
+
+
+def image_groups(images: Sequence[Hashable]) -> tuple[list[int], torch.Tensor]:
+    """Unique images of a list of entries' images, in order of first appearance.
+
+    Returns (the entry index of each unique image's first occurrence, each entry's unique-image index).
+    """
+    group_of: dict[Hashable, int] = {}
+    representatives, caption_image = [], []
+    for index, image in enumerate(images):
+        if image not in group_of:
+            group_of[image] = len(representatives)
+            representatives.append(index)
+        caption_image.append(group_of[image])
+    return representatives, torch.tensor(caption_image, dtype=torch.long)
 
 
 class CaptionedImages(Dataset):
@@ -60,6 +75,8 @@ class CaptionedImages(Dataset):
             if path not in decoded:
                 decoded[path] = load_image(path).copy()
             self.images.append(decoded[path])
+        # (N,) long: the image of each pair; pairs sharing a value are captions of one image
+        self.image_groups = image_groups([manifest.image_path(e) for e in entries])[1]
 
     def __len__(self) -> int:
         return len(self.waveforms)

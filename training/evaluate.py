@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from encoders.matchmap import score_matrix
-from training.data import CaptionedImages, collate
+from training.data import CaptionedImages, collate, image_groups
 from training.manifest import Manifest
 
 KINDS = ("MISA", "SISA", "SIMA")
@@ -44,21 +44,6 @@ def embed_pairs(model, dataset: CaptionedImages, *, batch_size: int = 64, device
     longest = max(a.shape[1] for a in audio_maps)
     audio = torch.cat([F.pad(a, (0, 0, 0, longest - a.shape[1])) for a in audio_maps])
     return Embeddings(torch.cat(image_maps), audio, torch.cat(lengths))
-
-
-def image_groups(images: Sequence[Hashable]) -> tuple[list[int], torch.Tensor]:
-    """Unique images of a list of entries' images, in order of first appearance.
-
-    Returns (the entry index of each unique image's first occurrence, each entry's unique-image index).
-    """
-    group_of: dict[Hashable, int] = {}
-    representatives, caption_image = [], []
-    for index, image in enumerate(images):
-        if image not in group_of:
-            group_of[image] = len(representatives)
-            representatives.append(index)
-        caption_image.append(group_of[image])
-    return representatives, torch.tensor(caption_image, dtype=torch.long)
 
 
 def recall_at_k(scores: torch.Tensor, ks: Sequence[int] = KS,

@@ -1,7 +1,10 @@
 """Training objectives over the in-batch matchmap similarity matrix.
 
 Every loss takes ``scores``: (B, B) float, scores[a, i] = similarity of caption a and image i (from
-``encoders.matchmap.score_matrix``), with matching pairs on the diagonal.
+``encoders.matchmap.score_matrix``), with matching pairs on the diagonal, and optionally ``groups``:
+(B,) long, the image each pair's caption describes. Where a corpus has several captions per image
+(the objects world, Flickr8k, SpokenCOCO), two members of a batch may show the same image; the other
+caption is then a correct match, not a negative, and is left out of the loss (``negatives_mask``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,21 @@ from torch import nn
 LOSSES = ("infonce", "margin")
 
 
+def negatives_mask(groups: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
+    """(B, B) bool, True where column i is a false negative of row a: another pair of the same image.
+
+    None when ``groups`` is None or every pair shows a different image (nothing to mask).
+    """
+    if groups is None:
+        return None
+    groups = groups.to(device)
+    if groups.shape != (batch,):
+        raise ValueError(f"groups must be ({batch},), got {tuple(groups.shape)}")
+    same = groups[:, None] == groups[None, :]
+    same.fill_diagonal_(False)
+    return same if bool(same.any()) else None
+
+
 class SampledMarginRankingLoss(nn.Module):
     """The paper's loss: per pair one random imposter image and one random imposter caption.
 
@@ -26,7 +44,8 @@ class SampledMarginRankingLoss(nn.Module):
         super().__init__()
         self.margin = margin
 
-    def forward(self, scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, scores: torch.Tensor, generator: torch.Generator | None = None,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
         batch = scores.shape[0]
         if batch < 2:
             raise ValueError("the margin ranking loss needs a batch of at least 2 pairs")
@@ -37,6 +56,10 @@ class SampledMarginRankingLoss(nn.Module):
         positive = scores.diagonal()
         image_term = F.relu(self.margin + scores[index, imposter_image] - positive)  # caption j vs a wrong image
         caption_term = F.relu(self.margin + scores[imposter_caption, index] - positive)  # image j vs a wrong caption
+        same = negatives_mask(groups, batch, scores.device)
+        if same is not None:  # an imposter showing the same image is no imposter: its term counts 0
+            image_term = image_term.masked_fill(same[index, imposter_image], 0.0)
+            caption_term = caption_term.masked_fill(same[imposter_caption, index], 0.0)
         return (image_term + caption_term).mean()
 
 
@@ -66,8 +89,12 @@ class SymmetricInfoNCELoss(nn.Module):
         if score_std > 0:
             self.log_scale.fill_(math.log(logit_std / score_std))
 
-    def forward(self, scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, scores: torch.Tensor, generator: torch.Generator | None = None,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
         logits = scores * self.scale
+        same = negatives_mask(groups, scores.shape[0], scores.device)
+        if same is not None:  # other captions of the same image are matches: out of both softmaxes
+            logits = logits.masked_fill(same, float("-inf"))
         target = torch.arange(scores.shape[0], device=scores.device)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 

@@ -87,11 +87,14 @@ class PairObjective(nn.Module):
         audio, out_lengths = self.model.encode_audio(logmel, lengths)
         return score_matrix(audio, out_lengths, image_maps, kinds=self.kinds)
 
-    def forward(self, images: torch.Tensor, logmel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, logmel: torch.Tensor, lengths: torch.Tensor,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch's loss; ``groups`` (B,) names each pair's image, so captions of one image are no
+        negatives of each other (``training.losses.negatives_mask``)."""
         scores = self.scores(images, logmel, lengths)
-        total = self.loss(scores["misa"])
+        total = self.loss(scores["misa"], groups=groups)
         if self.sisa_weight > 0:
-            total = total + self.sisa_weight * self.sisa_loss(scores["sisa"])
+            total = total + self.sisa_weight * self.sisa_loss(scores["sisa"], groups=groups)
         return total
 
     @torch.no_grad()
@@ -149,7 +152,8 @@ def _check_finite(model: nn.Module, what: str) -> None:
                                f"{', ...' if len(bad) > 3 else ''}); last.pt and best.pt keep the last finite epoch")
 
 
-def _lr_lambda(warmup: int, total: int):
+def warmup_cosine(warmup: int, total: int):
+    """LambdaLR factor: linear warm-up over ``warmup`` steps, then a cosine decay to 0 at step ``total``."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -207,7 +211,7 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
                          f"{cfg.batch_size} per process; lower --batch-size")
 
     optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.epochs * steps_per_epoch))
     start_epoch, step, best, history = 0, 0, -1.0, []
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -254,7 +258,7 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
         for batch in bar:
             batch: Batch = batch.to(device)
             with autocast():
-                loss = trainable(batch.images, batch.logmel, batch.lengths)
+                loss = trainable(batch.images, batch.logmel, batch.lengths, train_set.image_groups[batch.indices])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), 10.0)
