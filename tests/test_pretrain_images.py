@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 
 from encoders import create_model, load_checkpoint
 from matchmap.cli import main
-from training.pretrain_images import RegionClassifier, multi_hot, render_scenes
+from training.pretrain_images import RegionClassifier, label_loss, multi_hot, render_scenes
 
 SMALL = ["--scenes", "64", "--val-scenes", "16", "--batch-size", "32", "--workers", "1", "--objects", "1-2"]
 
@@ -67,3 +68,24 @@ def test_bad_options_are_named(tmp_path, args, message):
     result = CliRunner().invoke(main, ["pretrain-images", "--out", str(tmp_path), "--val-scenes", "4", "--workers",
                                        "1", "-q", *args])
     assert result.exit_code == 1 and message in result.output
+
+
+@pytest.mark.parametrize("objective", ["softmax", "bce"])
+def test_label_losses_fall_as_the_present_categories_rise(objective):
+    target = multi_hot([[0, 2], [1]], 5)
+    logits = torch.zeros(2, 5)
+    better = logits + 3 * target
+    wrong = logits + 3 * (1 - target)
+    assert label_loss(better, target, objective) < label_loss(logits, target, objective) < label_loss(wrong, target, objective)
+
+
+def test_softmax_objective_weighs_each_scene_equally_whatever_its_number_of_categories():
+    target = multi_hot([[0, 1, 2, 3], [4]], 6)
+    logits = torch.log(target + 1e-9)  # each scene's probability mass spread evenly over its categories
+    # the optimum: each scene's loss is the entropy of its own categories (log 4 and 0), averaged
+    assert abs(label_loss(logits, target, "softmax") - math.log(4) / 2) < 1e-5
+    skewed = logits.clone()
+    skewed[0, 0] += 2.0
+    assert label_loss(skewed, target, "softmax") > label_loss(logits, target, "softmax")
+    with pytest.raises(ValueError, match="objective"):
+        label_loss(logits, target, "hinge")

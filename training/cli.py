@@ -222,6 +222,9 @@ def train(train_path, val_path, out_dir, model, checkpoint, loss, epochs, batch_
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3,
               help="Peak learning rate of AdamW (100 warm-up steps, then a cosine decay to 0).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the scenes, initialization and batch order.")
+@click.option("--objective", type=click.Choice(["softmax", "bce"]), default="softmax",
+              help="softmax: cross-entropy over categories, a scene's categories weighted equally; bce: binary "
+                   "cross-entropy per category (slow to leave the say-nothing plateau with hundreds of categories).")
 @click.option("--max-minutes", type=float, default=None, help="Stop after the epoch that crosses this wall-clock budget.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes rendering scenes (default: all CPU cores); the scenes do not depend on it.")
@@ -229,8 +232,8 @@ def train(train_path, val_path, out_dir, model, checkpoint, loss, epochs, batch_
               help="Continue a run exactly from its last.pt.")
 @quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON (and no progress bars).")
-def pretrain_images(out_dir, model, scenes, val_scenes, objects_range, epochs, batch_size, lr, seed, max_minutes,
-                    workers, resume, quiet, as_json):
+def pretrain_images(out_dir, model, scenes, val_scenes, objects_range, epochs, batch_size, lr, seed, objective,
+                    max_minutes, workers, resume, quiet, as_json):
     """Pretrain the image branch to name the objects-world categories in rendered scenes.
 
     The stand-in for the paper's ImageNet-pretrained VGG16: the scene generator knows what it drew,
@@ -249,7 +252,8 @@ def pretrain_images(out_dir, model, scenes, val_scenes, objects_range, epochs, b
 
     try:
         cfg = PretrainConfig(model=model, scenes=scenes, val_scenes=val_scenes, objects=_min_max(objects_range, "objects"),
-                             epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_minutes=max_minutes)
+                             epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_minutes=max_minutes,
+                             objective=objective)
         summary = pretrain(cfg, out_dir, resume=resume, workers=workers, progress=not (quiet or as_json))
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc

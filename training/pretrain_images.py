@@ -7,7 +7,11 @@ categories a rendered objects-world scene holds (no speech, no captions):
 - a per-region linear classifier over the branch's region vectors (B, H, W, D) -> (B, H, W, C);
 - pooled over regions by log-sum-exp (multiple-instance learning: a scene holds a dog when some
   region shows one), so the evidence stays spatial, as the matchmap needs it;
-- binary cross-entropy per category, summed over categories, averaged over scenes.
+- ``objective="softmax"`` (default): cross-entropy between the softmax over categories and the
+  scene's categories, equally weighted (the multi-label softmax of large weakly-labelled image
+  pretraining); ``"bce"``: binary cross-entropy per category, summed. With 649 categories and 1-4
+  per scene, BCE first learns to say "nothing" and sat at that plateau (R-precision at chance, 0.004,
+  after 250 steps; the loss flat at the priors' ~14.5 for 170 more: docs/model.md); the softmax makes every step rank the present categories up.
 
 The classifier is thrown away. What is kept is a whole model checkpoint whose image branch is trained
 and whose audio branch is fresh: ``matchmap train --checkpoint pretrained/model.pt`` starts from it.
@@ -57,6 +61,7 @@ class PretrainConfig:
     warmup_steps: int = 100
     seed: int = 0
     max_minutes: float | None = None
+    objective: str = "softmax"  # softmax | bce (see the module docstring)
 
     @classmethod
     def from_dict(cls, data: dict) -> PretrainConfig:
@@ -127,6 +132,19 @@ class RegionClassifier(nn.Module):
         r = self.sharpness
         scene = (torch.logsumexp(r * flat, dim=1) - math.log(flat.shape[1])) / r
         return scene, region_logits
+
+
+OBJECTIVES = ("softmax", "bce")
+
+
+def label_loss(scene_logits: torch.Tensor, target: torch.Tensor, objective: str) -> torch.Tensor:
+    """Mean over scenes of the ``objective`` between (B, C) scene logits and (B, C) multi-hot targets."""
+    if objective == "softmax":
+        weights = target / target.sum(dim=1, keepdim=True).clamp_min(1)
+        return -(weights * F.log_softmax(scene_logits, dim=1)).sum(dim=1).mean()
+    if objective == "bce":
+        return F.binary_cross_entropy_with_logits(scene_logits, target, reduction="sum") / len(target)
+    raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
 
 
 def multi_hot(labels: Sequence[Sequence[int]], categories: int) -> torch.Tensor:
@@ -213,7 +231,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | Path | N
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress)
         for chosen, images in bar:
             scene_logits, _ = classifier(model.encode_images(images))
-            loss = F.binary_cross_entropy_with_logits(scene_logits, targets[chosen], reduction="sum") / len(chosen)
+            loss = label_loss(scene_logits, targets[chosen], cfg.objective)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 10.0)
