@@ -12,7 +12,13 @@ On an N-image collection indexed with the given checkpoint:
      float32 re-scoring of the best few);
   3. stage-2 arithmetic: score_matrix over K candidate maps vs a plain matmul with the same
      multiply-adds, side by side in GFLOP/s, for one query and for a batch of 8, in float32 and in
-     bfloat16.
+     bfloat16;
+  4. compressed feature maps (`--only codec` runs this section alone): for today's float16 maps,
+     product quantization (64 sub-quantizers x 8 bits, faiss) and the transform codec of
+     ``indexer.region_codec`` at several byte budgets, each trained on the collection's first
+     maps: bytes per image, MISA top-10 agreement with exact MISA over the whole collection, and
+     the two-stage top-10 (today's stage 1, MISA over the decoded maps of the K candidates) at
+     several K, against the same two-stage top-10 from the float16 maps.
 
 Images: those of --corpus (a `matchmap synth` output; its val captions are the queries), topped
 up to --images with random blocky distractor images; without --corpus, amplitude-modulated noise
@@ -279,6 +285,93 @@ def stage2_row(batch: int, k: int, frames: int, regions: int, dim: int, device: 
     }
 
 
+# ---- compressed feature maps ----------------------------------------------------------------------------
+
+
+def misa_all(audio: torch.Tensor, lengths: torch.Tensor, maps: np.ndarray, chunk: int = 1000) -> np.ndarray:
+    """(B, N) float32 MISA of every caption against every map, ``chunk`` maps at a time."""
+    return np.concatenate([score_matrix(audio, lengths, torch.from_numpy(maps[i : i + chunk].astype(np.float32)))
+                           ["misa"].numpy() for i in range(0, len(maps), chunk)], axis=1)
+
+
+def top10_overlap(scores: np.ndarray, exact: np.ndarray, allowed: np.ndarray | None = None) -> float:
+    """Mean share of ``exact`` (B, 10) column indices among each row's 10 best ``scores`` (B, N),
+    counting only columns ``allowed`` (B, N) bool when given (a two-stage search's candidates)."""
+    if allowed is not None:
+        scores = np.where(allowed, scores, -np.inf)
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    return float(np.mean([len(set(b) & set(e)) / 10 for b, e in zip(best.tolist(), exact.tolist(), strict=True)]))
+
+
+def codec_rows(engine: SearchEngine, audio_bytes: list[bytes], budgets: list[int], ks: list[int],
+               train_images: int) -> dict:
+    """Each codec's bytes per image and top-10 agreement with exact MISA (module docstring, section 4)."""
+    import faiss
+
+    from indexer.region_codec import RegionCodec
+
+    coll = engine.collection(COLLECTION)
+    ids, maps = zip(*coll.iter_feature_maps(), strict=True)
+    ids, maps = np.concatenate(ids), np.concatenate(maps)  # id order; float16 (N, R, D)
+    prepared = [engine.prepare_audio(b) for b in audio_bytes]
+    audio, lengths = engine.encode([p.logmel for p in prepared])
+    audio, lengths = audio.cpu(), lengths.cpu()
+    exact_scores = misa_all(audio, lengths, maps)
+    exact = np.argsort(-exact_scores, axis=1, kind="stable")[:, :10]
+    _, stage1 = coll.search_stage1(pool_audio(audio, lengths).numpy(), max(ks))
+    position = {int(i): p for p, i in enumerate(ids)}
+    allowed = {}
+    for k in ks:
+        allowed[k] = np.zeros_like(exact_scores, dtype=bool)
+        for q, row in enumerate(stage1[:, :k]):
+            allowed[k][q, [position[int(i)] for i in row if i >= 0]] = True
+    train = maps[:train_images].astype(np.float32)
+    r, d = maps.shape[1:]
+    codecs: dict[str, tuple[int, np.ndarray, float, float]] = {"float16 (today)": (r * d * 2, maps, 0.0, 0.0)}
+    started = time.perf_counter()
+    pq = faiss.ProductQuantizer(d, 64, 8)
+    pq.train(np.ascontiguousarray(train.reshape(-1, d)))
+    trained = time.perf_counter() - started
+    codes = pq.compute_codes(np.ascontiguousarray(maps.reshape(-1, d).astype(np.float32)))
+    started = time.perf_counter()
+    decoded = pq.decode(codes).reshape(maps.shape)
+    codecs["pq 64x8"] = (r * pq.code_size, decoded, trained, 1000 * (time.perf_counter() - started) / len(maps))
+    for budget in budgets:
+        started = time.perf_counter()
+        codec = RegionCodec.train(train, budget)
+        trained = time.perf_counter() - started
+        codes = torch.from_numpy(codec.encode(maps))
+        started = time.perf_counter()
+        decoded = torch.cat([codec.decode(codes[i : i + 256]) for i in range(0, len(codes), 256)]).numpy()
+        codecs[f"transform {budget} B"] = (codec.bytes_per_image, decoded,
+                                           trained, 1000 * (time.perf_counter() - started) / len(maps))
+    rows = {}
+    for name, (nbytes, decoded, train_s, decode_ms) in codecs.items():
+        scores = exact_scores if decoded is maps else misa_all(audio, lengths, decoded)
+        rows[name] = {
+            "bytes_per_image": nbytes,
+            "relative_squared_error": float(((decoded.astype(np.float32) - maps.astype(np.float32)) ** 2).sum()
+                                            / (maps.astype(np.float32) ** 2).sum()),
+            "exhaustive_top10_overlap": top10_overlap(scores, exact),
+            "two_stage_top10_overlap": {k: top10_overlap(scores, exact, allowed[k]) for k in ks},
+            "train_s": train_s,
+            "decode_ms_per_image": decode_ms,
+        }
+    return {"images": len(maps), "queries": len(prepared), "train_images": min(train_images, len(maps)), "codecs": rows}
+
+
+def print_codec_rows(figures: dict, ks: list[int]) -> None:
+    print(f"compressed maps: {figures['images']} images, {figures['queries']} queries, codecs trained on the "
+          f"first {figures['train_images']} images' maps; top-10 overlap with exact MISA over all images")
+    print(f"{'codec':<18} {'B/image':>8} {'rel. sq. err':>12} {'exhaustive':>10} "
+          + " ".join(f"{'K=' + str(k):>8}" for k in ks) + f" {'train s':>8} {'decode ms/img':>13}")
+    for name, row in figures["codecs"].items():
+        print(f"{name:<18} {row['bytes_per_image']:>8} {row['relative_squared_error']:>12.5f} "
+              f"{row['exhaustive_top10_overlap']:>10.3f} "
+              + " ".join(f"{row['two_stage_top10_overlap'][k]:>8.3f}" for k in ks)
+              + f" {row['train_s']:>8.1f} {row['decode_ms_per_image']:>13.3f}")
+
+
 # ---- main ----------------------------------------------------------------------------------------------
 
 
@@ -296,6 +389,12 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the library here (reused by reruns)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=["all", "codec"], default="all",
+                        help="codec: only section 4 (compressed maps), no server")
+    parser.add_argument("--codec-bytes", type=int, nargs="+", default=[2048, 4096, 6144, 8192],
+                        help="byte budgets per image of the transform codec")
+    parser.add_argument("--codec-k", type=int, nargs="+", default=[100, 400, 1000])
+    parser.add_argument("--codec-train-images", type=int, default=1024)
     args = parser.parse_args()
     command = "python bench/bench_search.py " + " ".join(sys.argv[1:])
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; torch threads {torch.get_num_threads()}")
@@ -322,6 +421,15 @@ def main() -> None:
         print(f"collection: {size} images indexed in {index_seconds:.1f} s; {len(queries)} distinct queries")
 
         engine = SearchEngine.open(checkpoint, work / "library", device=args.device)
+        if args.only == "codec":
+            ks = [min(k, size) for k in args.codec_k]
+            codec = codec_rows(engine, queries[: args.agreement_queries], args.codec_bytes, ks, args.codec_train_images)
+            print_codec_rows(codec, ks)
+            if args.json is not None:
+                args.json.write_text(json.dumps({"command": command, "codec": codec}, indent=2))
+            print(f"load average at the end: {os.getloadavg()[0]:.1f}; reproduce: {command}")
+            engine.close()
+            return
         default_k = SearchLimits().default_candidates
         load_queries = [queries[i % len(queries)] for i in range(args.queries)]
         figures: dict = {"command": command, "images": size, "device": str(engine.device), "default_K": default_k}

@@ -1,0 +1,211 @@
+"""A fixed-rate codec for feature maps: transform coding of an image's regions x dims, in a byte budget.
+
+An image's map X (R regions x D dims) is coded as Z = P^T (X - mu) V: ``V`` (D x D) are the principal
+directions of the region vectors, ``P`` (R x R) those of the regions' layout (neighbouring regions of
+a scene look alike), both learnt from training maps. Each of the R x D coefficients gets 0, 1, 2, 4 or
+8 bits (greedily, where a bit removes the most squared error, from the coefficient's variance), and a
+uniform quantizer clipped at a few standard deviations. Every image takes exactly ``bytes_per_image``
+or fewer bytes, the same layout for all, so codes are fixed-width records that a memory map can gather.
+
+Why not product quantization: on 800 scene maps of the shipped ``tiny`` model, PQ with 64
+sub-quantizers x 8 bits (the same 4 KB per image) kept 0.83 of the exhaustive MISA top-10; this codec
+keeps 0.96 (``bench/bench_search.py --only codec`` has the figures). MISA takes a max over regions, so
+its ranking is very sensitive to the error of every region.
+
+Decoding is a few shifts, masks and one affine map per coefficient, then two matrix products; it runs
+on any torch device (:meth:`RegionCodec.decode`).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+WIDTHS = (0, 1, 2, 4, 8)  # bits per coefficient; each packs whole codes into bytes
+# Clipping range of a b-bit uniform quantizer, in standard deviations (near optimal for Gaussian data).
+CLIP_SIGMAS = {1: 1.6, 2: 2.0, 4: 3.0, 8: 5.0}
+# Mean squared error of a b-bit quantizer of a unit Gaussian (Lloyd-Max), for the bit allocation.
+GAUSSIAN_MSE = {0: 1.0, 1: 0.3634, 2: 0.1175, 4: 0.0095, 8: 0.000043}
+
+
+@dataclass
+class RegionCodec:
+    """A trained codec. Arrays are float32 numpy; shapes: mean (D,), dims V (D, D), regions P (R, R),
+    bits (R, D) int in WIDTHS, low / step (R, D) (a code c decodes to low + (c + 0.5) * step)."""
+
+    mean: np.ndarray
+    dims: np.ndarray
+    regions: np.ndarray
+    bits: np.ndarray
+    low: np.ndarray
+    step: np.ndarray
+
+    def __post_init__(self) -> None:
+        r, d = self.bits.shape
+        if self.mean.shape != (d,) or self.dims.shape != (d, d) or self.regions.shape != (r, r):
+            raise ValueError(
+                f"region codec arrays disagree: bits {self.bits.shape}, mean {self.mean.shape}, "
+                f"dims {self.dims.shape}, regions {self.regions.shape}"
+            )
+        if not np.isin(self.bits, WIDTHS).all():
+            raise ValueError(f"region codec bits must be among {WIDTHS}")
+        flat = self.bits.reshape(-1)
+        # Per width: which coefficients (flat indices, ascending) and how many bytes they pack into.
+        self._groups = [
+            (b, np.flatnonzero(flat == b), -(-int((flat == b).sum()) * b // 8)) for b in WIDTHS[1:] if (flat == b).any()
+        ]
+        self._device_cache: dict[str, dict[str, Tensor]] = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(R, D) of the maps it codes."""
+        return self.bits.shape  # type: ignore[return-value]
+
+    @property
+    def bytes_per_image(self) -> int:
+        """Bytes of one image's code."""
+        return sum(nbytes for _, _, nbytes in self._groups)
+
+    # ---- training -----------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, maps: np.ndarray, bytes_per_image: int) -> RegionCodec:
+        """Learn the transforms and bit allocation from ``maps`` (N, R, D) float (N >= 2), for codes of
+        at most ``bytes_per_image`` bytes. Deterministic: the same maps give the same codec."""
+        maps = np.asarray(maps, dtype=np.float64)
+        if maps.ndim != 3 or maps.shape[0] < 2:
+            raise ValueError(f"training maps must be (N >= 2, R, D), got {maps.shape}")
+        n, r, d = maps.shape
+        if not 1 <= bytes_per_image <= r * d:
+            raise ValueError(f"bytes_per_image must lie in 1..{r * d} (8 bits per value), got {bytes_per_image}")
+        mean = maps.reshape(-1, d).mean(0)
+        centred = maps - mean
+        dims = _principal_axes(np.einsum("nrd,nre->de", centred, centred))
+        rotated = centred @ dims
+        regions = _principal_axes(np.einsum("nrd,nsd->rs", rotated, rotated))
+        coefficients = np.einsum("rs,nrd->nsd", regions, rotated)  # P^T (X - mu) V
+        variance = (coefficients**2).mean(0)
+        bits = _allocate(variance.reshape(-1), 8 * bytes_per_image).reshape(r, d)
+        std = np.sqrt(variance)
+        clip = np.vectorize(lambda b: CLIP_SIGMAS.get(int(b), 0.0))(bits)
+        low = -clip * std
+        step = np.where(bits > 0, 2 * clip * std / np.power(2.0, bits), 0.0)
+        # the mean of a coefficient given no bits is 0 (low + 0.5 * step = 0 needs step = 0, low = 0)
+        return cls(*(a.astype(np.float32) for a in (mean, dims, regions)), bits.astype(np.int64),
+                   low.astype(np.float32), step.astype(np.float32))
+
+    # ---- coding -------------------------------------------------------------------------------
+
+    def encode(self, maps: np.ndarray) -> np.ndarray:
+        """maps (N, R, D) float -> codes (N, bytes_per_image) uint8."""
+        maps = np.asarray(maps, dtype=np.float32)
+        if maps.ndim != 3 or maps.shape[1:] != self.shape:
+            raise ValueError(f"maps must be (N, {self.shape[0]}, {self.shape[1]}), got {maps.shape}")
+        n = maps.shape[0]
+        coefficients = np.einsum("rs,nrd->nsd", self.regions, (maps - self.mean) @ self.dims).reshape(n, -1)
+        low, step = self.low.reshape(-1), self.step.reshape(-1)
+        parts = []
+        for b, where, nbytes in self._groups:
+            levels = np.floor((coefficients[:, where] - low[where]) / step[where])
+            codes = np.clip(levels, 0, 2**b - 1).astype(np.uint8)
+            per = 8 // b
+            padded = np.zeros((n, nbytes * per), np.uint8)
+            padded[:, : codes.shape[1]] = codes
+            shifts = (np.arange(per, dtype=np.uint8) * b).astype(np.uint8)
+            parts.append(np.bitwise_or.reduce(padded.reshape(n, nbytes, per) << shifts, axis=2).astype(np.uint8))
+        return np.concatenate(parts, axis=1) if parts else np.zeros((n, 0), np.uint8)
+
+    def decode(self, codes: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """codes (N, bytes_per_image) uint8 on any device -> maps (N, R, D) in ``dtype`` on that device."""
+        if codes.dim() != 2 or codes.shape[1] != self.bytes_per_image or codes.dtype != torch.uint8:
+            raise ValueError(
+                f"codes must be (N, {self.bytes_per_image}) uint8, got {tuple(codes.shape)} {codes.dtype}"
+            )
+        t = self._tensors(codes.device)
+        n = codes.shape[0]
+        r, d = self.shape
+        coefficients = torch.zeros(n, r * d, device=codes.device)
+        offset = 0
+        for b, where, nbytes in self._groups:
+            per = 8 // b
+            block = codes[:, offset : offset + nbytes]
+            values = (block.unsqueeze(-1) >> t[f"shifts{b}"]) & (2**b - 1)
+            index = t[f"where{b}"]
+            values = values.reshape(n, nbytes * per)[:, : len(where)].float()
+            coefficients[:, index] = t["low"][index] + (values + 0.5) * t["step"][index]
+            offset += nbytes
+        maps = torch.matmul(t["regions"], coefficients.view(n, r, d)) @ t["dims_t"] + t["mean"]
+        return maps.to(dtype)
+
+    def _tensors(self, device: torch.device) -> dict[str, Tensor]:
+        key = str(device)
+        cached = self._device_cache.get(key)
+        if cached is None:
+            cached = {
+                "mean": torch.from_numpy(self.mean).to(device),
+                "dims_t": torch.from_numpy(np.ascontiguousarray(self.dims.T)).to(device),
+                "regions": torch.from_numpy(self.regions).to(device),
+                "low": torch.from_numpy(self.low.reshape(-1)).to(device),
+                "step": torch.from_numpy(self.step.reshape(-1)).to(device),
+            }
+            for b, where, _ in self._groups:
+                cached[f"where{b}"] = torch.from_numpy(where).to(device)
+                cached[f"shifts{b}"] = (torch.arange(8 // b, dtype=torch.uint8) * b).to(device)
+            self._device_cache[key] = cached
+        return cached
+
+    # ---- files --------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write the codec to ``path`` (.npz)."""
+        with open(path, "wb") as f:
+            np.savez(f, mean=self.mean, dims=self.dims, regions=self.regions, bits=self.bits, low=self.low,
+                     step=self.step)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RegionCodec:
+        """Read a codec written by :meth:`save`."""
+        with np.load(path) as f:
+            return cls(*(f[k] for k in ("mean", "dims", "regions", "bits", "low", "step")))
+
+
+def _principal_axes(scatter: np.ndarray) -> np.ndarray:
+    """Orthonormal eigenvectors of a symmetric matrix, by decreasing eigenvalue."""
+    return np.ascontiguousarray(np.linalg.eigh(scatter)[1][:, ::-1])
+
+
+def _allocate(variance: np.ndarray, budget_bits: int) -> np.ndarray:
+    """Bits per coefficient from WIDTHS, greedily where a bit removes the most expected squared error,
+    such that the packed codes (each width padded to whole bytes) fit ``budget_bits``."""
+    bits = np.zeros(variance.size, np.int64)
+    counts = dict.fromkeys(WIDTHS[1:], 0)
+
+    def packed(counts: dict[int, int]) -> int:
+        return sum(8 * -(-c * b // 8) for b, c in counts.items())
+
+    def gain(j: int) -> tuple[float, int]:
+        now = int(bits[j])
+        nxt = WIDTHS[WIDTHS.index(now) + 1]
+        return variance[j] * (GAUSSIAN_MSE[now] - GAUSSIAN_MSE[nxt]) / (nxt - now), nxt
+
+    heap = [(-gain(j)[0], j) for j in range(variance.size) if variance[j] > 0]
+    heapq.heapify(heap)
+    while heap:
+        _, j = heapq.heappop(heap)
+        now = int(bits[j])
+        _, nxt = gain(j)
+        trial = dict(counts)
+        if now:
+            trial[now] -= 1
+        trial[nxt] += 1
+        if packed(trial) > budget_bits:
+            continue  # a smaller step elsewhere may still fit
+        counts, bits[j] = trial, nxt
+        if nxt != WIDTHS[-1]:
+            heapq.heappush(heap, (-gain(j)[0], j))
+    return bits
