@@ -23,6 +23,7 @@ from encoders.models import MatchmapModel
 from indexer import Library
 from indexer.library import ModelMismatchError
 from matchmap.cli import main as cli_main
+from search.engine import SearchEngine, SearchQuery
 from training import distill
 from training.cli import DISTILL_DEFAULTS
 from training.manifest import load_manifest
@@ -142,6 +143,20 @@ def test_distill_command_writes_a_model_whose_heads_index_and_search(tiny_corpus
         # The plain model's collection is stale for the distilled model: a new version, refused.
         with pytest.raises(ModelMismatchError, match="not comparable"):
             library.collection("plain").check_model(model)
+
+    # The engine embeds a spoken query with the heads: each hit's stage-1 score is the heads' product.
+    engine = SearchEngine.open(out, tmp_path / "lib", device="cpu")
+    try:
+        query = engine.prepare_audio(manifest.audio_path(manifest.entries[0]).read_bytes())
+        result = engine.search_batch([SearchQuery(query, "heads", 5, len(images))])[0]
+        audio, lengths = engine.encode([query.logmel])
+        hit_ids = np.array([h.image_id for h in result.hits])
+        with torch.no_grad():
+            maps = torch.from_numpy(engine.collection("heads").feature_maps(hit_ids).astype(np.float32))
+            expected = (model.stage1_audio_vectors(audio, lengths) @ model.stage1_image_vectors(maps).T)[0]
+        np.testing.assert_allclose([h.stage1_score for h in result.hits], expected.numpy(), rtol=1e-4, atol=1e-4)
+    finally:
+        engine.close()
 
 
 def test_distill_defaults_in_help_match_the_config():
