@@ -21,11 +21,20 @@ On an N-image collection indexed with the given checkpoint:
      several K, against the same two-stage top-10 from the float16 maps.
 
 Images: those of --corpus (a `matchmap synth` output; its val captions are the queries), topped
-up to --images with random blocky distractor images; without --corpus, amplitude-modulated noise
-queries (timing-only: with random weights nothing is semantically right anyway).
+up to --images with scene images drawn as `matchmap synth` draws them (`--fill scenes`, the default
+with --corpus; no speech) or random blocky images (`--fill blocks`); without --corpus,
+amplitude-modulated noise queries (timing-only: with random weights nothing is semantically right
+anyway).
+
+--compare-checkpoint adds a second model (e.g. the same encoders with stage-1 heads from
+`matchmap distill-stage1`): its own collection of the same images, and its agreement curve and
+stage-1 recall@1/5/10 (each caption's own image) printed beside the first model's, from the same
+run. --agreement-only skips the load, batching and arithmetic parts; --plot draws the curves.
 
     .venv/bin/python bench/bench_search.py --images 10000 --corpus corpus10k --checkpoint tiny.pt  # full run
     .venv/bin/python bench/bench_search.py --images 1000                                            # smoke size
+    .venv/bin/python bench/bench_search.py --images 10000 --corpus c --checkpoint mean.pt \
+        --compare-checkpoint distilled.pt --agreement-only --k-curve 25 50 100 200 400 1000 4000 --plot curve.png
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ import soundfile
 import torch
 from PIL import Image
 
-from encoders import create_model, pool_audio, save_checkpoint, score_matrix
+from encoders import create_model, save_checkpoint, score_matrix
 from indexer import Library
 from search.client import SearchClient, SearchServiceError
 from search.engine import SearchEngine, SearchLimits, SearchQuery
@@ -74,6 +83,20 @@ def distractor_images(folder: Path, count: int, seed: int) -> list[Path]:
     return paths
 
 
+def scene_images(folder: Path, count: int, seed: int) -> list[Path]:
+    """``count`` 256 x 256 PNG scenes drawn as `matchmap synth` draws its images (no captions)."""
+    from training.scenes import random_scene
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"scene-{seed}-{i:06d}.png"
+        if not path.exists():
+            random_scene(np.random.default_rng([seed, i])).image.save(path)
+        paths.append(path)
+    return paths
+
+
 def noise_wav(rng: np.random.Generator, seconds: float) -> bytes:
     n = int(16000 * seconds)
     envelope = 0.5 + 0.5 * np.sin(np.linspace(0, 6 * np.pi * seconds, n))
@@ -82,8 +105,8 @@ def noise_wav(rng: np.random.Generator, seconds: float) -> bytes:
     return buffer.getvalue()
 
 
-def corpus_inputs(corpus: Path) -> tuple[list[Path], list[bytes]]:
-    """(every image of the corpus's manifests, the val captions' audio bytes)."""
+def corpus_inputs(corpus: Path) -> tuple[list[Path], list[bytes], list[Path]]:
+    """(every image of the corpus's manifests, the val captions' audio bytes, each val caption's image)."""
     from training.manifest import load_manifest
 
     images: dict[Path, None] = {}
@@ -92,16 +115,17 @@ def corpus_inputs(corpus: Path) -> tuple[list[Path], list[bytes]]:
             manifest = load_manifest(corpus / name)
             images.update({manifest.image_path(e).resolve(): None for e in manifest.entries})
     val = load_manifest(corpus / "val.json")
-    return list(images), [val.audio_path(e).read_bytes() for e in val.entries]
+    return (list(images), [val.audio_path(e).read_bytes() for e in val.entries],
+            [val.image_path(e).resolve() for e in val.entries])
 
 
-def build_collection(work: Path, checkpoint: Path, images: list[Path]) -> tuple[float, int]:
-    """Index ``images`` into the bench collection (incremental: reruns reuse it); (seconds, size)."""
+def build_collection(work: Path, checkpoint: Path, images: list[Path], collection: str = COLLECTION) -> tuple[float, int]:
+    """Index ``images`` into ``collection`` (incremental: reruns reuse it); (seconds, size)."""
     model = create_model(str(checkpoint))
     started = time.perf_counter()
     with Library.open(work / "library", create=True) as library:
-        library.index(COLLECTION, [str(p) for p in images], model, progress=True)
-        size = library.collection(COLLECTION).size
+        library.index(collection, [str(p) for p in images], model, progress=True)
+        size = library.collection(collection).size
     return time.perf_counter() - started, size
 
 
@@ -196,10 +220,11 @@ def batching_gain(engine: SearchEngine, audio_bytes: list[bytes], batch: int = 8
 
 
 def exhaustive_top10(
-    engine: SearchEngine, images: list[Path], audio: torch.Tensor, lengths: torch.Tensor, chunk: int = 2000
+    engine: SearchEngine, images: list[Path], audio: torch.Tensor, lengths: torch.Tensor, chunk: int = 2000,
+    collection: str = COLLECTION,
 ) -> np.ndarray:
     """(B, 10) image ids of the exhaustive MISA top-10 over every image of the collection, read in chunks."""
-    coll = engine.collection(COLLECTION)
+    coll = engine.collection(collection)
     found = coll.ids_for_uris([str(p) for p in images])
     all_ids = np.array(sorted({i for ids in found.values() for i in ids}))
     if len(all_ids) != coll.size:
@@ -218,17 +243,32 @@ def exhaustive_top10(
     return best_ids
 
 
-def agreement_curve(engine: SearchEngine, images: list[Path], audio_bytes: list[bytes], ks: list[int]) -> list[dict]:
+def own_image_recall(ranked_ids: np.ndarray, own_ids: list[int]) -> dict[str, float]:
+    """ranked_ids (B, >=10) -> R@1/5/10: share of queries whose own image is among the first k."""
+    return {f"R@{k}": float(np.mean([own in row[:k] for row, own in zip(ranked_ids.tolist(), own_ids, strict=True)]))
+            for k in (1, 5, 10)}
+
+
+def agreement_curve(engine: SearchEngine, images: list[Path], audio_bytes: list[bytes], ks: list[int],
+                    collection: str = COLLECTION, own_images: list[Path] | None = None) -> tuple[list[dict], dict]:
+    """(one row per K: two-stage top-10 vs the exhaustive MISA top-10, recall of each caption's own image:
+    {"stage1": R@k of stage 1 alone, "misa": R@k of exhaustive MISA}, or {} without ``own_images``)."""
     prepared = [engine.prepare_audio(b) for b in audio_bytes]
     audio, lengths = engine.encode([p.logmel for p in prepared])
-    exact = exhaustive_top10(engine, images, audio.cpu(), lengths.cpu())
-    coll = engine.collection(COLLECTION)
-    pooled = pool_audio(audio, lengths).cpu().numpy()
+    exact = exhaustive_top10(engine, images, audio.cpu(), lengths.cpu(), collection=collection)
+    coll = engine.collection(collection)
+    pooled = engine.model.stage1_audio_vectors(audio, lengths).cpu().numpy()
+    recall = {}
+    if own_images is not None:
+        by_uri = coll.ids_for_uris([str(p) for p in own_images[: len(prepared)]])
+        own = [by_uri[str(p)][0] for p in own_images[: len(prepared)]]
+        recall = {"stage1": own_image_recall(coll.search_stage1(pooled, 10)[1], own),
+                  "misa": own_image_recall(exact, own)}
     rows = []
     for k in ks:
         k = min(k, coll.size)
-        engine.search_batch([SearchQuery(prepared[0], COLLECTION, 10, k)])  # warm-up at this K
-        results = [engine.search_batch([SearchQuery(p, COLLECTION, 10, k)])[0] for p in prepared]
+        engine.search_batch([SearchQuery(prepared[0], collection, 10, k)])  # warm-up at this K
+        results = [engine.search_batch([SearchQuery(p, collection, 10, k)])[0] for p in prepared]
         overlap = identical = top1 = 0
         for i, r in enumerate(results):
             got = [h.image_id for h in r.hits]
@@ -245,7 +285,7 @@ def agreement_curve(engine: SearchEngine, images: list[Path], audio_bytes: list[
             "stage1_recall_of_exact_top10": float(recall),
             "stage2_p50_ms": statistics.median(r.timings_ms["stage2"] for r in results),
         })
-    return rows
+    return rows, recall
 
 
 # ---- stage-2 arithmetic -----------------------------------------------------------------------------
@@ -375,13 +415,60 @@ def print_codec_rows(figures: dict, ks: list[int]) -> None:
 # ---- main ----------------------------------------------------------------------------------------------
 
 
+def print_agreement(label: str, rows: list[dict], default_k: int, size: int) -> None:
+    print(f"{label}:")
+    print(f"{'K':>6}  {'overlap@10':>10}  {'identical':>9}  {'top-1':>6}  {'stage-1 recall':>14}  {'stage-2 p50 ms':>14}")
+    for row in rows:
+        mark = "  <- default" if row["K"] == min(default_k, size) else ""
+        print(
+            f"{row['K']:>6}  {row['top10_overlap']:>10.3f}  {row['identical_top10']:>9.3f}  "
+            f"{row['top1_agreement']:>6.3f}  {row['stage1_recall_of_exact_top10']:>14.3f}  "
+            f"{row['stage2_p50_ms']:>14.2f}{mark}"
+        )
+
+
+def plot_curves(curves: dict[str, list[dict]], out: Path, title: str) -> None:
+    """Top-10 overlap and identical-list share against K (log scale), one line pair per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for (label, rows), color in zip(curves.items(), ("tab:gray", "tab:blue", "tab:orange"), strict=False):
+        ks = [r["K"] for r in rows]
+        ax.plot(ks, [r["top10_overlap"] for r in rows], "o-", color=color, label=f"{label}: top-10 overlap")
+        ax.plot(ks, [r["identical_top10"] for r in rows], "s--", color=color, alpha=0.6,
+                label=f"{label}: identical top-10")
+    ax.axhline(0.95, color="tab:red", lw=0.8, ls=":", label="0.95")
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("K (stage-1 candidates re-ranked by MISA)")
+    ax.set_ylabel("agreement with exhaustive MISA")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=10_000, help="collection size (corpus images + distractors)")
     parser.add_argument("--corpus", type=Path, default=None, help="a `matchmap synth` output: its images and val captions")
     parser.add_argument("--extra-corpus", type=Path, nargs="*", default=[],
                         help="more `matchmap synth` outputs whose images join the collection (realistic distractors)")
+    parser.add_argument("--fill", choices=["scenes", "blocks"], default=None,
+                        help="what tops the collection up to --images: synth-style scenes (default with --corpus) "
+                             "or random blocky images (default without)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="model (default: a RANDOM tiny model)")
+    parser.add_argument("--compare-checkpoint", type=Path, default=None,
+                        help="a second model (e.g. with distilled stage-1 heads): agreement side by side")
+    parser.add_argument("--agreement-only", action="store_true",
+                        help="only the agreement curves (no load runs, batching or arithmetic)")
+    parser.add_argument("--plot", type=Path, default=None, help="draw the agreement curves into this PNG")
     parser.add_argument("--queries", type=int, default=200, help="queries per load run")
     parser.add_argument("--agreement-queries", type=int, default=100)
     parser.add_argument("--k-curve", type=int, nargs="+", default=[10, 50, 100, 250, 500, 1000, 2000, 4000, 10000])
@@ -410,15 +497,19 @@ def main() -> None:
             if not checkpoint.exists():
                 save_checkpoint(checkpoint, create_model("tiny"))
             print("model: a RANDOMLY INITIALIZED tiny model (timing figures only; agreement is of random scores)")
+        own_images = None
         if args.corpus is not None:
-            images, queries = corpus_inputs(args.corpus)
+            images, queries, own_images = corpus_inputs(args.corpus)
             for extra in args.extra_corpus:  # more corpus images (as distractors), no queries
                 images += corpus_inputs(extra)[0]
         else:
             images, queries = [], [noise_wav(rng, float(rng.uniform(1.5, 5.0))) for _ in range(64)]
-        images += distractor_images(work / "distractors", max(0, args.images - len(images)), args.seed)
+        fill = args.fill or ("scenes" if args.corpus is not None else "blocks")
+        missing = max(0, args.images - len(images))
+        images += (scene_images(work / "scenes", missing, args.seed + 1000) if fill == "scenes"
+                   else distractor_images(work / "distractors", missing, args.seed))
         index_seconds, size = build_collection(work, checkpoint, images[: args.images])
-        print(f"collection: {size} images indexed in {index_seconds:.1f} s; {len(queries)} distinct queries")
+        print(f"collection: {size} images ({fill} fill) indexed in {index_seconds:.1f} s; {len(queries)} distinct queries")
 
         engine = SearchEngine.open(checkpoint, work / "library", device=args.device)
         if args.only == "codec":
@@ -432,9 +523,10 @@ def main() -> None:
             return
         default_k = SearchLimits().default_candidates
         load_queries = [queries[i % len(queries)] for i in range(args.queries)]
-        figures: dict = {"command": command, "images": size, "device": str(engine.device), "default_K": default_k}
+        figures: dict = {"command": command, "images": size, "device": str(engine.device), "default_K": default_k,
+                         "fill": fill}
 
-        for max_batch in (8, 1):
+        for max_batch in (8, 1) if not args.agreement_only else ():
             server = ServeProcess(work, checkpoint, args.device, max_batch)
             try:
                 runs = [run_load(server.target, load_queries, c, 0) for c in ((1, 8) if max_batch == 8 else (8,))]
@@ -448,43 +540,67 @@ def main() -> None:
                     f"mean batch {r['mean_batch']:.2f}; errors {r['errors']}/{r['queries']}"
                 )
 
-        gain = batching_gain(engine, queries[:64])
-        figures["batching_in_process"] = gain
-        print(
-            f"in-process search_batch, {len(queries[:64])} queries, best of 3 rounds: one at a time "
-            f"{gain['alone_qps']:.1f} queries/s, in batches of {gain['batch']} {gain['batched_qps']:.1f} queries/s "
-            f"({gain['gain']:.2f}x)"
-        )
-
-        agreement = agreement_curve(
-            engine, images[: args.images], queries[: args.agreement_queries], sorted(set(args.k_curve + [default_k]))
-        )
-        figures["agreement"] = agreement
-        print(f"two-stage top-10 vs exhaustive MISA top-10 ({min(len(queries), args.agreement_queries)} queries):")
-        print(f"{'K':>6}  {'overlap@10':>10}  {'identical':>9}  {'top-1':>6}  {'stage-1 recall':>14}  {'stage-2 p50 ms':>14}")
-        for row in agreement:
-            mark = "  <- default" if row["K"] == min(default_k, size) else ""
+        if not args.agreement_only:
+            gain = batching_gain(engine, queries[:64])
+            figures["batching_in_process"] = gain
             print(
-                f"{row['K']:>6}  {row['top10_overlap']:>10.3f}  {row['identical_top10']:>9.3f}  "
-                f"{row['top1_agreement']:>6.3f}  {row['stage1_recall_of_exact_top10']:>14.3f}  "
-                f"{row['stage2_p50_ms']:>14.2f}{mark}"
+                f"in-process search_batch, {len(queries[:64])} queries, best of 3 rounds: one at a time "
+                f"{gain['alone_qps']:.1f} queries/s, in batches of {gain['batch']} {gain['batched_qps']:.1f} queries/s "
+                f"({gain['gain']:.2f}x)"
             )
 
-        frames = int(statistics.median(engine.encode([engine.prepare_audio(q).logmel])[0].shape[1] for q in queries[:32]))
-        rows, cols = engine.model.image_grid
-        arithmetic = {
-            f"batch_{b}_{str(dtype).removeprefix('torch.')}": stage2_row(
-                b, min(default_k, size), frames, rows * cols, engine.model.embed_dim, str(engine.device), dtype)
-            for b in (1, 8) for dtype in (torch.float32, torch.bfloat16)
-        }
-        figures["stage2_arithmetic"] = arithmetic
-        for name, a in arithmetic.items():
-            print(
-                f"stage 2 {name} {a['shape']}: score_matrix {a['score_matrix_ms']:.2f} ms "
-                f"({a['score_matrix_gflops']:.1f} GFLOP/s) vs plain matmul {a['matmul_ms']:.2f} ms "
-                f"({a['matmul_gflops']:.1f} GFLOP/s): {a['ratio']:.2f} of matmul speed"
-            )
-        engine.close()
+        ks = sorted(set(args.k_curve + [default_k]))
+        n_agree = min(len(queries), args.agreement_queries)
+        models = [(engine.model_version, engine, COLLECTION)]
+        if args.compare_checkpoint is not None:
+            seconds, _ = build_collection(work, args.compare_checkpoint, images[: args.images], COLLECTION + "-compare")
+            print(f"compare collection indexed in {seconds:.1f} s")
+            other = SearchEngine.open(args.compare_checkpoint, work / "library", device=args.device)
+            models.append((other.model_version, other, COLLECTION + "-compare"))
+        curves, recalls = {}, {}
+        for version, model_engine, name in models:
+            label = f"{version} (stage 1: {model_engine.model.stage1_pooling})"
+            rows, recall = agreement_curve(model_engine, images[: args.images], queries[: args.agreement_queries], ks,
+                                           collection=name, own_images=own_images)
+            curves[label], recalls[label] = rows, recall
+            print_agreement(f"two-stage top-10 vs exhaustive MISA top-10, {label}, {n_agree} queries", rows,
+                            default_k, size)
+        figures["agreement"] = curves[next(iter(curves))]
+        figures["agreement_by_model"] = curves
+        if own_images is not None:
+            figures["own_image_recall"] = recalls
+            print(f"recall of each caption's own image among {size} ({n_agree} queries): R@1 / R@5 / R@10")
+            for label, recall in recalls.items():
+                for kind in ("stage1", "misa"):
+                    r = recall[kind]
+                    print(f"  {label:<48} {kind:<7} {r['R@1']:.3f} / {r['R@5']:.3f} / {r['R@10']:.3f}")
+        if len(curves) > 1:
+            (_, first), (_, second) = list(curves.items())[:2]
+            print("side by side (overlap@10, identical): " + "; ".join(
+                f"K={a['K']}: {a['top10_overlap']:.3f} / {a['identical_top10']:.3f} -> "
+                f"{b['top10_overlap']:.3f} / {b['identical_top10']:.3f}" for a, b in zip(first, second, strict=True)))
+        if args.plot is not None:
+            plot_curves(curves, args.plot, f"{size} scene images, {n_agree} spoken queries (unheard voices)")
+            print(f"plot: {args.plot}")
+
+        if not args.agreement_only:
+            frames = int(statistics.median(
+                engine.encode([engine.prepare_audio(q).logmel])[0].shape[1] for q in queries[:32]))
+            rows, cols = engine.model.image_grid
+            arithmetic = {
+                f"batch_{b}_{str(dtype).removeprefix('torch.')}": stage2_row(
+                    b, min(default_k, size), frames, rows * cols, engine.model.embed_dim, str(engine.device), dtype)
+                for b in (1, 8) for dtype in (torch.float32, torch.bfloat16)
+            }
+            figures["stage2_arithmetic"] = arithmetic
+            for name, a in arithmetic.items():
+                print(
+                    f"stage 2 {name} {a['shape']}: score_matrix {a['score_matrix_ms']:.2f} ms "
+                    f"({a['score_matrix_gflops']:.1f} GFLOP/s) vs plain matmul {a['matmul_ms']:.2f} ms "
+                    f"({a['matmul_gflops']:.1f} GFLOP/s): {a['ratio']:.2f} of matmul speed"
+                )
+        for _, model_engine, _ in models:
+            model_engine.close()
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2))
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (other work on the machine skews every timing)")

@@ -20,6 +20,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
     {
         "encoders.checkpoint": (
             "create_model", "default_checkpoint_path", "load_checkpoint", "model_from_checkpoint", "save_checkpoint",
+            "with_stage1_heads",
         ),
         "encoders.config": ("AudioConfig", "ImageConfig", "ModelConfig", "get_config", "list_models", "register_config"),
         "encoders.formats": ("AUDIO_FORMATS_TEXT",),

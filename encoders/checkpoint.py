@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -106,6 +107,17 @@ def model_from_checkpoint(checkpoint: dict) -> MatchmapModel:
     model.load_state_dict(checkpoint["state_dict"])
     model.version = checkpoint.get("version") or weights_version(model)
     return model
+
+
+def with_stage1_heads(model: MatchmapModel, heads: int) -> MatchmapModel:
+    """A copy of ``model`` with the same encoder weights and fresh stage-1 heads of ``heads`` heads (they
+    start as the masked means), or none (``heads`` = 0), in eval mode on the model's device."""
+    out = MatchmapModel(dataclasses.replace(model.config, stage1_heads=heads))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("stage1.")}
+    missing, unexpected = out.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("stage1.") for k in missing):
+        raise RuntimeError(f"encoder weights did not carry over: missing {missing}, unexpected {unexpected}")
+    return out.to(next(model.parameters()).device).eval()
 
 
 def create_model(

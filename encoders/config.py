@@ -131,22 +131,37 @@ class ImageConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A whole matchmap model: both branches map into a shared ``embed_dim`` space."""
+    """A whole matchmap model: both branches map into a shared ``embed_dim`` space.
+
+    ``stage1_heads``: 0 (the default) pools stage-1 vectors as masked means (their inner product is
+    SISA); N > 0 gives the model learned attention-pooling heads of N heads each
+    (``encoders/pooling.py``), trained by ``matchmap distill-stage1`` to rank as MISA does.
+    """
 
     name: str
     embed_dim: int
     audio: AudioConfig = field(default_factory=AudioConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    stage1_heads: int = 0
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("model config needs a non-empty name")
         if self.embed_dim <= 0:
             raise ValueError(f"embed_dim must be positive, got {self.embed_dim}")
+        if self.stage1_heads < 0:
+            raise ValueError(f"stage1_heads must be 0 (masked means) or a number of heads, got {self.stage1_heads}")
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict (tuples become lists); :meth:`from_dict` inverts it."""
-        return json.loads(json.dumps(asdict(self)))
+        """A JSON-ready dict (tuples become lists); :meth:`from_dict` inverts it.
+
+        ``stage1_heads`` appears only when non-zero, so a model without heads keeps the dict (and
+        so the weights version) it had before the field existed.
+        """
+        d = json.loads(json.dumps(asdict(self)))
+        if not self.stage1_heads:
+            del d["stage1_heads"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -165,6 +180,7 @@ class ModelConfig:
             embed_dim=int(d["embed_dim"]),
             audio=AudioConfig(**audio),
             image=ImageConfig(**image),
+            stage1_heads=int(d.get("stage1_heads", 0)),
         )
 
 

@@ -16,7 +16,8 @@ from torchvision.models import vgg
 
 from encoders.config import AudioConfig, ImageConfig, ModelConfig
 from encoders.frontend import AudioFrontEnd, ImageFrontEnd
-from encoders.matchmap import frame_mask
+from encoders.matchmap import frame_mask, pool_audio, pool_images
+from encoders.pooling import Stage1Pooling
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
@@ -209,6 +210,8 @@ class MatchmapModel(nn.Module):
         self.audio_frontend = AudioFrontEnd(config.audio)
         self.image_frontend = ImageFrontEnd(config.image, train=False)
         self.image_frontend_train = ImageFrontEnd(config.image, train=True)
+        # Learned stage-1 pooling (matchmap distill-stage1), or None: masked means, whose product is SISA.
+        self.stage1 = Stage1Pooling(config.embed_dim, config.stage1_heads) if config.stage1_heads else None
         self.version = weights_version(self)
 
     @property
@@ -228,6 +231,35 @@ class MatchmapModel(nn.Module):
     def output_lengths(self, lengths: Tensor) -> Tensor:
         """lengths: (B,) log-mel frames -> (B,) output frames of encode_audio."""
         return pooled_length(lengths, self.config.audio.pools)
+
+    @property
+    def stage1_pooling(self) -> str:
+        """What stage-1 vectors are: "mean" (masked means; their product is SISA) or "attention-N" (learned)."""
+        return f"attention-{self.config.stage1_heads}" if self.stage1 is not None else "mean"
+
+    def stage1_image_vectors(self, image_maps: Tensor) -> Tensor:
+        """image_maps: (N, R, D) or (N, H, W, D) float -> (N, D) float32 stage-1 vectors of the images.
+
+        The one place image vectors for the stage-1 index are made (indexing, benchmarks): the learned
+        heads when the model has them, otherwise the mean over regions (then a product with
+        :meth:`stage1_audio_vectors` is exactly SISA).
+        """
+        regions = image_maps.reshape(image_maps.shape[0], -1, image_maps.shape[-1]).float()
+        if self.stage1 is None:
+            return pool_images(regions)
+        mask = torch.ones(regions.shape[:2], dtype=torch.bool, device=regions.device)
+        return self.stage1.image(regions, mask)
+
+    def stage1_audio_vectors(self, audio: Tensor, lengths: Tensor) -> Tensor:
+        """audio: (B, T, D) float, lengths: (B,) true frames -> (B, D) float32 stage-1 vectors of the queries."""
+        audio = audio.float()
+        if self.stage1 is None:
+            return pool_audio(audio, lengths)
+        if audio.dim() != 3 or lengths.shape != audio.shape[:1]:
+            raise ValueError(f"need audio (B, T, D) and lengths (B,), got {tuple(audio.shape)}, {tuple(lengths.shape)}")
+        if len(lengths) and int(lengths.min()) < 1:
+            raise ValueError(f"every caption needs at least one true frame, got lengths {lengths.tolist()}")
+        return self.stage1.audio(audio, frame_mask(lengths.to(audio.device), audio.shape[1]))
 
     def encode_images(self, images: Tensor) -> Tensor:
         """images: (B, 3, S, S) normalized (see image_frontend) -> (B, H, W, D) feature maps."""

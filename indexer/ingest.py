@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from encoders import load_image
-from encoders.matchmap import pool_images
 
 T = TypeVar("T")
 
@@ -192,8 +191,9 @@ def image_decoder(model) -> Callable[[bytes, str], tuple[torch.Tensor, int, int]
 def embed_images(model, pixels: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """Embed a batch: pixels B x (3, S, S) -> (maps (B, R, D) float16, pooled (B, D) float32); B may be 0.
 
-    The pooled vectors are the masked mean of the *float16* maps as stored, so that stage-1 inner
-    products equal SISA of exactly what stage 2 reads back.
+    The pooled vectors are the model's stage-1 vectors (``MatchmapModel.stage1_image_vectors``) of the
+    *float16* maps as stored: without learned heads their masked mean, so that stage-1 inner products
+    equal SISA of exactly what stage 2 reads back.
     """
     rows, cols = model.image_grid
     if not pixels:
@@ -207,6 +207,7 @@ def embed_images(model, pixels: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.
         raise RuntimeError(
             f"model {model.config.name} returned image maps {tuple(grids.shape)}, expected {expected}"
         )
-    maps = grids.reshape(len(pixels), rows * cols, -1).to("cpu", torch.float16)
-    pooled = pool_images(maps.float())
-    return maps.numpy(), pooled.numpy().astype(np.float32, copy=False)
+    maps = grids.reshape(len(pixels), rows * cols, -1).to(torch.float16)
+    with torch.inference_mode():
+        pooled = model.stage1_image_vectors(maps)
+    return maps.cpu().numpy(), pooled.cpu().numpy().astype(np.float32, copy=False)

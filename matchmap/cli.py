@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "models": ("encoders.cli:models", "List the registered model configs."),
     "pretrain-images": ("training.cli:pretrain_images", "Pretrain the image branch on rendered, labelled scenes."),
     "train": ("training.cli:train", "Train a matchmap model on Places-format manifests."),
+    "distill-stage1": ("training.cli:distill_stage1", "Train a model's stage-1 heads to rank as MISA does."),
     "eval": ("training.cli:evaluate", "Recall@1/5/10 (SISA, MISA, SIMA) on a manifest."),
     "index": ("indexer.cli:index", "Index image folders, globs or a manifest into a collection."),
     "collections": ("indexer.cli:collections", "List indexed collections."),

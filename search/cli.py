@@ -261,7 +261,7 @@ def query(
 ) -> None:
     """Search a collection by speaking: send each AUDIO file (WAV, FLAC, OGG, MP3, AIFF); print ranked images.
 
-    Each query prints a table (rank, MISA score, stage-1 SISA score, image id, uri) and the
+    Each query prints a table (rank, MISA score, stage-1 score, image id, uri) and the
     server's timings; --json prints {"server", "collection", "queries": [{"audio", "hits",
     "timings_ms", ...} or {"audio", "error": {"code", "message"}}]}.
     """

@@ -41,7 +41,7 @@ class Hit:
     image_id: str
     uri: str
     score: float  # MISA
-    stage1_score: float  # SISA
+    stage1_score: float  # pooled inner product (SISA without stage-1 heads)
 
 
 class SearchHits(list[Hit]):

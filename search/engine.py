@@ -1,8 +1,9 @@
 """The two-stage spoken-query search engine: a facade over the model and the indexed collections.
 
 Per query: decode the audio (checked, limited) -> log-mel -> audio map A (T, D) from the audio
-branch -> stage 1: the collection's FAISS index ranks every image by pool(A) . pool(I), which is
-exactly SISA -> stage 2: the best ``candidates`` images are re-scored by MISA through
+branch -> stage 1: the collection's FAISS index ranks every image by the inner product of the model's
+stage-1 vectors (masked means, whose product is exactly SISA, or the heads distilled from MISA by
+``matchmap distill-stage1``) -> stage 2: the best ``candidates`` images are re-scored by MISA through
 ``encoders.matchmap.score_matrix`` (on CUDA when the engine runs there): in bfloat16 from the
 collection's feature maps held in memory (``search.resident``), then the best few exactly in float32
 from the feature store -> the best ``top_k`` by exact MISA. The engine is synchronous and keeps no
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from encoders import create_model, load_image, trim_silence
-from encoders.matchmap import pool_audio, score_matrix
+from encoders.matchmap import score_matrix
 from indexer import Collection, CollectionInfo, ImageRecord, Library
 from search.audio import check_sample_rate, decode_audio
 from search.errors import ImageNotFound, InvalidQuery
@@ -108,7 +109,7 @@ class Hit:
     image_id: int
     uri: str
     score: float  # MISA
-    stage1_score: float  # SISA
+    stage1_score: float  # pooled inner product (SISA without stage-1 heads)
 
 
 @dataclass
@@ -357,7 +358,7 @@ class SearchEngine:
         """
         started = time.perf_counter()
         audio, lengths = self.encode([q.audio.logmel for q in queries])
-        pooled = pool_audio(audio, lengths).float().cpu().numpy()  # (B, D)
+        pooled = self.model.stage1_audio_vectors(audio, lengths).cpu().numpy()  # (B, D)
         encode_ms = _ms_since(started)
 
         results: list[SearchResult | Exception | None] = [None] * len(queries)

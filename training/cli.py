@@ -9,6 +9,10 @@ import click
 
 from matchmap.options import checkpoint_option, device_option, exit_codes, quiet_option
 
+# DistillConfig's defaults, repeated here so that --help imports no torch (a test keeps them equal).
+DISTILL_DEFAULTS = {"heads": 4, "epochs": 30, "batch_size": 128, "lr": 3e-3, "teacher_temperature": 0.1,
+                    "holdout": 0.1, "seed": 0}
+
 
 @click.command("synth", epilog=exit_codes(
     "0  the corpus was written",
@@ -145,7 +149,8 @@ def _load_manifest_or_exit(path: str, skip_bad: bool):
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
               help="Peak learning rate of AdamW (reached after 100 warm-up steps, then a cosine decay to 0).")
 @click.option("--sisa-weight", type=float, default=0.5,
-              help="Weight of the same loss on SISA scores (trains the stage-1 pooled vectors).")
+              help="Weight of the same loss on SISA scores (trains the masked-mean pooled vectors, stage 1's "
+                   "without distilled heads; a fine-tuned checkpoint's heads are dropped).")
 @click.option("--augment", default="speed,noise,vtlp,specaugment",
               help="Comma-separated: speed, noise, reverb, eq, vtlp, specaugment; or none. The default is "
                    "the shipped model's set: what paid on unheard engines and noisy recordings (docs/model.md).")
@@ -288,7 +293,8 @@ def pretrain_images(out_dir, model, scenes, val_scenes, objects_range, epochs, b
 @quiet_option
 def evaluate(manifest, checkpoint, as_json, batch_size, device, skip_bad, server, collection, index_first,
              data_dir, token, quiet):
-    """Recall@1/5/10 in both directions for MISA, SISA and SIMA on MANIFEST.
+    """Recall@1/5/10 in both directions for MISA, SISA and SIMA on MANIFEST (and STAGE1, the
+    stage-1 vectors of a model with distilled heads: `matchmap distill-stage1`).
 
     speech_to_image: each spoken caption retrieves its image among all images of the manifest;
     image_to_speech: the reverse. With --server, the captions are sent to a running search
@@ -394,3 +400,75 @@ def discover(manifest, checkpoint, clusters, out_dir, keep, half_width, image_we
         click.echo(f"{s['segments']} segments from {s['pairs']} pairs in {s['clusters']} clusters: mean purity "
                    f"{s['mean_purity']:.3f}, shapes named {s['shapes_found']}/8, colors {s['colors_found']}/8; "
                    f"report: {index}")
+
+
+@click.command("distill-stage1", context_settings={"show_default": True}, epilog=exit_codes(
+    "0  the checkpoint with stage-1 heads was written to --out",
+    "1  the manifest or --checkpoint could not be read, or distillation failed",
+    "2  usage error (a missing or bad option)",
+))
+@checkpoint_option("The trained model whose stage-1 heads to distil [default: the shipped default model].")
+@click.option("--train", "train_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Manifest whose images and captions teach the heads (e.g. the model's corpus/train.json).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the model with its heads (encoder weights unchanged; a new model version).")
+@click.option("--heads", type=click.IntRange(min=1), default=DISTILL_DEFAULTS["heads"],
+              help="Attention heads of each stage-1 pooling (image and audio).")
+@click.option("--epochs", type=click.IntRange(min=1), default=DISTILL_DEFAULTS["epochs"],
+              help="Passes over the manifest's captions.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DISTILL_DEFAULTS["batch_size"],
+              help="Captions per step; each is scored against every training image.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DISTILL_DEFAULTS["lr"],
+              help="Peak learning rate (AdamW, one-cycle schedule).")
+@click.option("--teacher-temperature", type=click.FloatRange(min=0, min_open=True),
+              default=DISTILL_DEFAULTS["teacher_temperature"],
+              help="Softmax temperature of the MISA targets, in units of each caption's score spread "
+                   "(smaller: only MISA's very top counts).")
+@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=DISTILL_DEFAULTS["holdout"],
+              help="Share of the images (with their captions) held out to report agreement with MISA.")
+@click.option("--seed", type=int, default=DISTILL_DEFAULTS["seed"], help="Seed of the hold-out draw, init and order.")
+@device_option("encoding")
+@click.option("--skip-bad", is_flag=True, help="Skip (and count) manifest entries with missing or unreadable files.")
+@quiet_option
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (and no progress bars).")
+def distill_stage1(checkpoint, train_path, out, heads, epochs, batch_size, lr, teacher_temperature, holdout, seed,
+                   device, skip_bad, quiet, as_json):
+    """Train a model's stage-1 pooling heads to rank images as MISA does.
+
+    Search finds candidates by one inner product per image (stage 1) and re-ranks them by MISA
+    (stage 2). Masked-mean vectors make stage 1 SISA, which misses much of MISA's top 10 unless
+    thousands of candidates go on. This runs the frozen encoders over --train once, scores every
+    caption against every image by MISA, and fits small pooling heads so that their inner product
+    ranks as MISA does (a listwise KL loss). The checkpoint written to --out is the same model plus the
+    heads: index and serve with it (collections indexed with the old model must be re-indexed; the
+    service reports them as built with another model). Reports, on held-out images and captions, how
+    much of MISA's top 10 the stage-1 top 1 % and 4 % hold, with masked means and with the heads.
+    """
+    import json
+
+    from encoders import default_checkpoint_path
+    from training.distill import DistillConfig, distill_checkpoint
+    from training.train import resolve_device
+
+    torch_device = resolve_device(device)
+    if torch_device.type == "cuda":
+        from encoders.precision import use_exact_float32
+
+        use_exact_float32()  # the teacher's maps as search computes them (encoders/precision.py)
+    manifest = _load_manifest_or_exit(train_path, skip_bad)
+    cfg = DistillConfig(heads=heads, epochs=epochs, batch_size=batch_size, lr=lr, teacher_temperature=teacher_temperature,
+                        holdout=holdout, seed=seed, device=str(torch_device))
+    source = checkpoint or default_checkpoint_path()
+    try:
+        summary = distill_checkpoint(source, manifest, out, cfg, progress=not (quiet or as_json))
+    except (FileNotFoundError, ValueError, FloatingPointError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    held = summary["held_out_agreement"]
+    for k in held["distilled"]:
+        click.echo(f"held-out share of MISA's top 10 in the stage-1 {k.replace('top', 'top ')}: masked means "
+                   f"{held['masked_mean'][k]:.3f}, distilled heads {held['distilled'][k]:.3f}")
+    click.echo(f"wrote {out} (model {summary['version']}, from {summary['source_version']}) in "
+               f"{summary['encode_seconds'] + summary['teacher_seconds'] + summary['train_seconds']:.0f} s")

@@ -104,10 +104,19 @@ def evaluate_embeddings(emb: Embeddings, *, images: Sequence[Hashable] | None = 
 def evaluate(model, manifest: Manifest, *, batch_size: int = 64, device: str | torch.device = "cpu",
              progress: bool = True) -> dict:
     """Recall@1/5/10 of ``model`` on every caption of ``manifest``, captions grouped by image file
-    (see ``evaluate_embeddings``)."""
+    (see ``evaluate_embeddings``); a model with stage-1 heads adds "STAGE1", the recall of their vectors."""
     dataset = CaptionedImages(manifest, model, train=False, progress=progress)
-    return evaluate_embeddings(embed_pairs(model, dataset, batch_size=batch_size, device=device, progress=progress),
-                               images=manifest_images(manifest))
+    emb = embed_pairs(model, dataset, batch_size=batch_size, device=device, progress=progress)
+    images = manifest_images(manifest)
+    result = evaluate_embeddings(emb, images=images)
+    if model.stage1 is not None:
+        # What the service's stage 1 ranks by when the model has distilled heads (without them, SISA).
+        representatives, caption_image = image_groups(images)
+        with torch.no_grad():
+            maps = emb.image_maps[representatives].to(device)
+            scores = model.stage1_audio_vectors(emb.audio.to(device), emb.lengths) @ model.stage1_image_vectors(maps).T
+        result["STAGE1"] = recall_at_k(scores.cpu(), caption_image=caption_image)
+    return result
 
 
 def manifest_images(manifest: Manifest) -> list[str]:
@@ -123,7 +132,7 @@ def mean_r10(result: dict, kind: str = "MISA") -> float:
 def format_table(result: dict) -> str:
     """A plain-text recall table: one row per score kind and direction."""
     lines = [f"{'score':<6} {'direction':<16} {'R@1':>6} {'R@5':>6} {'R@10':>6}"]
-    for kind in KINDS:
+    for kind in [*KINDS, "STAGE1"] if "STAGE1" in result else KINDS:
         for direction in ("speech_to_image", "image_to_speech"):
             r = result[kind][direction]
             lines.append(f"{kind:<6} {direction:<16} {r['R@1']:>6.3f} {r['R@5']:>6.3f} {r['R@10']:>6.3f}")

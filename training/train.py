@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from encoders import create_model, load_checkpoint, save_checkpoint, weights_version
+from encoders import create_model, load_checkpoint, save_checkpoint, weights_version, with_stage1_heads
 from encoders.matchmap import score_matrix
 from training.augment import AugmentConfig
 from training.data import Batch, CaptionedImages, LengthBucketBatchSampler, collate
@@ -187,6 +187,10 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
     torch.manual_seed(cfg.seed)
     state = load_checkpoint(resume) if resume else None
     model = create_model(resume if resume else cfg.model).to(device)
+    if model.stage1 is not None:
+        # Stage-1 heads fit the encoders they were distilled from; once these train, the heads would
+        # be stale. The trained model has none (masked means); `matchmap distill-stage1` makes new ones.
+        model = with_stage1_heads(model, 0).to(device)
     loss_fn = make_loss(cfg.loss, **({"margin": cfg.margin} if cfg.loss == "margin" else {}))
     objective = PairObjective(model, loss_fn, cfg.sisa_weight).to(device)
 

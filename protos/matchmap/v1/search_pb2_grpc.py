@@ -70,8 +70,9 @@ class SpokenImageSearchServicer:
     """
 
     def Search(self, request, context):
-        """Two-stage search: stage 1 ranks the whole collection by SISA (pooled vectors, exact inner
-        product), stage 2 re-ranks the best `candidates` by MISA on their stored feature maps.
+        """Two-stage search: stage 1 ranks the whole collection by the inner product of pooled vectors
+        (SISA with masked-mean pooling; a model's distilled stage-1 heads rank as MISA does), stage 2
+        re-ranks the best `candidates` by MISA on their stored feature maps.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
