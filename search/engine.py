@@ -26,6 +26,7 @@ from torch import Tensor
 from encoders import create_model, load_image, trim_silence
 from encoders.matchmap import pool_audio, score_matrix
 from indexer import Collection, CollectionInfo, ImageRecord, Library
+from search import DEFAULT_CANDIDATES, MAX_CANDIDATES, MAX_EXHAUSTIVE_CANDIDATES
 from search.audio import check_sample_rate, decode_audio
 from search.errors import ImageNotFound, InvalidQuery
 from search.localization import LiveHighlighter, Localization, encode_whole_image, localize
@@ -38,6 +39,9 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 COLLECTION_REFRESH_SECONDS = 2.0
 # Queries batched into one audio-branch pass may be padded by at most this share of their true frames.
 PADDING_BUDGET = 0.2
+# Stage 2 reads candidates' maps from the feature store this many at a time (float16 read + float32
+# copy: 48 MB for `tiny`), so a query's memory does not grow with its candidates (10,000 at once: 983 MB).
+STORE_READ_CHUNK = 512
 
 
 def resolve_device(device: str) -> torch.device:
@@ -58,10 +62,13 @@ class SearchLimits:
     max_audio_seconds: float = 30.0
     default_top_k: int = 10
     max_top_k: int = 1000
-    # Stage-1 candidates re-ranked by MISA. bench/bench_search.py on 10,000 images with the shipped
-    # model: the two-stage top-10 holds 1.000 of the exhaustive MISA top-10 at 4,000 (0.992 at 1,000).
-    default_candidates: int = 4000
-    max_candidates: int = 10_000
+    # Stage-1 candidates re-ranked by MISA (see search.DEFAULT_CANDIDATES and docs/search.md).
+    default_candidates: int = DEFAULT_CANDIDATES
+    # At most this many per query; a collection of at most max_exhaustive_candidates images may be asked
+    # for up to that many (every image: exhaustive search). Stage 2 reads maps from the store in chunks
+    # of STORE_READ_CHUNK, so a query's memory stays bounded whatever it asks for.
+    max_candidates: int = MAX_CANDIDATES
+    max_exhaustive_candidates: int = MAX_EXHAUSTIVE_CANDIDATES
     resident_maps_mb: float = 4096.0  # memory for collections' feature maps held in memory (0 = read from the store)
     # With resident maps, stage 2 scores every candidate in bfloat16, then re-scores exactly (float32,
     # from the store) the best max(exact_rescore_at_least, exact_rescore_factor * top_k), which it ranks.
@@ -77,10 +84,10 @@ class SearchLimits:
             raise ValueError("exact_rescore_at_least and exact_rescore_factor must be >= 1")
         if not self.resident_maps_mb >= 0:
             raise ValueError(f"resident_maps_mb must be >= 0, got {self.resident_maps_mb}")
-        if not 1 <= self.default_candidates <= self.max_candidates:
+        if not 1 <= self.default_candidates <= self.max_candidates <= self.max_exhaustive_candidates:
             raise ValueError(
-                f"need 1 <= default_candidates <= max_candidates, got {self.default_candidates}, "
-                f"{self.max_candidates}"
+                "need 1 <= default_candidates <= max_candidates <= max_exhaustive_candidates, got "
+                f"{self.default_candidates}, {self.max_candidates}, {self.max_exhaustive_candidates}"
             )
 
 
@@ -297,8 +304,13 @@ class SearchEngine:
                 field=name,
             )
 
-    def resolve_counts(self, top_k: int, candidates: int) -> tuple[int, int]:
-        """Apply defaults (0) and limits to a request's top_k and candidates; InvalidQuery if outside."""
+    def resolve_counts(self, top_k: int, candidates: int, collection_size: int | None = None) -> tuple[int, int]:
+        """Apply defaults (0) and limits to a request's top_k and candidates; InvalidQuery if outside.
+
+        candidates may exceed ``max_candidates`` (up to ``max_exhaustive_candidates``) only on a
+        collection of at most ``max_exhaustive_candidates`` images; without ``collection_size`` that
+        part is left to a second call once the collection is known.
+        """
         limits = self.limits
         top_k = top_k or limits.default_top_k
         if not 1 <= top_k <= limits.max_top_k:
@@ -306,10 +318,18 @@ class SearchEngine:
                 f"top_k is {top_k}; it must lie in 1..{limits.max_top_k} (0 = {limits.default_top_k})", field="top_k"
             )
         candidates = candidates or max(limits.default_candidates, top_k)
-        if not top_k <= candidates <= limits.max_candidates:
+        small = collection_size is None or collection_size <= limits.max_exhaustive_candidates
+        ceiling = limits.max_exhaustive_candidates if small else limits.max_candidates
+        if not top_k <= candidates <= ceiling:
+            exhaustive = (
+                f"; a collection of at most {limits.max_exhaustive_candidates} images also takes up to "
+                f"{limits.max_exhaustive_candidates} (every image: an exhaustive search)"
+            )
+            if collection_size is not None and not small:
+                exhaustive += f", and this one holds {collection_size}"
             raise InvalidQuery(
                 f"candidates is {candidates}; it must lie in top_k..{limits.max_candidates} "
-                f"(here {top_k}..{limits.max_candidates}; 0 = max({limits.default_candidates}, top_k))",
+                f"(here {top_k}..{limits.max_candidates}; 0 = max({limits.default_candidates}, top_k)){exhaustive}",
                 field="candidates",
             )
         return top_k, candidates
@@ -319,7 +339,7 @@ class SearchEngine:
     ) -> SearchResult:
         """One query end to end (the server batches instead; see search_batch)."""
         top_k, candidates = self.resolve_counts(top_k, candidates)
-        self.collection(collection)
+        top_k, candidates = self.resolve_counts(top_k, candidates, self.collection(collection).size)
         query = SearchQuery(self.prepare_audio(data, sample_rate=sample_rate), collection, top_k, candidates)
         result = self.search_batch([query])[0]
         if isinstance(result, BaseException):
@@ -421,8 +441,11 @@ class SearchEngine:
             coarse = resident.misa(query, lengths, coll.positions_of(ids))[0]
             keep = torch.topk(coarse, refine).indices.cpu().numpy()
             ids, stage1_scores = ids[keep], stage1_scores[keep]
-        maps = torch.from_numpy(np.asarray(coll.feature_maps(ids.tolist()))).to(self.device)  # (K, R, D)
-        misa = score_matrix(query, lengths, maps.float(), kinds=("misa",))["misa"][0]
+        misa = torch.cat([  # exact float32, STORE_READ_CHUNK maps at a time: memory bounded whatever K
+            score_matrix(query, lengths, torch.from_numpy(coll.feature_maps(ids[i : i + STORE_READ_CHUNK].tolist()))
+                         .to(self.device).float(), kinds=("misa",))["misa"][0]
+            for i in range(0, len(ids), STORE_READ_CHUNK)
+        ])
         order = torch.argsort(misa, descending=True, stable=True)[:top_k].cpu().numpy()
         misa = misa.cpu().numpy()
         stage2_ms = _ms_since(started)

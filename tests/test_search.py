@@ -181,6 +181,39 @@ def test_resident_maps_rank_like_reading_the_store_and_return_exact_scores(check
         from_store.close()
 
 
+def test_candidates_are_bounded_but_an_exhaustive_search_stays_possible(checkpoint, data_dir, engine, val, monkeypatch):
+    """Over gRPC: a query may ask for at most max_candidates, except on a collection of at most
+    max_exhaustive_candidates images, which it may search whole. Stage 2 reads the store in chunks
+    (memory bounded whatever K), and ranks as reading every map at once did."""
+    size = engine.collection(COLLECTION).size
+    data = val.audio_path(val.entries[0]).read_bytes()
+    want = engine.search(data, COLLECTION, top_k=3, candidates=size)
+    monkeypatch.setattr("search.engine.STORE_READ_CHUNK", 7)  # several chunks even at this size
+    for exhaustive_up_to, allowed in ((size, True), (size - 1, False)):
+        limits = SearchLimits(default_candidates=3, max_candidates=4, max_exhaustive_candidates=exhaustive_up_to,
+                              resident_maps_mb=0)
+        bounded = SearchEngine.open(checkpoint, data_dir, device="cpu", limits=limits)
+        try:
+            with ServerThread(bounded) as running, grpc.insecure_channel(running.target) as channel:
+                stub = search_pb2_grpc.SpokenImageSearchStub(channel)
+                request = search_pb2.SearchRequest(audio=search_pb2.AudioInput(encoded=data), collection=COLLECTION, top_k=3)
+                assert stub.Search(request, timeout=30).candidates == 3  # the default
+                request.candidates = size
+                if allowed:
+                    got = stub.Search(request, timeout=30)
+                    assert got.candidates == size
+                    assert [int(h.image_id) for h in got.hits] == [h.image_id for h in want.hits]
+                    np.testing.assert_allclose([h.score for h in got.hits], [h.score for h in want.hits], rtol=1e-6)
+                else:
+                    with pytest.raises(grpc.RpcError) as raised:
+                        stub.Search(request, timeout=30)
+                    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    details = raised.value.details()
+                    assert f"candidates is {size}" in details and f"at most {size - 1} images" in details, details
+        finally:
+            bounded.close()
+
+
 def test_raw_pcm_and_the_encoded_file_give_the_same_hits(client, caption_wav):
     samples, rate = soundfile.read(str(caption_wav), dtype="int16")
     from_pcm = client.search(PcmAudio(samples.astype("<i2").tobytes(), rate), COLLECTION, top_k=5)
