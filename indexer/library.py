@@ -177,6 +177,17 @@ class _SlotTable:
         self._parts.append((ids, slots))
         self._count += len(ids)
 
+    def extended(self, ids: np.ndarray, slots: np.ndarray) -> _SlotTable:
+        """A new table: this one's rows plus ``ids``/``slots`` (this one is left as it is)."""
+        table = _SlotTable.__new__(_SlotTable)
+        table._parts = [*self._parts, (ids, slots)]
+        table._count = self._count + len(ids)
+        return table
+
+    def last_id(self) -> int:
+        """The largest id held (-1 when empty)."""
+        return max((int(part[0].max()) for part in self._parts if len(part[0])), default=-1)
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids (N,) sorted, slots (N,)) int64."""
         if len(self._parts) > 1:
@@ -270,6 +281,56 @@ class Collection:
     def index_params(self) -> dict[str, Any]:
         return dict(self._row.index_params)
 
+    def ids(self) -> np.ndarray:
+        """The indexed images' ids (N,) int64, ascending (the order of positions_of)."""
+        return self._table.arrays()[0]
+
+    def appended(self) -> Collection | None:
+        """This snapshot brought up to the catalog's current state by appending, when it can be.
+
+        When every change since this snapshot only added images (the catalog's count of indexed images
+        grew by exactly the rows added since, and the store layout and stage-1 choice are as they
+        were: nothing was removed, replaced, compacted or rebuilt), returns a new snapshot that shares
+        this one's store and stage-1 index, with the new images' pooled vectors added to the index
+        (flat: add_with_ids; IVF: into its trained lists; no rebuild) and their rows appended to the
+        slot table. The new images' ids are past every id held here, so positions are kept. This
+        snapshot must not be searched afterwards (its index holds the new vectors too). Returns this
+        snapshot itself when the catalog has not changed, None when something else changed (open the
+        collection again). Costs two small catalog queries and the new images' store reads.
+        """
+        last_id = self._table.last_id()
+        with self._library._snapshot() as session:
+            row = session.get(CollectionRow, self._row.id)
+            if row is None:
+                return None
+            if row.generation == self.generation:
+                return self
+            if any(getattr(row, c) != getattr(self._row, c) for c in _APPEND_INVARIANTS):
+                return None
+            added = session.execute(
+                select(ImageRow.id, ImageRow.store_slot)
+                .where(
+                    ImageRow.collection_id == row.id,
+                    ImageRow.status == STATUS_INDEXED,
+                    ImageRow.id > last_id,
+                    ImageRow.store_slot < row.next_slot,  # rows committed after `row` was read wait
+                )
+                .order_by(ImageRow.id)
+            ).all()
+            if self.size + len(added) != row.images_indexed:  # something was removed too
+                return None
+            state = CollectionRow()
+            _copy_state(row, state)
+        table = np.array(added, dtype=np.int64).reshape(-1, 2)
+        ids, slots = table[:, 0].copy(), table[:, 1].copy()
+        fresh = Collection.__new__(Collection)
+        fresh._library, fresh._row, fresh.folder, fresh.store = self._library, state, self.folder, self.store
+        fresh._table = self._table.extended(ids, slots)
+        fresh._index = self._index
+        if len(ids):
+            stage1_index.add_vectors(fresh._index, self.store.read_pooled(slots), ids)
+        return fresh
+
     def is_current(self) -> bool:
         """Whether the catalog still holds this snapshot's generation (one small query)."""
         with self._library._sessions() as session:
@@ -338,6 +399,17 @@ class Collection:
         if missing:
             raise KeyError(f"collection {self.name!r} has no images with ids {missing[:10]}")
         return [by_id[i] for i in ids]
+
+    def uris(self, image_ids: Sequence[int]) -> dict[int, str]:
+        """id -> uri of those of ``image_ids`` that are image rows of this collection now, in one query
+        (ids removed since this snapshot was opened are left out)."""
+        ids = {int(i) for i in image_ids}
+        if not ids:
+            return {}
+        with self._library._sessions() as session:
+            return dict(session.execute(
+                select(ImageRow.id, ImageRow.uri).where(ImageRow.collection_id == self._row.id, ImageRow.id.in_(ids))
+            ).all())
 
     def ids_for_uris(self, uris: Sequence[str]) -> dict[str, list[int]]:
         """uri -> ids of the collection's image rows (indexed or failed) with that uri, in one query."""
@@ -874,6 +946,11 @@ class Library:
                 session.execute(delete(ImageRow).where(ImageRow.collection_id == row.id))
                 session.execute(delete(CollectionRow).where(CollectionRow.id == row.id))
             shutil.rmtree(self.collection_folder(row.storage_key), ignore_errors=True)
+
+
+# What stays the same while a collection only grows (see Collection.appended).
+_APPEND_INVARIANTS = ("storage_key", "model_name", "model_version", "embed_dim", "grid_rows", "grid_cols",
+                      "index_type", "index_params", "store_layout")
 
 
 def _copy_state(source: CollectionRow, target: CollectionRow) -> None:

@@ -35,7 +35,9 @@ from search.vad import keep_speech
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # An opened collection is a snapshot; after this many seconds the next query asks the catalog
-# (one small query) whether it changed, and reopens it if so (images added or removed meanwhile).
+# (one small query) whether it changed. Images added meanwhile are appended to the open snapshot
+# (Collection.appended: their rows, stage-1 vectors and resident maps; milliseconds); any other change
+# reopens the collection in a background thread while queries go on with the old snapshot.
 COLLECTION_REFRESH_SECONDS = 2.0
 # Queries batched into one audio-branch pass may be padded by at most this share of their true frames.
 PADDING_BUDGET = 0.2
@@ -184,6 +186,9 @@ class SearchEngine:
         self.limits = limits or SearchLimits()
         self._collections: dict[str, tuple[Collection, float]] = {}  # name -> (snapshot, last checked)
         self._resident: dict[str, ResidentMaps] = {}  # name -> maps of the snapshot in _collections
+        # name -> what a background reopen produced: (snapshot, its resident maps or None) or the error
+        self._reopened: dict[str, tuple[Collection, ResidentMaps | None] | Exception] = {}
+        self._reopening: set[str] = set()
         self._lock = threading.Lock()
 
     @classmethod
@@ -223,8 +228,9 @@ class SearchEngine:
     def collection(self, name: str) -> Collection:
         """The named collection checked against the model (CollectionNotFound, ModelMismatchError).
 
-        Opened once and kept; re-checked against the catalog at most every
-        COLLECTION_REFRESH_SECONDS and reopened when it changed.
+        Opened once and kept; re-checked against the catalog at most every COLLECTION_REFRESH_SECONDS.
+        Images added since are appended to the open snapshot; any other change reopens the collection
+        in a background thread, and the old snapshot answers until the new one is ready.
         """
         if not name:
             raise InvalidQuery(
@@ -232,25 +238,84 @@ class SearchEngine:
             )
         with self._lock:
             now = time.monotonic()
+            reopened = self._reopened.pop(name, None)
+            if isinstance(reopened, Exception):  # the collection went away, or changed model
+                self._forget(name)
+                raise reopened
+            if reopened is not None:
+                coll, resident = reopened
+                self._forget(name)
+                self._install(coll, resident, now)
+                return coll
             cached = self._collections.get(name)
-            if cached is not None:
-                coll, checked = cached
-                if now - checked < COLLECTION_REFRESH_SECONDS or coll.is_current():
-                    self._collections[name] = (coll, now)
-                    return coll
-                del self._collections[name]
-            coll = self.library.collection(name)
-            coll.check_model(self.model)
-            self._collections[name] = (coll, now)
-            self._load_resident(coll)
-            return coll
+            if cached is None:
+                coll = self.library.collection(name)
+                coll.check_model(self.model)
+                self._install(coll, self._resident_for(coll), now)
+                return coll
+            coll, checked = cached
+            if now - checked < COLLECTION_REFRESH_SECONDS or name in self._reopening:
+                return coll
+            fresh = coll.appended()
+            if fresh is None:  # not only additions: reopen without making queries wait
+                self._collections[name] = (coll, now)
+                self._reopen_in_background(name)
+                return coll
+            if fresh is not coll:
+                self._install(fresh, self._appended_resident(coll, fresh), now)
+            else:
+                self._collections[name] = (coll, now)
+            return fresh
 
-    def _load_resident(self, coll: Collection) -> None:
-        """Hold ``coll``'s feature maps in memory if they fit the budget (replacing an older snapshot's)."""
-        self._resident.pop(coll.name, None)
-        used = sum(r.nbytes for r in self._resident.values())
-        if used + ResidentMaps.bytes_for(coll) <= self.limits.resident_maps_mb * 2**20 and coll.size > 0:
-            self._resident[coll.name] = ResidentMaps.load(coll, device=self.device)
+    def _install(self, coll: Collection, resident: ResidentMaps | None, now: float) -> None:
+        self._collections[coll.name] = (coll, now)
+        if resident is None:
+            self._resident.pop(coll.name, None)
+        else:
+            self._resident[coll.name] = resident
+
+    def _forget(self, name: str) -> None:
+        self._collections.pop(name, None)
+        self._resident.pop(name, None)
+
+    def _fits(self, name: str, nbytes: int) -> bool:
+        used = sum(r.nbytes for other, r in self._resident.items() if other != name)
+        return used + nbytes <= self.limits.resident_maps_mb * 2**20
+
+    def _resident_for(self, coll: Collection) -> ResidentMaps | None:
+        """``coll``'s feature maps held in memory if they fit the budget beside other collections'."""
+        if coll.size > 0 and self._fits(coll.name, ResidentMaps.bytes_for(coll)):
+            return ResidentMaps.load(coll, device=self.device)
+        return None
+
+    def _appended_resident(self, old: Collection, fresh: Collection) -> ResidentMaps | None:
+        """The resident maps of ``old`` with ``fresh``'s added images appended (None past the budget)."""
+        resident = self._resident.get(old.name)
+        if resident is None or resident.generation != old.generation:
+            return self._resident_for(fresh) if old.size == 0 else None
+        if not self._fits(fresh.name, ResidentMaps.bytes_for(fresh)):
+            return None
+        return resident.appended(fresh, fresh.ids()[old.size :])
+
+    def _reopen_in_background(self, name: str) -> None:
+        """Open ``name`` afresh (catalog rows, stage 1, resident maps) in a thread; collection() swaps it in."""
+        self._reopening.add(name)
+
+        def reopen() -> None:
+            try:
+                coll = self.library.collection(name)
+                coll.check_model(self.model)
+                with self._lock:
+                    fits = coll.size > 0 and self._fits(name, ResidentMaps.bytes_for(coll))
+                result: tuple[Collection, ResidentMaps | None] | Exception = (
+                    coll, ResidentMaps.load(coll, device=self.device) if fits else None)
+            except Exception as error:  # handed to the next query of this collection
+                result = error
+            with self._lock:
+                self._reopened[name] = result
+                self._reopening.discard(name)
+
+        threading.Thread(target=reopen, name=f"matchmap-reopen-{name}", daemon=True).start()
 
     def warm_up(self) -> list[str]:
         """Open every collection this model can search (and load its maps), so first queries are not slow."""
@@ -450,9 +515,9 @@ class SearchEngine:
         misa = misa.cpu().numpy()
         stage2_ms = _ms_since(started)
         best = ids[order]
-        uris = {record.id: record.uri for record in coll.images(best.tolist())}
-        hits = [Hit(int(best[j]), uris.get(int(best[j]), ""), float(misa[k]), float(stage1_scores[k]))
-                for j, k in enumerate(order)]
+        uris = coll.uris(best.tolist())  # an image removed since this snapshot (reopening) is left out
+        hits = [Hit(int(best[j]), uris[int(best[j])], float(misa[k]), float(stage1_scores[k]))
+                for j, k in enumerate(order) if int(best[j]) in uris]
         return hits, stage2_ms, scored
 
     # ---- localization ------------------------------------------------------------------------
