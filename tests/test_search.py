@@ -234,7 +234,7 @@ def test_a_growing_collection_is_appended_to_and_other_changes_reopen_in_the_bac
 
             def slow_open(name, real=engine.library.collection):  # a reopen takes a while: queries must not wait
                 opened.append(name)
-                time.sleep(0.5)
+                time.sleep(3.0)  # longer than a query takes even on 2 busy cores
                 return real(name)
 
             monkeypatch.setattr(engine.library, "collection", slow_open)
