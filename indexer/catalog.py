@@ -6,6 +6,9 @@ change bumps (the FAISS file names the generation it reflects; a mismatch means 
 ``images``: one row per image file seen, ``indexed`` (with its slot in the feature store) or
 ``failed`` (with the reason). Image ids are the ids of the FAISS stage-1 index.
 
+The schema is versioned with Alembic (``indexer/migrations``): :func:`open_catalog` upgrades any
+catalog to the newest revision in place, stamping catalogs made before migrations existed as 0001.
+
 Content hashes are unique per collection among *indexed* images (a partial unique index, which both
 SQLite and PostgreSQL support): two different corrupt files may share bytes (two empty files) and
 must both be reported, but the same picture is indexed only once.
@@ -32,6 +35,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
     text,
 )
@@ -114,6 +118,7 @@ class ImageRow(Base):
         ),
         Index("ix_images_collection_uri", "collection_id", "uri"),
         Index("ix_images_collection_status", "collection_id", "status"),
+        Index("ix_images_live_slots", "collection_id", "status", "id", "store_slot"),  # migration 0002
     )
 
 
@@ -127,8 +132,27 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+MIGRATIONS = Path(__file__).parent / "migrations"
+BASELINE_REVISION = "0001"  # the schema of catalogs made before migrations existed
+
+
+def upgrade_catalog(engine: Engine) -> None:
+    """Bring the catalog's schema to the newest migration, in place (tables created on an empty database)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        tables = set(inspect(connection).get_table_names())
+        if "collections" in tables and "alembic_version" not in tables:
+            command.stamp(config, BASELINE_REVISION)  # made before migrations: it has the baseline schema
+        command.upgrade(config, "head")
+
+
 def open_catalog(db_url: str) -> tuple[Engine, sessionmaker[Session]]:
-    """Connect to the catalog at ``db_url`` and create its tables if they are missing.
+    """Connect to the catalog at ``db_url`` and create or upgrade its tables (:func:`upgrade_catalog`).
 
     Raises ``RuntimeError`` naming the URL (password hidden) when the database cannot be reached.
     """
@@ -136,7 +160,7 @@ def open_catalog(db_url: str) -> tuple[Engine, sessionmaker[Session]]:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
-        Base.metadata.create_all(engine)
+        upgrade_catalog(engine)
     except Exception as exc:  # driver errors differ per database; all mean "cannot use this catalog"
         engine.dispose()
         shown = engine.url.render_as_string(hide_password=True)

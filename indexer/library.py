@@ -20,6 +20,7 @@ file of the catalog's current generation.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import shutil
 import uuid
@@ -177,6 +178,17 @@ class _SlotTable:
         self._parts.append((ids, slots))
         self._count += len(ids)
 
+    def extended(self, ids: np.ndarray, slots: np.ndarray) -> _SlotTable:
+        """A new table: this one's rows plus ``ids``/``slots`` (this one is left as it is)."""
+        table = _SlotTable.__new__(_SlotTable)
+        table._parts = [*self._parts, (ids, slots)]
+        table._count = self._count + len(ids)
+        return table
+
+    def last_id(self) -> int:
+        """The largest id held (-1 when empty)."""
+        return max((int(part[0].max()) for part in self._parts if len(part[0])), default=-1)
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids (N,) sorted, slots (N,)) int64."""
         if len(self._parts) > 1:
@@ -270,6 +282,46 @@ class Collection:
     def index_params(self) -> dict[str, Any]:
         return dict(self._row.index_params)
 
+    def ids(self) -> np.ndarray:
+        """The indexed images' ids (N,) int64, ascending (the order of positions_of)."""
+        return self._table.arrays()[0]
+
+    def appended(self) -> Collection | None:
+        """This snapshot brought up to the catalog's current state by appending, when it can be.
+
+        When every change since this snapshot only added images (the catalog's count of indexed images
+        grew by exactly the rows added since, and the store layout and stage-1 choice are as they
+        were: nothing was removed, replaced, compacted or rebuilt), returns a new snapshot that shares
+        this one's store and stage-1 index, with the new images' pooled vectors added to the index
+        (flat: add_with_ids; IVF: into its trained lists; no rebuild) and their rows appended to the
+        slot table. The new images' ids are past every id held here, so positions are kept. This
+        snapshot must not be searched afterwards (its index holds the new vectors too). Returns this
+        snapshot itself when the catalog has not changed, None when something else changed (open the
+        collection again). Costs two small catalog queries and the new images' store reads.
+        """
+        last_id = self._table.last_id()
+        with self._library._snapshot() as session:
+            row = session.get(CollectionRow, self._row.id)
+            if row is None:
+                return None
+            if row.generation == self.generation:
+                return self
+            if any(getattr(row, c) != getattr(self._row, c) for c in _APPEND_INVARIANTS):
+                return None
+            # rows committed after `row` was read (slots past its next_slot) wait for the next refresh
+            ids, slots = self._library._live_slots(session, row.id, after_id=last_id, below_slot=row.next_slot)
+            if self.size + len(ids) != row.images_indexed:  # something was removed too
+                return None
+            state = CollectionRow()
+            _copy_state(row, state)
+        fresh = Collection.__new__(Collection)
+        fresh._library, fresh._row, fresh.folder, fresh.store = self._library, state, self.folder, self.store
+        fresh._table = self._table.extended(ids, slots)
+        fresh._index = self._index
+        if len(ids):
+            stage1_index.add_vectors(fresh._index, self.store.read_pooled(slots), ids)
+        return fresh
+
     def is_current(self) -> bool:
         """Whether the catalog still holds this snapshot's generation (one small query)."""
         with self._library._sessions() as session:
@@ -293,8 +345,8 @@ class Collection:
         """queries (B, D) float32 pooled audio vectors -> (scores (B, k) float32, image ids (B, k) int64).
 
         Scores are inner products with the images' pooled vectors, i.e. SISA of the stored maps (exact
-        for a flat index). Missing results (k > size, or an approximate index finding fewer) are id -1,
-        score -inf.
+        for a flat index). Every row holds min(k, size) real results, whatever the index type (the
+        search parameters follow k: ``stage1_index.search``); the rest (k > size) are id -1, score -inf.
         """
         queries = np.asarray(queries)
         if queries.ndim != 2 or queries.shape[1] != self.embed_dim:
@@ -302,7 +354,7 @@ class Collection:
                 f"queries must be (B, {self.embed_dim}) pooled audio vectors for collection {self.name!r}, "
                 f"got shape {queries.shape}"
             )
-        return stage1_index.search(self._index, queries, k)
+        return stage1_index.search(self._index, queries, k, self._row.index_params)
 
     def feature_maps(self, image_ids: Sequence[int]) -> np.ndarray:
         """image ids (K,) -> their feature maps (K, R, D) float16, R = rows * cols, in one batched store read.
@@ -338,6 +390,17 @@ class Collection:
         if missing:
             raise KeyError(f"collection {self.name!r} has no images with ids {missing[:10]}")
         return [by_id[i] for i in ids]
+
+    def uris(self, image_ids: Sequence[int]) -> dict[int, str]:
+        """id -> uri of those of ``image_ids`` that are image rows of this collection now, in one query
+        (ids removed since this snapshot was opened are left out)."""
+        ids = {int(i) for i in image_ids}
+        if not ids:
+            return {}
+        with self._library._sessions() as session:
+            return dict(session.execute(
+                select(ImageRow.id, ImageRow.uri).where(ImageRow.collection_id == self._row.id, ImageRow.id.in_(ids))
+            ).all())
 
     def ids_for_uris(self, uris: Sequence[str]) -> dict[str, list[int]]:
         """uri -> ids of the collection's image rows (indexed or failed) with that uri, in one query."""
@@ -524,13 +587,19 @@ class Library:
             yield session
 
     @staticmethod
-    def _live_slots(session: Session, collection_id: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = session.execute(
-            select(ImageRow.id, ImageRow.store_slot)
-            .where(ImageRow.collection_id == collection_id, ImageRow.status == STATUS_INDEXED)
-            .order_by(ImageRow.id)
-        ).all()
-        table = np.array(rows, dtype=np.int64).reshape(-1, 2)
+    def _live_slots(session: Session, collection_id: int, after_id: int | None = None,
+                    below_slot: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, slots) of the collection's indexed images in id order (those past ``after_id`` and
+        below ``below_slot`` when given). Read as a flat stream of ints: numpy over a list of Row
+        objects took 12 s for 100,000 rows on 2 busy cores, this 1.1 s."""
+        query = select(ImageRow.id, ImageRow.store_slot).where(
+            ImageRow.collection_id == collection_id, ImageRow.status == STATUS_INDEXED)
+        if after_id is not None:
+            query = query.where(ImageRow.id > after_id)
+        if below_slot is not None:
+            query = query.where(ImageRow.store_slot < below_slot)
+        flat = np.fromiter(itertools.chain.from_iterable(session.execute(query.order_by(ImageRow.id))), dtype=np.int64)
+        table = flat.reshape(-1, 2)
         return table[:, 0].copy(), table[:, 1].copy()
 
     # -- writing ---------------------------------------------------------------------------------
@@ -874,6 +943,11 @@ class Library:
                 session.execute(delete(ImageRow).where(ImageRow.collection_id == row.id))
                 session.execute(delete(CollectionRow).where(CollectionRow.id == row.id))
             shutil.rmtree(self.collection_folder(row.storage_key), ignore_errors=True)
+
+
+# What stays the same while a collection only grows (see Collection.appended).
+_APPEND_INVARIANTS = ("storage_key", "model_name", "model_version", "embed_dim", "grid_rows", "grid_cols",
+                      "index_type", "index_params", "store_layout")
 
 
 def _copy_state(source: CollectionRow, target: CollectionRow) -> None:

@@ -5,9 +5,19 @@ exact SISA top-K. The index type is chosen by rule, as autofaiss does, and recor
 
 - ``flat``: ``IndexIDMap2(IndexFlatIP)``, exact, below ``flat_threshold`` vectors (default 50,000);
 - ``ivf``: ``IndexIVFFlat`` with ``nlist ~ 4 sqrt(N)`` lists, k-means trained on the stored vectors
-  (a seeded sample, so a rebuild gives the same index), and the smallest power-of-two ``nprobe``
-  whose recall@K against the exact index reaches ``target_recall`` (0.95) on held-out-like queries;
+  (a seeded sample, so a rebuild gives the same index), and, for each K of ``TUNE_KS`` (100 to 4,000),
+  the smallest power-of-two ``nprobe`` whose recall@K against the exact index reaches
+  ``target_recall`` (0.95) on held-out-like queries (``nprobe_by_k``);
 - ``hnsw``: ``IndexIDMap2(IndexHNSWFlat)``, only on request, ``efSearch`` tuned the same way.
+
+**Every search honours its K** (:func:`search`): the search parameters are chosen per call from the
+requested K and the collection size, not fixed at build time. IVF probes the lists its table tuned
+for that K (scaled up past the largest tuned K), and at least enough lists to hold ``COVERAGE`` x K
+vectors; once that is half the lists or more it probes them all, which is exact (an IVF-Flat index
+keeps every vector). HNSW searches with ``efSearch >= K``, and exactly over its stored vectors once
+K is a large share of N. A query that still comes back with fewer than min(K, N) real results (its
+lists held too few vectors) is searched again with twice the lists, up to all of them: no search
+returns fewer real candidates than min(K, N).
 
 The FAISS file is *derived*: it is named after the catalog generation it reflects
 (``stage1-g<generation>.faiss``) and rebuilt from the feature store's pooled vectors whenever no file
@@ -30,7 +40,16 @@ INDEX_POLICIES = ("auto", *INDEX_TYPES)
 DEFAULT_FLAT_THRESHOLD = 50_000
 TARGET_RECALL = 0.95
 TUNE_K = 100
+# recall@K is tuned at each of these K (those below the collection size): nprobe / efSearch per K.
+# A search for fewer than TUNE_K results uses TUNE_K's setting (tuned on queries near the data, so
+# it keeps a margin for queries farther away, as the index did before K-dependent settings).
+TUNE_KS = (TUNE_K, 400, 1000, 4000)
 TUNE_QUERIES = 256
+# IVF probes at least enough lists to hold this many times K vectors (lists of the average size).
+COVERAGE = 4
+# Once a search would probe this share of the lists (IVF) or explore this share of the vectors
+# (HNSW efSearch), it scans everything instead: exact, and no slower.
+EXACT_SHARE = 0.5
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 # An IVF index trained on N vectors is retrained once the collection has grown past this many times N.
@@ -116,7 +135,9 @@ def _build_ivf(
     def set_nprobe(value: int) -> None:
         index.nprobe = value
 
-    nprobe, recall, k = _tune(index, vectors, ids, set_nprobe, _powers_of_two(nlist))
+    table = _tune_table(index, vectors, ids, set_nprobe, _powers_of_two(nlist))
+    nprobe, recall, k = _at_tune_k(table)
+    index.nprobe = nprobe
     return index, {
         "nlist": nlist,
         "nprobe": nprobe,
@@ -124,6 +145,8 @@ def _build_ivf(
         "recall_at_k": recall,
         "k": k,
         "target_recall": TARGET_RECALL,
+        "nprobe_by_k": [[kk, value] for kk, value, _ in table],
+        "recall_by_k": [[kk, rr] for kk, _, rr in table],
     }
 
 
@@ -143,7 +166,9 @@ def _build_hnsw(
     def set_ef(value: int) -> None:
         hnsw.hnsw.efSearch = value
 
-    ef, recall, k = _tune(index, vectors, ids, set_ef, [16, 32, 64, 128, 256, 512, 1024, 2048])
+    table = _tune_table(index, vectors, ids, set_ef, [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192])
+    ef, recall, k = _at_tune_k(table)
+    hnsw.hnsw.efSearch = ef
     return index, {
         "M": m,
         "efConstruction": HNSW_EF_CONSTRUCTION,
@@ -151,39 +176,56 @@ def _build_hnsw(
         "recall_at_k": recall,
         "k": k,
         "target_recall": TARGET_RECALL,
+        "ef_by_k": [[kk, value] for kk, value, _ in table],
+        "recall_by_k": [[kk, rr] for kk, _, rr in table],
     }
 
 
-def _tune(
+def _tune_table(
     index: faiss.Index,
     vectors: np.ndarray,
     ids: np.ndarray,
     set_value: Callable[[int], None],
     candidates: list[int],
-) -> tuple[int, float, int]:
-    """Smallest candidate whose recall@K vs exact search reaches TARGET_RECALL -> (value, recall, K).
+) -> list[tuple[int, int, float]]:
+    """For each K of TUNE_KS below the collection size (at least one K): the smallest candidate value
+    whose recall@K vs exact search reaches TARGET_RECALL -> [(K, value, recall)], K ascending.
 
     Queries are stored vectors plus Gaussian noise of half the data's per-dimension spread, so they
-    are near the data (as spoken queries are) without being database points found trivially.
+    are near the data (as spoken queries are) without being database points found trivially. The
+    search for a larger K starts at the value found for the smaller one (recall@K needs no less).
     """
     n, dim = vectors.shape
-    k = min(TUNE_K, n)
+    ks = [k for k in TUNE_KS if k < n] or [min(TUNE_K, n)]
     rng = np.random.default_rng(SEED)
     picked = vectors[_seeded_sample(n, TUNE_QUERIES)]
     noise = rng.standard_normal(picked.shape).astype(np.float32) * (0.5 * vectors.std(axis=0, keepdims=True))
     queries = np.ascontiguousarray(picked + noise, dtype=np.float32)
     exact = faiss.IndexFlatIP(dim)
     exact.add(vectors)
-    _, truth_positions = exact.search(queries, k)
+    _, truth_positions = exact.search(queries, ks[-1])
     truth = ids[truth_positions]
-    recall = 0.0
-    value = candidates[-1]
-    for value in candidates:
-        set_value(value)
-        _, found_ids = index.search(queries, k)
-        recall = recall_at_k(found_ids, truth, k)
-        if recall >= TARGET_RECALL:
-            break
+    table = []
+    start = 0
+    for k in ks:
+        recall = 0.0
+        for position in range(start, len(candidates)):
+            start = position
+            set_value(candidates[position])
+            _, found_ids = index.search(queries, k)
+            recall = recall_at_k(found_ids, truth, k)
+            if recall >= TARGET_RECALL:
+                break
+        table.append((k, candidates[start], recall))
+    return table
+
+
+def _at_tune_k(table: list[tuple[int, int, float]]) -> tuple[int, float, int]:
+    """(value, recall, K) of the table's row for TUNE_K (else its last row): the index's default setting."""
+    for k, value, recall in table:
+        if k == TUNE_K:
+            return value, recall, k
+    k, value, recall = table[-1]
     return value, recall, k
 
 
@@ -195,17 +237,98 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return hits / (k * len(found)) if len(found) else 1.0
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """queries (B, D) float32 -> (scores (B, k) float32, ids (B, k) int64); missing results: id -1, score -inf."""
+def search(
+    index: faiss.Index, queries: np.ndarray, k: int, params: dict[str, Any] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """queries (B, D) float32 -> (scores (B, k) float32, ids (B, k) int64); missing results: id -1, score -inf.
+
+    The search parameters follow ``k`` and the index's size (see the module docstring; ``params`` are
+    the index's recorded parameters, as build_index returned them; without them, the index's own
+    nprobe / efSearch serve as the setting tuned for TUNE_K). Every row holds min(k, ntotal)
+    real results: rows an approximate search left short are searched again more widely, up to exactly.
+    """
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
     queries = _as_vectors(queries, "queries")
     if queries.shape[1] != index.d:
         raise ValueError(f"queries have dimension {queries.shape[1]} but the index holds {index.d}-d vectors")
-    scores, ids = index.search(queries, k)
+    kind = index_type_of(index)
+    wanted = min(k, index.ntotal)
+    if kind == "ivf":
+        scores, ids = _search_ivf(index, queries, k, wanted, params or {})
+    elif kind == "hnsw":
+        scores, ids = _search_hnsw(index, queries, k, wanted, params or {})
+    else:
+        scores, ids = index.search(queries, k)
     scores = scores.astype(np.float32, copy=False)
     scores[ids < 0] = -np.inf
     return scores, ids.astype(np.int64, copy=False)
+
+
+def search_setting(index_type: str, params: dict[str, Any], k: int, n_vectors: int, n_lists: int = 0) -> int:
+    """The nprobe (IVF, ``n_lists`` lists) or efSearch (HNSW) a search for ``k`` results uses first, over
+    ``n_vectors`` vectors; ``n_lists`` (IVF) or ``n_vectors`` (HNSW) itself means "scan everything"."""
+    if index_type == "ivf":
+        table = params.get("nprobe_by_k") or [[int(params.get("k", TUNE_K)), int(params.get("nprobe", 1))]]
+        value = _from_table(table, k)
+        lists = max(n_lists, 1)
+        covering = math.ceil(COVERAGE * k * lists / max(n_vectors, 1))  # lists holding COVERAGE x k vectors
+        value = max(value, covering, 1)
+        return lists if value >= EXACT_SHARE * lists else value
+    if index_type == "hnsw":
+        table = params.get("ef_by_k") or [[int(params.get("k", TUNE_K)), int(params.get("efSearch", 16))]]
+        value = max(_from_table(table, k), k)
+        return n_vectors if value >= EXACT_SHARE * n_vectors else value
+    raise ValueError(f"only ivf and hnsw have search settings, not {index_type!r}")
+
+
+def _from_table(table: list[list[int]], k: int) -> int:
+    """The tuned value of the smallest tuned K >= max(k, TUNE_K); past the largest, its value scaled by k / K."""
+    k = max(k, TUNE_K)
+    rows = sorted((int(kk), int(value)) for kk, value in table)
+    for kk, value in rows:
+        if k <= kk:
+            return value
+    kk, value = rows[-1]
+    return math.ceil(value * k / kk)
+
+
+def _search_ivf(
+    index: faiss.Index, queries: np.ndarray, k: int, wanted: int, params: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    ivf = faiss.extract_index_ivf(index)
+    params = params if "nprobe" in params else {**params, "nprobe": ivf.nprobe}  # else: the index's own
+    nprobe = search_setting("ivf", params, k, index.ntotal, ivf.nlist)
+    scores, ids = index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+    short = np.flatnonzero((ids >= 0).sum(axis=1) < wanted)
+    while len(short) and nprobe < ivf.nlist:  # lists too small for k here: widen, up to all (exact)
+        nprobe = min(2 * nprobe, ivf.nlist)
+        scores[short], ids[short] = index.search(
+            queries[short], k, params=faiss.SearchParametersIVF(nprobe=nprobe)
+        )
+        short = short[(ids[short] >= 0).sum(axis=1) < wanted]
+    return scores, ids
+
+
+def _search_hnsw(
+    index: faiss.Index, queries: np.ndarray, k: int, wanted: int, params: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    if "efSearch" not in params:  # the index's own
+        params = {**params, "efSearch": faiss.downcast_index(index.index).hnsw.efSearch}
+    ef = search_setting("hnsw", params, k, index.ntotal)
+    if ef < index.ntotal:
+        scores, ids = index.search(queries, k, params=faiss.SearchParametersHNSW(efSearch=ef))
+        short = np.flatnonzero((ids >= 0).sum(axis=1) < wanted)
+    else:
+        scores = np.empty((len(queries), k), dtype=np.float32)
+        ids = np.empty((len(queries), k), dtype=np.int64)
+        short = np.arange(len(queries))
+    if len(short):  # exactly, over the graph's stored vectors
+        storage = faiss.downcast_index(index.index).storage
+        scores[short], positions = storage.search(queries[short], k)
+        id_map = faiss.vector_to_array(index.id_map)
+        ids[short] = np.where(positions >= 0, id_map[np.maximum(positions, 0)], -1)
+    return scores, ids
 
 
 def remove_ids(index: faiss.Index, ids: np.ndarray) -> bool:

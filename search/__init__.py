@@ -6,3 +6,13 @@ Light to import: the client (``search.client``) needs only grpc; the engine and 
 
 DEFAULT_PORT = 50051
 DEFAULT_HTTP_PORT = 8080  # the search page and JSON API (search.web)
+
+# Stage-1 candidates a query's stage 2 re-ranks when it does not say (`serve --candidates`). Stage 1 is
+# being made faithful enough that 400 holds the exhaustive MISA top-10 (issue 17); docs/search.md has
+# the agreement and the cost per K.
+DEFAULT_CANDIDATES = 400
+# The most candidates one query may ask for: a bound on a query's stage-2 time and memory.
+MAX_CANDIDATES = 4000
+# ... except on a collection of at most this many images, where a query may ask for up to this many,
+# i.e. for every image (an exhaustive search: how agreement with exhaustive MISA is measured through the API).
+MAX_EXHAUSTIVE_CANDIDATES = 10_000

@@ -16,7 +16,13 @@ import click
 import numpy as np
 from PIL import Image
 
-from search import DEFAULT_HTTP_PORT, DEFAULT_PORT
+from search import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_PORT,
+    MAX_CANDIDATES,
+    MAX_EXHAUSTIVE_CANDIDATES,
+)
 from search.client import Heatmap, SearchClient, SearchHits, SearchServiceError, ServerUnreachable
 
 DEFAULT_SERVER = f"localhost:{DEFAULT_PORT}"
@@ -57,9 +63,11 @@ EXIT_CANNOT_LISTEN = 3  # serve
               help="Longest query recording accepted (longer: INVALID_ARGUMENT). The speech in it may last "
                    "at most what the model takes (10.24 s for tiny).")
 @click.option("--max-message-mb", type=click.FloatRange(min=0.1), default=16.0, help="Largest request accepted.")
-@click.option("--candidates", "default_candidates", type=click.IntRange(min=1), default=4000, show_default=True,
+@click.option("--candidates", "default_candidates", type=click.IntRange(min=1), default=DEFAULT_CANDIDATES,
+              show_default=True,
               help="Stage-1 candidates re-ranked by MISA when a query does not say (see docs/search.md for "
-                   "agreement with exhaustive MISA and cost per value).")
+                   f"agreement with exhaustive MISA and cost per value). A query may ask for up to {MAX_CANDIDATES}, "
+                   f"or up to {MAX_EXHAUSTIVE_CANDIDATES} (every image) on a collection of at most that many.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, help="Most queries encoded in one forward pass.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64,
               help="Calls holding work at once (decoding, queued, scoring); more get RESOURCE_EXHAUSTED at once.")
@@ -137,6 +145,7 @@ def serve(
             max_audio_seconds=max_audio_seconds,
             default_candidates=default_candidates,
             max_candidates=max(default_candidates, SearchLimits.max_candidates),
+            max_exhaustive_candidates=max(default_candidates, SearchLimits.max_exhaustive_candidates),
             resident_maps_mb=resident_maps_mb,
         )
         engine = SearchEngine.open(checkpoint, data_dir, db_url, device=device, limits=limits, vad=vad)

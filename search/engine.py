@@ -27,6 +27,7 @@ from torch import Tensor
 from encoders import create_model, load_image, trim_silence
 from encoders.matchmap import score_matrix
 from indexer import Collection, CollectionInfo, ImageRecord, Library
+from search import DEFAULT_CANDIDATES, MAX_CANDIDATES, MAX_EXHAUSTIVE_CANDIDATES
 from search.audio import check_sample_rate, decode_audio
 from search.errors import ImageNotFound, InvalidQuery
 from search.localization import LiveHighlighter, Localization, encode_whole_image, localize
@@ -35,10 +36,15 @@ from search.vad import keep_speech
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # An opened collection is a snapshot; after this many seconds the next query asks the catalog
-# (one small query) whether it changed, and reopens it if so (images added or removed meanwhile).
+# (one small query) whether it changed. Images added meanwhile are appended to the open snapshot
+# (Collection.appended: their rows, stage-1 vectors and resident maps; milliseconds); any other change
+# reopens the collection in a background thread while queries go on with the old snapshot.
 COLLECTION_REFRESH_SECONDS = 2.0
 # Queries batched into one audio-branch pass may be padded by at most this share of their true frames.
 PADDING_BUDGET = 0.2
+# Stage 2 reads candidates' maps from the feature store this many at a time (float16 read + float32
+# copy: 48 MB for `tiny`), so a query's memory does not grow with its candidates (10,000 at once: 983 MB).
+STORE_READ_CHUNK = 512
 
 
 def resolve_device(device: str) -> torch.device:
@@ -59,10 +65,13 @@ class SearchLimits:
     max_audio_seconds: float = 30.0
     default_top_k: int = 10
     max_top_k: int = 1000
-    # Stage-1 candidates re-ranked by MISA. bench/bench_search.py on 10,000 images with the shipped
-    # model: the two-stage top-10 holds 1.000 of the exhaustive MISA top-10 at 4,000 (0.992 at 1,000).
-    default_candidates: int = 4000
-    max_candidates: int = 10_000
+    # Stage-1 candidates re-ranked by MISA (see search.DEFAULT_CANDIDATES and docs/search.md).
+    default_candidates: int = DEFAULT_CANDIDATES
+    # At most this many per query; a collection of at most max_exhaustive_candidates images may be asked
+    # for up to that many (every image: exhaustive search). Stage 2 reads maps from the store in chunks
+    # of STORE_READ_CHUNK, so a query's memory stays bounded whatever it asks for.
+    max_candidates: int = MAX_CANDIDATES
+    max_exhaustive_candidates: int = MAX_EXHAUSTIVE_CANDIDATES
     resident_maps_mb: float = 4096.0  # memory for collections' feature maps held in memory (0 = read from the store)
     # With resident maps, stage 2 scores every candidate in bfloat16, then re-scores exactly (float32,
     # from the store) the best max(exact_rescore_at_least, exact_rescore_factor * top_k), which it ranks.
@@ -78,10 +87,10 @@ class SearchLimits:
             raise ValueError("exact_rescore_at_least and exact_rescore_factor must be >= 1")
         if not self.resident_maps_mb >= 0:
             raise ValueError(f"resident_maps_mb must be >= 0, got {self.resident_maps_mb}")
-        if not 1 <= self.default_candidates <= self.max_candidates:
+        if not 1 <= self.default_candidates <= self.max_candidates <= self.max_exhaustive_candidates:
             raise ValueError(
-                f"need 1 <= default_candidates <= max_candidates, got {self.default_candidates}, "
-                f"{self.max_candidates}"
+                "need 1 <= default_candidates <= max_candidates <= max_exhaustive_candidates, got "
+                f"{self.default_candidates}, {self.max_candidates}, {self.max_exhaustive_candidates}"
             )
 
 
@@ -178,6 +187,9 @@ class SearchEngine:
         self.limits = limits or SearchLimits()
         self._collections: dict[str, tuple[Collection, float]] = {}  # name -> (snapshot, last checked)
         self._resident: dict[str, ResidentMaps] = {}  # name -> maps of the snapshot in _collections
+        # name -> what a background reopen produced: (snapshot, its resident maps or None) or the error
+        self._reopened: dict[str, tuple[Collection, ResidentMaps | None] | Exception] = {}
+        self._reopening: set[str] = set()
         self._lock = threading.Lock()
 
     @classmethod
@@ -217,8 +229,9 @@ class SearchEngine:
     def collection(self, name: str) -> Collection:
         """The named collection checked against the model (CollectionNotFound, ModelMismatchError).
 
-        Opened once and kept; re-checked against the catalog at most every
-        COLLECTION_REFRESH_SECONDS and reopened when it changed.
+        Opened once and kept; re-checked against the catalog at most every COLLECTION_REFRESH_SECONDS.
+        Images added since are appended to the open snapshot; any other change reopens the collection
+        in a background thread, and the old snapshot answers until the new one is ready.
         """
         if not name:
             raise InvalidQuery(
@@ -226,25 +239,84 @@ class SearchEngine:
             )
         with self._lock:
             now = time.monotonic()
+            reopened = self._reopened.pop(name, None)
+            if isinstance(reopened, Exception):  # the collection went away, or changed model
+                self._forget(name)
+                raise reopened
+            if reopened is not None:
+                coll, resident = reopened
+                self._forget(name)
+                self._install(coll, resident, now)
+                return coll
             cached = self._collections.get(name)
-            if cached is not None:
-                coll, checked = cached
-                if now - checked < COLLECTION_REFRESH_SECONDS or coll.is_current():
-                    self._collections[name] = (coll, now)
-                    return coll
-                del self._collections[name]
-            coll = self.library.collection(name)
-            coll.check_model(self.model)
-            self._collections[name] = (coll, now)
-            self._load_resident(coll)
-            return coll
+            if cached is None:
+                coll = self.library.collection(name)
+                coll.check_model(self.model)
+                self._install(coll, self._resident_for(coll), now)
+                return coll
+            coll, checked = cached
+            if now - checked < COLLECTION_REFRESH_SECONDS or name in self._reopening:
+                return coll
+            fresh = coll.appended()
+            if fresh is None:  # not only additions: reopen without making queries wait
+                self._collections[name] = (coll, now)
+                self._reopen_in_background(name)
+                return coll
+            if fresh is not coll:
+                self._install(fresh, self._appended_resident(coll, fresh), now)
+            else:
+                self._collections[name] = (coll, now)
+            return fresh
 
-    def _load_resident(self, coll: Collection) -> None:
-        """Hold ``coll``'s feature maps in memory if they fit the budget (replacing an older snapshot's)."""
-        self._resident.pop(coll.name, None)
-        used = sum(r.nbytes for r in self._resident.values())
-        if used + ResidentMaps.bytes_for(coll) <= self.limits.resident_maps_mb * 2**20 and coll.size > 0:
-            self._resident[coll.name] = ResidentMaps.load(coll, device=self.device)
+    def _install(self, coll: Collection, resident: ResidentMaps | None, now: float) -> None:
+        self._collections[coll.name] = (coll, now)
+        if resident is None:
+            self._resident.pop(coll.name, None)
+        else:
+            self._resident[coll.name] = resident
+
+    def _forget(self, name: str) -> None:
+        self._collections.pop(name, None)
+        self._resident.pop(name, None)
+
+    def _fits(self, name: str, nbytes: int) -> bool:
+        used = sum(r.nbytes for other, r in self._resident.items() if other != name)
+        return used + nbytes <= self.limits.resident_maps_mb * 2**20
+
+    def _resident_for(self, coll: Collection) -> ResidentMaps | None:
+        """``coll``'s feature maps held in memory if they fit the budget beside other collections'."""
+        if coll.size > 0 and self._fits(coll.name, ResidentMaps.bytes_for(coll)):
+            return ResidentMaps.load(coll, device=self.device)
+        return None
+
+    def _appended_resident(self, old: Collection, fresh: Collection) -> ResidentMaps | None:
+        """The resident maps of ``old`` with ``fresh``'s added images appended (None past the budget)."""
+        resident = self._resident.get(old.name)
+        if resident is None or resident.generation != old.generation:
+            return self._resident_for(fresh) if old.size == 0 else None
+        if not self._fits(fresh.name, ResidentMaps.bytes_for(fresh)):
+            return None
+        return resident.appended(fresh, fresh.ids()[old.size :])
+
+    def _reopen_in_background(self, name: str) -> None:
+        """Open ``name`` afresh (catalog rows, stage 1, resident maps) in a thread; collection() swaps it in."""
+        self._reopening.add(name)
+
+        def reopen() -> None:
+            try:
+                coll = self.library.collection(name)
+                coll.check_model(self.model)
+                with self._lock:
+                    fits = coll.size > 0 and self._fits(name, ResidentMaps.bytes_for(coll))
+                result: tuple[Collection, ResidentMaps | None] | Exception = (
+                    coll, ResidentMaps.load(coll, device=self.device) if fits else None)
+            except Exception as error:  # handed to the next query of this collection
+                result = error
+            with self._lock:
+                self._reopened[name] = result
+                self._reopening.discard(name)
+
+        threading.Thread(target=reopen, name=f"matchmap-reopen-{name}", daemon=True).start()
 
     def warm_up(self) -> list[str]:
         """Open every collection this model can search (and load its maps), so first queries are not slow."""
@@ -298,8 +370,13 @@ class SearchEngine:
                 field=name,
             )
 
-    def resolve_counts(self, top_k: int, candidates: int) -> tuple[int, int]:
-        """Apply defaults (0) and limits to a request's top_k and candidates; InvalidQuery if outside."""
+    def resolve_counts(self, top_k: int, candidates: int, collection_size: int | None = None) -> tuple[int, int]:
+        """Apply defaults (0) and limits to a request's top_k and candidates; InvalidQuery if outside.
+
+        candidates may exceed ``max_candidates`` (up to ``max_exhaustive_candidates``) only on a
+        collection of at most ``max_exhaustive_candidates`` images; without ``collection_size`` that
+        part is left to a second call once the collection is known.
+        """
         limits = self.limits
         top_k = top_k or limits.default_top_k
         if not 1 <= top_k <= limits.max_top_k:
@@ -307,10 +384,18 @@ class SearchEngine:
                 f"top_k is {top_k}; it must lie in 1..{limits.max_top_k} (0 = {limits.default_top_k})", field="top_k"
             )
         candidates = candidates or max(limits.default_candidates, top_k)
-        if not top_k <= candidates <= limits.max_candidates:
+        small = collection_size is None or collection_size <= limits.max_exhaustive_candidates
+        ceiling = limits.max_exhaustive_candidates if small else limits.max_candidates
+        if not top_k <= candidates <= ceiling:
+            exhaustive = (
+                f"; a collection of at most {limits.max_exhaustive_candidates} images also takes up to "
+                f"{limits.max_exhaustive_candidates} (every image: an exhaustive search)"
+            )
+            if collection_size is not None and not small:
+                exhaustive += f", and this one holds {collection_size}"
             raise InvalidQuery(
                 f"candidates is {candidates}; it must lie in top_k..{limits.max_candidates} "
-                f"(here {top_k}..{limits.max_candidates}; 0 = max({limits.default_candidates}, top_k))",
+                f"(here {top_k}..{limits.max_candidates}; 0 = max({limits.default_candidates}, top_k)){exhaustive}",
                 field="candidates",
             )
         return top_k, candidates
@@ -320,7 +405,7 @@ class SearchEngine:
     ) -> SearchResult:
         """One query end to end (the server batches instead; see search_batch)."""
         top_k, candidates = self.resolve_counts(top_k, candidates)
-        self.collection(collection)
+        top_k, candidates = self.resolve_counts(top_k, candidates, self.collection(collection).size)
         query = SearchQuery(self.prepare_audio(data, sample_rate=sample_rate), collection, top_k, candidates)
         result = self.search_batch([query])[0]
         if isinstance(result, BaseException):
@@ -422,15 +507,18 @@ class SearchEngine:
             coarse = resident.misa(query, lengths, coll.positions_of(ids))[0]
             keep = torch.topk(coarse, refine).indices.cpu().numpy()
             ids, stage1_scores = ids[keep], stage1_scores[keep]
-        maps = torch.from_numpy(np.asarray(coll.feature_maps(ids.tolist()))).to(self.device)  # (K, R, D)
-        misa = score_matrix(query, lengths, maps.float(), kinds=("misa",))["misa"][0]
+        misa = torch.cat([  # exact float32, STORE_READ_CHUNK maps at a time: memory bounded whatever K
+            score_matrix(query, lengths, torch.from_numpy(coll.feature_maps(ids[i : i + STORE_READ_CHUNK].tolist()))
+                         .to(self.device).float(), kinds=("misa",))["misa"][0]
+            for i in range(0, len(ids), STORE_READ_CHUNK)
+        ])
         order = torch.argsort(misa, descending=True, stable=True)[:top_k].cpu().numpy()
         misa = misa.cpu().numpy()
         stage2_ms = _ms_since(started)
         best = ids[order]
-        uris = {record.id: record.uri for record in coll.images(best.tolist())}
-        hits = [Hit(int(best[j]), uris.get(int(best[j]), ""), float(misa[k]), float(stage1_scores[k]))
-                for j, k in enumerate(order)]
+        uris = coll.uris(best.tolist())  # an image removed since this snapshot (reopening) is left out
+        hits = [Hit(int(best[j]), uris[int(best[j])], float(misa[k]), float(stage1_scores[k]))
+                for j, k in enumerate(order) if int(best[j]) in uris]
         return hits, stage2_ms, scored
 
     # ---- localization ------------------------------------------------------------------------

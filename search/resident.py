@@ -11,7 +11,7 @@ them in bfloat16, and re-scores the best few exactly in float32 from the store (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ class ResidentMaps:
     collection: str
     generation: int
     maps: Tensor  # (N, R, D) in ``maps.dtype``, on the engine's device
+    # ``maps`` is the first N rows of this (capacity, R, D) tensor: room for images added later.
+    _buffer: Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, coll, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> ResidentMaps:
@@ -43,6 +45,22 @@ class ResidentMaps:
             raise ValueError(f"collection {coll.name!r}: read {filled} feature maps, expected {coll.size}")
         return cls(coll.name, coll.generation, maps)
 
+    def appended(self, coll, new_ids: np.ndarray) -> ResidentMaps:
+        """These maps plus those of ``new_ids`` (images of the snapshot ``coll`` whose ids follow every
+        id held here), for ``coll``. The new maps go into spare room past the held ones (this object's
+        view does not change); when there is none, everything moves to a tensor with a quarter more
+        room, so adding a batch costs copying the batch, not the collection (amortized)."""
+        n, added = len(self.maps), len(new_ids)
+        buffer = self._buffer if self._buffer is not None else self.maps
+        if n + added > len(buffer):
+            grown = torch.empty((n + added + max(n // 4, 256), *self.maps.shape[1:]), dtype=self.maps.dtype,
+                                device=self.maps.device)
+            grown[:n] = self.maps
+            buffer = grown
+        if added:
+            buffer[n : n + added] = torch.from_numpy(coll.feature_maps(new_ids)).to(buffer.device, buffer.dtype)
+        return ResidentMaps(coll.name, coll.generation, buffer[: n + added], buffer)
+
     @staticmethod
     def bytes_for(coll, dtype: torch.dtype = torch.bfloat16) -> int:
         """Memory the maps of ``coll`` would take in ``dtype``."""
@@ -50,7 +68,8 @@ class ResidentMaps:
 
     @property
     def nbytes(self) -> int:
-        return self.maps.numel() * self.maps.element_size()
+        held = self._buffer if self._buffer is not None else self.maps
+        return held.numel() * held.element_size()
 
     def misa(self, audio: Tensor, lengths: Tensor, positions: np.ndarray, chunk: int = 128) -> Tensor:
         """MISA of captions ``audio`` (B, T, D) against the held maps at ``positions`` (K,) (from

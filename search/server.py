@@ -255,7 +255,8 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
         data, sample_rate = _audio_source(request.audio)
         top_k, candidates = self.engine.resolve_counts(request.top_k, request.candidates)
         with self.admitted():
-            await self._in_model_thread(self.engine.collection, request.collection)  # NOT_FOUND before decoding
+            coll = await self._in_model_thread(self.engine.collection, request.collection)  # NOT_FOUND before decoding
+            top_k, candidates = self.engine.resolve_counts(top_k, candidates, coll.size)  # the exhaustive allowance
             audio = await self._decoded(self.engine.prepare_audio, data, sample_rate=sample_rate)
             result = await self.batcher.submit(SearchQuery(audio, request.collection, top_k, candidates))
         timings = result.timings_ms

@@ -352,6 +352,48 @@ def test_stage1_file_is_derived_and_rebuilt_when_missing_or_torn(library, model,
     assert ranked_uris(library.collection("photos"), queries, 10) == expected
 
 
+def test_a_catalog_made_before_migrations_is_upgraded_in_place_and_keeps_its_rows(tmp_path, db_url, model, images):
+    """A catalog with the schema of before Alembic (revision 0001, no alembic_version table), as the
+    code of then left it, opens under today's code: stamped 0001, upgraded to the newest revision in
+    place, with every collection, image row and search result it had."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect
+
+    from indexer.catalog import MIGRATIONS
+
+    data = tmp_path / "data"
+    with Library.open(data, db_url, create=True) as library:
+        library.index("old", [str(p) for p in images[:6]], model, progress=False)
+        url = db_url or library.db_url
+        before = library.collection("old")
+        expected = (sorted(all_ids(before).tolist()), [r.uri for r in before.images(all_ids(before))],
+                    ranked_uris(before, np.ones((2, before.embed_dim), np.float32), 4))
+    engine = create_engine(url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:  # back to the schema of before migrations, as it was made then
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0001")
+        connection.execute(text("DROP TABLE alembic_version"))
+    with engine.connect() as connection:
+        assert "ix_images_live_slots" not in {i["name"] for i in inspect(connection).get_indexes("images")}
+
+    with Library.open(data, db_url) as library:
+        [info] = library.list_collections()
+        assert (info.name, info.images) == ("old", 6)
+        after = library.collection("old")
+        assert (sorted(all_ids(after).tolist()), [r.uri for r in after.images(all_ids(after))],
+                ranked_uris(after, np.ones((2, after.embed_dim), np.float32), 4)) == expected
+        library.index("old", [str(p) for p in images[6:8]], model, progress=False)  # and it takes new images
+        assert library.collection("old").size == 8
+    with engine.connect() as connection:
+        assert "ix_images_live_slots" in {i["name"] for i in inspect(connection).get_indexes("images")}
+        heads = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    assert heads == [sorted(p.name for p in (MIGRATIONS / "versions").glob("0*.py"))[-1].split("_")[0]]
+    engine.dispose()
+
+
 def test_remove_collection(library, model, images):
     library.index("a", [str(images[0])], model, progress=False)
     library.index("b", [str(images[1])], model, progress=False)

