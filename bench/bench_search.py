@@ -358,7 +358,7 @@ def codec_rows(engine: SearchEngine, audio_bytes: list[bytes], budgets: list[int
     audio, lengths = audio.cpu(), lengths.cpu()
     exact_scores = misa_all(audio, lengths, maps)
     exact = np.argsort(-exact_scores, axis=1, kind="stable")[:, :10]
-    _, stage1 = coll.search_stage1(pool_audio(audio, lengths).numpy(), max(ks))
+    _, stage1 = coll.search_stage1(engine.model.stage1_audio_vectors(audio, lengths).cpu().numpy(), max(ks))
     position = {int(i): p for p, i in enumerate(ids)}
     allowed = {}
     for k in ks:
