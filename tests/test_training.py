@@ -424,3 +424,30 @@ def test_torchrun_two_cpu_processes_keep_identical_weights_and_learn(tiny_corpus
     assert weights_version(model) == replicas[0]["weights_version"]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_image_lr_scale_zero_freezes_the_image_branch_and_a_fraction_slows_it(tiny_corpus, tmp_path):
+    train_m = load_manifest(tiny_corpus / "train.json")
+    val_m = load_manifest(tiny_corpus / "val.json")
+    torch.manual_seed(3)  # _cfg's seed: the run starts from these very weights
+    start = create_model("tiny").state_dict()
+    train(_cfg(epochs=1, image_lr_scale=0.0), train_m, val_m, tmp_path / "frozen", progress=False)
+    frozen = load_checkpoint(tmp_path / "frozen" / "last.pt")["state_dict"]
+    image_keys = [k for k in frozen if k.startswith("image_net.")]
+    audio_keys = [k for k in frozen if k.startswith("audio_net.") and frozen[k].is_floating_point()]
+    assert image_keys and audio_keys
+    # weights and BatchNorm statistics alike stay as they were; the audio branch learned
+    assert all(torch.equal(frozen[k], start[k]) for k in image_keys)
+    assert any(not torch.equal(frozen[k], start[k]) for k in audio_keys)
+
+    train(_cfg(epochs=1, image_lr_scale=0.25), train_m, val_m, tmp_path / "slow", progress=False)
+    train(_cfg(epochs=1), train_m, val_m, tmp_path / "full", progress=False)
+    slow, full = (load_checkpoint(tmp_path / run / "last.pt")["state_dict"] for run in ("slow", "full"))
+    weights = [k for k in image_keys if k.endswith("weight") and start[k].dim() > 1]
+
+    def moved(state):
+        return sum(float((state[k] - start[k]).norm()) for k in weights)
+
+    assert 0 < moved(slow) < 0.5 * moved(full)
+    with pytest.raises(ValueError, match="image_lr_scale"):
+        train(_cfg(image_lr_scale=-1.0), train_m, val_m, tmp_path / "bad", progress=False)

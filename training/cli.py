@@ -148,6 +148,9 @@ def _load_manifest_or_exit(path: str, skip_bad: bool):
 @click.option("--batch-size", type=int, default=64, help="Pairs per step (per process under torchrun).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
               help="Peak learning rate of AdamW (reached after 100 warm-up steps, then a cosine decay to 0).")
+@click.option("--image-lr-scale", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="The image branch's learning rate as a multiple of --lr: below 1 keeps more of a pretrained "
+                   "branch (`matchmap pretrain-images`), 0 freezes it (only the audio branch learns; faster steps).")
 @click.option("--sisa-weight", type=float, default=0.5,
               help="Weight of the same loss on SISA scores (trains the masked-mean pooled vectors, stage 1's "
                    "without distilled heads; a fine-tuned checkpoint's heads are dropped).")
@@ -174,8 +177,8 @@ def _load_manifest_or_exit(path: str, skip_bad: bool):
 @click.option("--skip-bad", is_flag=True, help="Skip (and count) manifest entries with missing or unreadable files.")
 @quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON (and no progress bars).")
-def train(train_path, val_path, out_dir, model, checkpoint, loss, epochs, batch_size, lr, sisa_weight, augment, seed,
-          max_minutes, eval_every, device, workers, precision, bucket_by_length, resume, skip_bad, quiet, as_json):
+def train(train_path, val_path, out_dir, model, checkpoint, loss, epochs, batch_size, lr, image_lr_scale, sisa_weight,
+          augment, seed, max_minutes, eval_every, device, workers, precision, bucket_by_length, resume, skip_bad, quiet, as_json):
     """Train a matchmap model on spoken captions and their images.
 
     Evaluates recall@1/5/10 on --val after every epoch (or every --eval-every epochs), keeps the best
@@ -192,7 +195,8 @@ def train(train_path, val_path, out_dir, model, checkpoint, loss, epochs, batch_
         if click.get_current_context().get_parameter_source("model") is not click.core.ParameterSource.DEFAULT:
             raise click.UsageError("give --config (train from scratch) or --checkpoint (fine-tune), not both")
         model = str(checkpoint)
-    cfg = TrainConfig(model=model, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr, sisa_weight=sisa_weight,
+    cfg = TrainConfig(model=model, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr,
+                      image_lr_scale=image_lr_scale, sisa_weight=sisa_weight,
                       augment=augment, seed=seed, max_minutes=max_minutes, device=device, num_workers=workers,
                       bucket_by_length=bucket_by_length, precision=precision, eval_every=eval_every)
     train_manifest = _load_manifest_or_exit(train_path, skip_bad)

@@ -43,6 +43,9 @@ class TrainConfig:
     epochs: int = 18
     batch_size: int = 64
     lr: float = 1e-3
+    # the image branch's learning rate as a multiple of lr: below 1 keeps more of a pretrained branch
+    # (`matchmap pretrain-images`); 0 freezes it (no gradients, BatchNorm statistics fixed, cheaper steps)
+    image_lr_scale: float = 1.0
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     seed: int = 0
@@ -82,8 +85,19 @@ class PairObjective(nn.Module):
     def kinds(self) -> tuple[str, ...]:
         return ("misa", "sisa") if self.sisa_weight > 0 else ("misa",)
 
+    @property
+    def image_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.model.image_net.parameters())
+
+    def train(self, mode: bool = True) -> PairObjective:
+        super().train(mode)
+        if self.image_frozen:
+            self.model.image_net.eval()  # a frozen branch keeps its BatchNorm statistics too
+        return self
+
     def scores(self, images: torch.Tensor, logmel: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-        image_maps = self.model.encode_images(images)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.image_frozen):
+            image_maps = self.model.encode_images(images)
         audio, out_lengths = self.model.encode_audio(logmel, lengths)
         return score_matrix(audio, out_lengths, image_maps, kinds=self.kinds)
 
@@ -191,6 +205,10 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
         # Stage-1 heads fit the encoders they were distilled from; once these train, the heads would
         # be stale. The trained model has none (masked means); `matchmap distill-stage1` makes new ones.
         model = with_stage1_heads(model, 0).to(device)
+    if cfg.image_lr_scale < 0:
+        raise ValueError(f"image_lr_scale must be at least 0 (0 freezes the image branch), got {cfg.image_lr_scale}")
+    if cfg.image_lr_scale == 0:
+        model.image_net.requires_grad_(False)
     loss_fn = make_loss(cfg.loss, **({"margin": cfg.margin} if cfg.loss == "margin" else {}))
     objective = PairObjective(model, loss_fn, cfg.sisa_weight).to(device)
 
@@ -214,7 +232,11 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
         raise ValueError(f"the training manifest has {len(train_set)} pairs, fewer than one batch of "
                          f"{cfg.batch_size} per process; lower --batch-size")
 
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    image_params = {id(p) for p in model.image_net.parameters()}
+    groups = [{"params": [p for p in objective.parameters() if p.requires_grad and id(p) not in image_params]}]
+    if cfg.image_lr_scale > 0:
+        groups.append({"params": list(model.image_net.parameters()), "lr": cfg.lr * cfg.image_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.epochs * steps_per_epoch))
     start_epoch, step, best, history = 0, 0, -1.0, []
     if state is not None:
@@ -265,7 +287,7 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
                 loss = trainable(batch.images, batch.logmel, batch.lengths, train_set.image_groups[batch.indices])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), 10.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in objective.parameters() if p.requires_grad], 10.0)
             # Before the update: a non-finite loss gives non-finite gradients, and under DDP the gradient
             # norm is the same on every rank (gradients are all-reduced), so all ranks stop together.
             if not bool(torch.isfinite(grad_norm)) or (world == 1 and not bool(torch.isfinite(loss.detach()).all())):
