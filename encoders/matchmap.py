@@ -233,3 +233,52 @@ def score_matrix(
     for k in fine_kinds:
         scores[k] = torch.cat(rows[k], dim=0)[restore]
     return {k: scores[k] for k in kinds}
+
+
+def paired_misa(
+    audio: Tensor,
+    lengths: Tensor,
+    candidates: Tensor,
+    *,
+    valid: Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+    chunk_bytes: int | None = None,
+) -> Tensor:
+    """MISA of each caption against its own candidate images: stage 2 for a batch of queries at once.
+
+    audio: (B, T, D), lengths: (B,) int, candidates: (B, K, R, D) -> (B, K) float32 (or wider), where
+    entry [b, k] is MISA(caption b, image candidates[b, k]), equal to ``score_matrix`` of that pair.
+    Unlike ``score_matrix`` (every caption against every image), each caption meets only its own K
+    images: one batched product (B, T, D) @ (B, D, Kc * R) per chunk of Kc candidates, no loop over
+    captions. valid: (B, K) bool, False entries (padding of a shorter candidate list) score -inf.
+    compute_dtype runs the products in that dtype (e.g. bfloat16), reductions in float32.
+    """
+    if audio.dim() != 3 or candidates.dim() != 4:
+        raise ValueError(f"paired_misa needs audio (B, T, D) and candidates (B, K, R, D), got "
+                         f"{tuple(audio.shape)} and {tuple(candidates.shape)}")
+    b, t, d = audio.shape
+    cb, k, r, cd = candidates.shape
+    if cb != b or cd != d:
+        raise ValueError(f"paired_misa: audio {tuple(audio.shape)} and candidates {tuple(candidates.shape)} "
+                         "disagree on the batch or the dims")
+    _check_lengths(lengths, b, t, "paired_misa")
+    if valid is not None and (valid.shape != (b, k) or valid.dtype != torch.bool):
+        raise ValueError(f"valid must be a ({b}, {k}) bool tensor, got {tuple(valid.shape)} {valid.dtype}")
+    out_dtype = torch.promote_types(audio.dtype, torch.float32)
+    if b == 0 or k == 0:
+        return audio.new_zeros((b, k), dtype=out_dtype)
+    mm_dtype = compute_dtype or audio.dtype
+    if chunk_bytes is None:
+        chunk_bytes = CPU_CHUNK_BYTES if audio.device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
+    per_candidate = b * t * r * (torch.finfo(mm_dtype).bits // 8)
+    chunk = max(1, min(k, chunk_bytes // per_candidate))
+    frames = frame_mask(lengths.to(audio.device), t).unsqueeze(-1)  # (B, T, 1)
+    a = audio.to(mm_dtype)
+    parts = []
+    for k0 in range(0, k, chunk):
+        block = candidates[:, k0 : k0 + chunk].to(mm_dtype)
+        kc = block.shape[1]
+        sim = torch.bmm(a, block.reshape(b, kc * r, d).transpose(1, 2)).view(b, t, kc, r)
+        parts.append(_masked_mean(sim.amax(dim=3).to(out_dtype), frames, dim=1))  # (B, Kc)
+    scores = torch.cat(parts, dim=1)
+    return scores if valid is None else scores.masked_fill(~valid.to(scores.device), float("-inf"))

@@ -4,9 +4,10 @@ Per query: decode the audio (checked, limited) -> log-mel -> audio map A (T, D) 
 branch -> stage 1: the collection's FAISS index ranks every image by the inner product of the model's
 stage-1 vectors (masked means, whose product is exactly SISA, or the heads distilled from MISA by
 ``matchmap distill-stage1``) -> stage 2: the best ``candidates`` images are re-scored by MISA through
-``encoders.matchmap.score_matrix`` (on CUDA when the engine runs there): in bfloat16 from the
-collection's feature maps held in memory (``search.resident``), then the best few exactly in float32
-from the feature store -> the best ``top_k`` by exact MISA. The engine is synchronous and keeps no
+``encoders.matchmap.paired_misa`` (on CUDA when the engine runs there), all queries of a batch on
+one collection in one scoring call: in bfloat16 from the collection's feature maps held in memory
+(``search.resident``), then the best few exactly in float32 from the feature store -> the best
+``top_k`` by exact MISA. The engine is synchronous and keeps no
 per-request state; ``search.server`` calls it from one model thread, batching concurrent queries
 through :meth:`SearchEngine.search_batch`.
 """
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from encoders import create_model, load_image, trim_silence
-from encoders.matchmap import score_matrix
+from encoders.matchmap import paired_misa
 from indexer import Collection, CollectionInfo, ImageRecord, Library
 from search import DEFAULT_CANDIDATES, MAX_CANDIDATES, MAX_EXHAUSTIVE_CANDIDATES
 from search.audio import check_sample_rate, decode_audio
@@ -460,15 +461,13 @@ class SearchEngine:
                 for i in members:
                     results[i] = error
                 continue
-            for row, i in enumerate(members):
-                q = queries[i]
-                try:
-                    hits, stage2_ms, reranked = self._rerank(
-                        coll, audio[i, : int(lengths[i])], stage1_ids[row], stage1_scores[row], q.top_k
-                    )
-                except (LookupError, ValueError) as error:
-                    results[i] = error
+            for i, outcome in zip(members, self._rerank_isolated(coll, audio, lengths, members, stage1_ids,
+                                                                 stage1_scores, queries), strict=True):
+                if isinstance(outcome, Exception):
+                    results[i] = outcome
                     continue
+                hits, reranked, stage2_ms = outcome
+                q = queries[i]
                 results[i] = SearchResult(
                     hits=hits,
                     collection_size=coll.size,
@@ -485,41 +484,80 @@ class SearchEngine:
                 )
         return results  # type: ignore[return-value]
 
-    def _rerank(
-        self, coll: Collection, audio: Tensor, ids: np.ndarray, stage1_scores: np.ndarray, top_k: int
-    ) -> tuple[list[Hit], float, int]:
-        """Stage 2 for one query. audio: (T, D) true frames; ids, stage1_scores: (K,) with -1 pads.
+    def _rerank_isolated(self, coll: Collection, audio: Tensor, lengths: Tensor, members: list[int],
+                         ids: np.ndarray, stage1_scores: np.ndarray, queries: Sequence[SearchQuery]) -> list:
+        """Stage 2 for the queries ``members`` of one collection, as one batch; when the batch fails,
+        each query alone, so one query's error (its own exception in the list) never fails the others.
+        Returns per member (hits, candidates scored, stage-2 milliseconds) or the exception."""
+        top_ks = [queries[i].top_k for i in members]
+        longest = int(lengths[members].max())
+        try:
+            batch, stage2_ms = self._rerank(coll, audio[members, :longest], lengths[members], ids, stage1_scores,
+                                            top_ks)
+            return [(hits, scored, stage2_ms) for hits, scored in batch]
+        except (LookupError, ValueError) as error:
+            if len(members) == 1:
+                return [error]
+        return [outcome for row, i in enumerate(members)
+                for outcome in self._rerank_isolated(coll, audio, lengths, [i], ids[row : row + 1],
+                                                     stage1_scores[row : row + 1], queries)]
 
-        Returns the top_k hits by MISA, the stage's milliseconds and how many candidates it scored.
+    def _rerank(self, coll: Collection, audio: Tensor, lengths: Tensor, ids: np.ndarray, stage1_scores: np.ndarray,
+                top_ks: Sequence[int]) -> tuple[list[tuple[list[Hit], int]], float]:
+        """Stage 2 for B queries of one collection at once (one scoring call per step, no loop over queries).
+
+        audio: (B, T, D), lengths: (B,); ids, stage1_scores: (B, K) stage-1 candidates with -1 pads.
+        With the collection's maps resident, every candidate is scored in bfloat16 from memory and the
+        best max(exact_rescore_at_least, exact_rescore_factor * top_k) of each query are kept; those
+        are scored exactly (float32, from the store, each map read once for the batch) and ranked.
+        Returns per query (its top_k hits by exact MISA, how many candidates it scored), and the
+        stage's milliseconds.
         """
         started = time.perf_counter()
+        ids = np.asarray(ids, dtype=np.int64)
+        stage1_scores = np.asarray(stage1_scores)
         valid = ids >= 0
-        ids, stage1_scores = ids[valid], stage1_scores[valid]
-        if ids.size == 0:
-            return [], _ms_since(started), 0
-        scored = int(ids.size)
-        lengths = torch.tensor([audio.shape[0]], device=self.device)
-        query = audio.unsqueeze(0).float()
+        scored = valid.sum(axis=1).tolist()
+        audio = audio.float()
         resident = self._resident.get(coll.name)
-        refine = max(self.limits.exact_rescore_at_least, self.limits.exact_rescore_factor * top_k)
-        if resident is not None and resident.generation == coll.generation and ids.size > refine:
-            # bfloat16 MISA over every candidate from memory, then the best `refine` exactly (below)
-            coarse = resident.misa(query, lengths, coll.positions_of(ids))[0]
-            keep = torch.topk(coarse, refine).indices.cpu().numpy()
-            ids, stage1_scores = ids[keep], stage1_scores[keep]
-        misa = torch.cat([  # exact float32, STORE_READ_CHUNK maps at a time: memory bounded whatever K
-            score_matrix(query, lengths, torch.from_numpy(coll.feature_maps(ids[i : i + STORE_READ_CHUNK].tolist()))
-                         .to(self.device).float(), kinds=("misa",))["misa"][0]
-            for i in range(0, len(ids), STORE_READ_CHUNK)
-        ])
-        order = torch.argsort(misa, descending=True, stable=True)[:top_k].cpu().numpy()
-        misa = misa.cpu().numpy()
+        refine = max(self.limits.exact_rescore_at_least, self.limits.exact_rescore_factor * max(top_ks))
+        if resident is not None and resident.generation == coll.generation and ids.shape[1] > refine:
+            positions = np.zeros_like(ids)
+            positions[valid] = coll.positions_of(ids[valid])
+            coarse = resident.paired_misa(audio, lengths, positions, torch.from_numpy(valid))
+            keep = torch.topk(coarse, refine, dim=1).indices.cpu().numpy()  # invalid entries (-inf) last
+            ids, stage1_scores, valid = (np.take_along_axis(a, keep, axis=1) for a in (ids, stage1_scores, valid))
+        misa = self._exact_misa(coll, audio, lengths, ids, valid).cpu()
+        order = torch.argsort(misa, dim=1, descending=True, stable=True)[:, : max(top_ks)].numpy()
+        misa = misa.numpy()
         stage2_ms = _ms_since(started)
-        best = ids[order]
-        uris = coll.uris(best.tolist())  # an image removed since this snapshot (reopening) is left out
-        hits = [Hit(int(best[j]), uris[int(best[j])], float(misa[k]), float(stage1_scores[k]))
-                for j, k in enumerate(order) if int(best[j]) in uris]
-        return hits, stage2_ms, scored
+        picked = [[int(k) for k in order[b, : top_ks[b]] if valid[b, k]] for b in range(len(top_ks))]
+        uris = coll.uris(sorted({int(ids[b, k]) for b, row in enumerate(picked) for k in row}))
+        out = []
+        for b, row in enumerate(picked):  # an image removed since this snapshot (reopening) is left out
+            hits = [Hit(int(ids[b, k]), uris[int(ids[b, k])], float(misa[b, k]), float(stage1_scores[b, k]))
+                    for k in row if int(ids[b, k]) in uris]
+            out.append((hits, int(scored[b])))
+        return out, stage2_ms
+
+    def _exact_misa(self, coll: Collection, audio: Tensor, lengths: Tensor, ids: np.ndarray,
+                    valid: np.ndarray) -> Tensor:
+        """Exact float32 MISA of each query against its candidates ids (B, K) -> (B, K), -inf where not
+        ``valid``. Maps are read from the store for about STORE_READ_CHUNK candidates at a time (each
+        distinct image once per read), so memory stays bounded whatever K and B are."""
+        b, k = ids.shape
+        columns = max(1, STORE_READ_CHUNK // max(1, b))
+        parts = []
+        for c0 in range(0, k, columns):
+            sub, sub_valid = ids[:, c0 : c0 + columns], valid[:, c0 : c0 + columns]
+            union = np.unique(sub[sub_valid])
+            if union.size == 0:
+                parts.append(torch.full(sub.shape, float("-inf"), device=self.device))
+                continue
+            maps = torch.from_numpy(coll.feature_maps(union.tolist())).to(self.device).float()  # (U, R, D)
+            where = torch.from_numpy(np.minimum(np.searchsorted(union, sub), union.size - 1)).to(self.device)
+            parts.append(paired_misa(audio, lengths, maps[where], valid=torch.from_numpy(sub_valid)))
+        return torch.cat(parts, dim=1) if parts else torch.zeros((b, 0), device=self.device)
 
     # ---- localization ------------------------------------------------------------------------
 

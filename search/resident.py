@@ -5,8 +5,9 @@ Reading K candidates' maps from the memory-mapped store costs more than scoring 
 therefore loads each collection's maps once, as one (N, R, D) tensor in a compact compute dtype
 (bfloat16: 2 bytes per value, as the store), on the engine's device, within a memory budget
 (``SearchLimits.resident_maps_mb``). Stage 2 then gathers the candidates' rows from it, scores
-them in bfloat16, and re-scores the best few exactly in float32 from the store (see
-``SearchEngine._rerank``), so the scores it returns are exact.
+them in bfloat16 (every query of a batch against its own candidates in one call), and re-scores
+the best few exactly in float32 from the store (see ``SearchEngine._rerank``), so the scores it
+returns are exact.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from encoders.matchmap import score_matrix
+from encoders.matchmap import paired_misa
 
 
 @dataclass
@@ -71,17 +72,19 @@ class ResidentMaps:
         held = self._buffer if self._buffer is not None else self.maps
         return held.numel() * held.element_size()
 
-    def misa(self, audio: Tensor, lengths: Tensor, positions: np.ndarray, chunk: int = 128) -> Tensor:
-        """MISA of captions ``audio`` (B, T, D) against the held maps at ``positions`` (K,) (from
-        ``Collection.positions_of``) -> (B, K), computed in the maps' dtype, ``chunk`` images at a
-        time so each gathered block stays in cache (one gather of thousands of maps costs more memory
-        traffic than scoring them)."""
+    def paired_misa(self, audio: Tensor, lengths: Tensor, positions: np.ndarray, valid: Tensor,
+                    chunk: int = 256) -> Tensor:
+        """MISA of each caption ``audio[b]`` (B, T, D) against its own held maps at ``positions[b]``
+        (B, K) -> (B, K), in the maps' dtype (``encoders.matchmap.paired_misa``); entries where
+        ``valid`` (B, K) is False score -inf. Candidates are gathered ``chunk`` per caption at a time."""
         n, r, d = self.maps.shape
         flat = self.maps.view(n, r * d)
         rows = torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(self.maps.device)
-        parts = [
-            score_matrix(audio, lengths, flat.index_select(0, rows[i : i + chunk]).view(-1, r, d), kinds=("misa",),
-                         compute_dtype=self.maps.dtype)["misa"]
-            for i in range(0, len(rows), chunk)
-        ]
-        return torch.cat(parts, dim=1) if parts else audio.new_zeros((audio.shape[0], 0))
+        b, k = rows.shape
+        parts = []
+        for k0 in range(0, k, chunk):
+            block = rows[:, k0 : k0 + chunk]
+            gathered = flat.index_select(0, block.reshape(-1)).view(b, block.shape[1], r, d)
+            parts.append(paired_misa(audio, lengths, gathered, compute_dtype=self.maps.dtype))
+        scores = torch.cat(parts, dim=1) if parts else audio.new_zeros((b, 0))
+        return scores.masked_fill(~valid.to(scores.device), float("-inf"))

@@ -10,6 +10,7 @@ from encoders.matchmap import (
     frame_mask,
     matchmap,
     pair_score,
+    paired_misa,
     pool_audio,
     pool_images,
     score_matrix,
@@ -183,3 +184,25 @@ def test_inputs_are_checked_with_clear_messages():
         score_matrix(audio, lengths, images, region_mask=torch.zeros(7, 12, dtype=torch.bool))
     with pytest.raises(ValueError, match="chunk_size"):
         score_matrix(audio, lengths, images, chunk_size=0)
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-block", "one-candidate-per-block"])
+def test_paired_misa_scores_each_caption_against_its_own_candidates(chunk_bytes):
+    audio, lengths, images = _batch(b=4, n=9)
+    pick = torch.tensor([[0, 3, 8], [8, 8, 1], [2, 5, 7], [6, 0, 4]])  # (B, K): each caption's own images
+    candidates = images.reshape(9, 12, 16)[pick]  # (B, K, R, D)
+    valid = torch.ones(4, 3, dtype=torch.bool)
+    valid[1, 2] = False  # a shorter candidate list, padded
+    scores = paired_misa(audio, lengths, candidates, valid=valid, chunk_bytes=chunk_bytes)
+    for b in range(4):
+        for k in range(3):
+            expected = pair_score(images[pick[b, k]], audio[b, : lengths[b]], "misa")
+            if valid[b, k]:
+                torch.testing.assert_close(scores[b, k], expected, rtol=1e-6, atol=1e-6)
+            else:
+                assert scores[b, k] == float("-inf")
+    low = paired_misa(audio.float(), lengths, candidates.float(), compute_dtype=torch.bfloat16)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low[valid], scores[valid].float(), rtol=0, atol=0.1)
+    with pytest.raises(ValueError, match="disagree"):
+        paired_misa(audio, lengths, candidates[:3])

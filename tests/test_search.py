@@ -758,13 +758,13 @@ def check_stage2_ranks_like_exact_cpu(checkpoint, library: Path, device: str, mo
     from search.resident import ResidentMaps
 
     resident_calls = []
-    real_misa = ResidentMaps.misa
+    real_misa = ResidentMaps.paired_misa
 
-    def spy(self, audio, lengths, positions, **kwargs):
-        resident_calls.append((self.maps.device.type, audio.device.type, len(positions)))
-        return real_misa(self, audio, lengths, positions, **kwargs)
+    def spy(self, audio, lengths, positions, valid, **kwargs):
+        resident_calls.append((self.maps.device.type, audio.device.type, int(valid.sum())))
+        return real_misa(self, audio, lengths, positions, valid, **kwargs)
 
-    monkeypatch.setattr(ResidentMaps, "misa", spy)
+    monkeypatch.setattr(ResidentMaps, "paired_misa", spy)
     settings = use_exact_float32()
     exact = SearchEngine.open(checkpoint, library, device="cpu",
                               limits=SearchLimits(resident_maps_mb=0))
@@ -796,6 +796,33 @@ def check_stage2_ranks_like_exact_cpu(checkpoint, library: Path, device: str, mo
 def test_stage2_resident_maps_rank_like_exact_scoring(checkpoint, stage2_library, monkeypatch):
     # The same check as the CUDA one below, on the CPU, so that it runs everywhere.
     check_stage2_ranks_like_exact_cpu(checkpoint, stage2_library, "cpu", monkeypatch)
+
+
+@pytest.mark.parametrize("resident_mb", [4096.0, 0.0], ids=["resident", "store"])
+def test_a_batch_of_queries_ranks_each_as_it_would_alone(checkpoint, stage2_library, resident_mb):
+    """Stage 2 scores a batch's queries in one call (each against its own candidates): every query of
+    a batch gets the hits it gets alone, whatever its neighbours' lengths and top_k, and a query to an
+    unknown collection fails alone."""
+    from indexer.library import CollectionNotFound
+    from search.engine import SearchQuery
+
+    engine = SearchEngine.open(checkpoint, stage2_library, device="cpu", limits=SearchLimits(resident_maps_mb=resident_mb))
+    try:
+        engine.warm_up()
+        prepared = [engine.prepare_audio(data) for data in noise_queries(5, seed=7)]
+        top_ks = [10, 3, 25, 1, 10]
+        queries = [SearchQuery(p, STAGE2_COLLECTION, k, STAGE2_IMAGES) for p, k in zip(prepared, top_ks, strict=True)]
+        batch = engine.search_batch([*queries, SearchQuery(prepared[0], "no-such-collection", 10, 10)])
+        assert isinstance(batch[-1], CollectionNotFound)
+        for query, together in zip(queries, batch[:-1], strict=True):
+            alone = engine.search_batch([query])[0]
+            assert together.batch_size == 6 and alone.batch_size == 1
+            assert [h.image_id for h in together.hits] == [h.image_id for h in alone.hits]
+            assert len(together.hits) == query.top_k and together.candidates == STAGE2_IMAGES
+            np.testing.assert_allclose([h.score for h in together.hits], [h.score for h in alone.hits], atol=1e-5)
+            assert [h.score for h in together.hits] == sorted((h.score for h in together.hits), reverse=True)
+    finally:
+        engine.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
