@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from encoders.matchmap import paired_misa
+from encoders.matchmap import paired_misa, score_matrix
 
 
 @dataclass
@@ -73,18 +73,28 @@ class ResidentMaps:
         return held.numel() * held.element_size()
 
     def paired_misa(self, audio: Tensor, lengths: Tensor, positions: np.ndarray, valid: Tensor,
-                    chunk: int = 256) -> Tensor:
+                    cpu_chunk: int = 128, one_call: bool | None = None) -> Tensor:
         """MISA of each caption ``audio[b]`` (B, T, D) against its own held maps at ``positions[b]``
-        (B, K) -> (B, K), in the maps' dtype (``encoders.matchmap.paired_misa``); entries where
-        ``valid`` (B, K) is False score -inf. Candidates are gathered ``chunk`` per caption at a time."""
+        (B, K) -> (B, K), in the maps' dtype; entries where ``valid`` (B, K) is False score -inf.
+
+        On an accelerator, one gather of all B x K maps and one ``paired_misa`` call (no loop over
+        queries). On the CPU, one caption at a time against ``cpu_chunk`` gathered maps per product,
+        so each block stays in cache: arithmetic bounds the CPU, and a batched product over bigger
+        blocks measured up to 2x slower (bench/bench_stage2_batch.py, docs/search.md).
+        """
         n, r, d = self.maps.shape
         flat = self.maps.view(n, r * d)
         rows = torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(self.maps.device)
         b, k = rows.shape
-        parts = []
-        for k0 in range(0, k, chunk):
-            block = rows[:, k0 : k0 + chunk]
-            gathered = flat.index_select(0, block.reshape(-1)).view(b, block.shape[1], r, d)
-            parts.append(paired_misa(audio, lengths, gathered, compute_dtype=self.maps.dtype))
-        scores = torch.cat(parts, dim=1) if parts else audio.new_zeros((b, 0))
+        if one_call if one_call is not None else self.maps.device.type != "cpu":
+            gathered = flat.index_select(0, rows.reshape(-1)).view(b, k, r, d)
+            scores = paired_misa(audio, lengths, gathered, compute_dtype=self.maps.dtype)
+        else:
+            scores = torch.stack([
+                torch.cat([score_matrix(audio[i : i + 1, : int(lengths[i])], lengths[i : i + 1],
+                                        flat.index_select(0, rows[i, k0 : k0 + cpu_chunk]).view(-1, r, d),
+                                        kinds=("misa",), compute_dtype=self.maps.dtype)["misa"][0]
+                           for k0 in range(0, k, cpu_chunk)])
+                for i in range(b)
+            ]) if k else audio.new_zeros((b, 0))
         return scores.masked_fill(~valid.to(scores.device), float("-inf"))

@@ -825,6 +825,27 @@ def test_a_batch_of_queries_ranks_each_as_it_would_alone(checkpoint, stage2_libr
         engine.close()
 
 
+def test_resident_maps_score_a_batch_in_one_call_as_one_query_at_a_time():
+    """The accelerators' path (one gather, one paired_misa call) and the CPU's (a caption at a time,
+    cache-sized blocks) give the same bfloat16 MISA, and padding entries score -inf."""
+    from search.resident import ResidentMaps
+
+    generator = torch.Generator().manual_seed(5)
+    maps = torch.randn(300, 16, 32, generator=generator).bfloat16()
+    resident = ResidentMaps("c", 1, maps)
+    audio = torch.randn(3, 11, 32, generator=generator)
+    lengths = torch.tensor([11, 4, 7])
+    positions = torch.randint(0, 300, (3, 50), generator=generator).numpy()
+    valid = torch.ones(3, 50, dtype=torch.bool)
+    valid[2, 40:] = False
+    one_call = resident.paired_misa(audio, lengths, positions, valid, one_call=True)
+    per_query = resident.paired_misa(audio, lengths, positions, valid, one_call=False, cpu_chunk=16)
+    assert torch.isinf(one_call[2, 40:]).all() and torch.isinf(per_query[2, 40:]).all()
+    torch.testing.assert_close(one_call[valid], per_query[valid], rtol=0, atol=2e-2)
+    exact = score_matrix(audio[1:2, :4], lengths[1:2], maps[positions[1]].float())["misa"][0]
+    torch.testing.assert_close(per_query[1], exact, rtol=0, atol=0.1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_stage2_on_cuda_ranks_like_cpu(checkpoint, stage2_library, monkeypatch):
     check_stage2_ranks_like_exact_cpu(checkpoint, stage2_library, "cuda", monkeypatch)
