@@ -31,18 +31,20 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
-def worker(tree: Path, work: Path, checkpoint: str, corpus: Path, queries: int, batch: int, ks: list[int]) -> None:
+def worker(tree: Path, work: Path, checkpoint: str, corpus: Path, queries: int, batch: int, ks: list[int],
+           resident_mb: float) -> None:
     """Runs inside ``tree``: prints one JSON line per (K, mode) with queries/s and stage-2 ms."""
     sys.path.insert(0, str(tree))
     import torch
 
-    from search.engine import SearchEngine, SearchQuery
+    from search.engine import SearchEngine, SearchLimits, SearchQuery
     from training.manifest import load_manifest
 
     torch.set_num_threads(os.cpu_count() or 1)
     val = load_manifest(corpus / "val.json")
     audio = [val.audio_path(e).read_bytes() for e in val.entries[:queries]]
-    engine = SearchEngine.open(checkpoint, work / "library", device="cpu")
+    engine = SearchEngine.open(checkpoint, work / "library", device="cpu",
+                               limits=SearchLimits(resident_maps_mb=resident_mb))
     try:
         engine.warm_up()
         prepared = [engine.prepare_audio(a) for a in audio]
@@ -71,12 +73,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--resident-mb", type=float, default=4096.0,
+                        help="the engine's memory for resident maps; 0: every map comes from the store")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_stage2_batch"))
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     checkpoint = args.checkpoint or str(REPO / "encoders" / "default_model" / "tiny.pt")
     if args.worker is not None:
-        worker(args.worker, args.work_dir, checkpoint, args.corpus, args.queries, args.batch, args.k)
+        worker(args.worker, args.work_dir, checkpoint, args.corpus, args.queries, args.batch, args.k, args.resident_mb)
         return
 
     sys.path.insert(0, str(HERE))
@@ -88,14 +92,16 @@ def main() -> None:
         images += scene_images(args.work_dir / "scenes", args.images - len(images), seed=7)
     seconds, size = build_collection(args.work_dir, Path(checkpoint), images[: args.images])
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; collection of {size} images "
-          f"(indexed in {seconds:.0f} s); {args.queries} spoken val captions of {args.corpus}")
+          f"(indexed in {seconds:.0f} s); {args.queries} spoken val captions of {args.corpus}; resident maps "
+          f"{'up to ' + str(args.resident_mb) + ' MB' if args.resident_mb else 'none (every map from the store)'}")
     trees = [t.resolve() for t in (args.tree or [REPO])]
     best: dict[tuple[str, int, str], dict] = {}
     for _ in range(args.rounds):
         for tree in trees:
             out = subprocess.run([sys.executable, __file__, "--worker", str(tree), "--corpus", str(args.corpus),
                                   "--checkpoint", checkpoint, "--work-dir", str(args.work_dir), "--queries",
-                                  str(args.queries), "--batch", str(args.batch), "--k", *map(str, args.k)],
+                                  str(args.queries), "--batch", str(args.batch), "--resident-mb", str(args.resident_mb),
+                                  "--k", *map(str, args.k)],
                                  capture_output=True, text=True, check=True).stdout
             for line in out.splitlines():
                 row = json.loads(line)

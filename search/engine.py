@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from encoders import create_model, load_image, trim_silence
-from encoders.matchmap import paired_misa
+from encoders.matchmap import paired_misa, score_matrix
 from indexer import Collection, CollectionInfo, ImageRecord, Library
 from search import DEFAULT_CANDIDATES, MAX_CANDIDATES, MAX_EXHAUSTIVE_CANDIDATES
 from search.audio import check_sample_rate, decode_audio
@@ -46,6 +46,11 @@ PADDING_BUDGET = 0.2
 # Stage 2 reads candidates' maps from the feature store this many at a time (float16 read + float32
 # copy: 48 MB for `tiny`), so a query's memory does not grow with its candidates (10,000 at once: 983 MB).
 STORE_READ_CHUNK = 512
+# A collection that is not resident gets stage 2's bfloat16 pass (its maps read from the store through
+# the page cache) from this many candidates on; below, exact float32 over every candidate, read once,
+# is cheaper than reading the best ones twice. Measured against the exact pass on 10,000 images
+# (bench/bench_stage2_batch.py --resident-mb 0): 0.82x the queries/s at K=400, 1.16x at 1,000, 1.54x at 4,000.
+STORE_COARSE_AT_LEAST = 1000
 
 
 def resolve_device(device: str) -> torch.device:
@@ -74,8 +79,9 @@ class SearchLimits:
     max_candidates: int = MAX_CANDIDATES
     max_exhaustive_candidates: int = MAX_EXHAUSTIVE_CANDIDATES
     resident_maps_mb: float = 4096.0  # memory for collections' feature maps held in memory (0 = read from the store)
-    # With resident maps, stage 2 scores every candidate in bfloat16, then re-scores exactly (float32,
-    # from the store) the best max(exact_rescore_at_least, exact_rescore_factor * top_k), which it ranks.
+    # Stage 2 scores every candidate in bfloat16 (from resident maps, or else from the store through the
+    # page cache), then re-scores exactly (float32, from the store) the best
+    # max(exact_rescore_at_least, exact_rescore_factor * top_k), which it ranks.
     exact_rescore_at_least: int = 64
     exact_rescore_factor: int = 4
 
@@ -507,8 +513,9 @@ class SearchEngine:
         """Stage 2 for B queries of one collection at once (one scoring call per step, no loop over queries).
 
         audio: (B, T, D), lengths: (B,); ids, stage1_scores: (B, K) stage-1 candidates with -1 pads.
-        With the collection's maps resident, every candidate is scored in bfloat16 from memory and the
-        best max(exact_rescore_at_least, exact_rescore_factor * top_k) of each query are kept; those
+        Above max(exact_rescore_at_least, exact_rescore_factor * top_k) candidates, every candidate is
+        scored in bfloat16 (from the resident maps, or from the store through the page cache when the
+        collection is not resident) and that many of each query are kept; those
         are scored exactly (float32, from the store, each map read once for the batch) and ranked.
         Returns per query (its top_k hits by exact MISA, how many candidates it scored), and the
         stage's milliseconds.
@@ -521,10 +528,15 @@ class SearchEngine:
         audio = audio.float()
         resident = self._resident.get(coll.name)
         refine = max(self.limits.exact_rescore_at_least, self.limits.exact_rescore_factor * max(top_ks))
-        if resident is not None and resident.generation == coll.generation and ids.shape[1] > refine:
-            positions = np.zeros_like(ids)
-            positions[valid] = coll.positions_of(ids[valid])
-            coarse = resident.paired_misa(audio, lengths, positions, torch.from_numpy(valid))
+        coarse = None
+        if ids.shape[1] > refine:
+            if resident is not None and resident.generation == coll.generation:
+                positions = np.zeros_like(ids)
+                positions[valid] = coll.positions_of(ids[valid])
+                coarse = resident.paired_misa(audio, lengths, positions, torch.from_numpy(valid))
+            elif ids.shape[1] >= STORE_COARSE_AT_LEAST:
+                coarse = self._coarse_from_store(coll, audio, lengths, ids, valid)
+        if coarse is not None:
             keep = torch.topk(coarse, refine, dim=1).indices.cpu().numpy()  # invalid entries (-inf) last
             ids, stage1_scores, valid = (np.take_along_axis(a, keep, axis=1) for a in (ids, stage1_scores, valid))
         misa = self._exact_misa(coll, audio, lengths, ids, valid).cpu()
@@ -539,6 +551,25 @@ class SearchEngine:
                     for k in row if int(ids[b, k]) in uris]
             out.append((hits, int(scored[b])))
         return out, stage2_ms
+
+    def _coarse_from_store(self, coll: Collection, audio: Tensor, lengths: Tensor, ids: np.ndarray,
+                           valid: np.ndarray, chunk: int = 128) -> Tensor:
+        """The bfloat16 pass for a collection whose maps are not resident: each query's candidates are
+        read from the memory-mapped store (the page cache keeps the hot ones) ``chunk`` at a time and
+        scored in bfloat16 -> (B, K), -inf where not ``valid``. Memory stays at one chunk per query."""
+        rows = []
+        for b in range(ids.shape[0]):
+            length = int(lengths[b])
+            scores = torch.full((ids.shape[1],), float("-inf"), device=self.device)
+            columns = np.flatnonzero(valid[b])
+            for c0 in range(0, len(columns), chunk):
+                cols = columns[c0 : c0 + chunk]
+                maps = torch.from_numpy(coll.feature_maps(ids[b, cols].tolist())).to(self.device)
+                scores[torch.from_numpy(cols).to(self.device)] = score_matrix(
+                    audio[b : b + 1, :length], lengths[b : b + 1], maps, kinds=("misa",),
+                    compute_dtype=torch.bfloat16)["misa"][0]
+            rows.append(scores)
+        return torch.stack(rows)
 
     def _exact_misa(self, coll: Collection, audio: Tensor, lengths: Tensor, ids: np.ndarray,
                     valid: np.ndarray) -> Tensor:

@@ -749,6 +749,10 @@ def noise_queries(count: int, seed: int = 0) -> list[bytes]:
     return wavs
 
 
+# Stage 2 in exact float32 over every candidate: nothing resident, no bfloat16 pass below a million candidates.
+EXACT_STAGE2 = SearchLimits(resident_maps_mb=0, exact_rescore_at_least=10**6)
+
+
 def check_stage2_ranks_like_exact_cpu(checkpoint, library: Path, device: str, monkeypatch) -> None:
     """Stage 2 on ``device`` (default limits: resident maps) against the CPU scoring every candidate
     exactly from the store: both the resident bfloat16 pass + exact re-score (candidates above the
@@ -766,8 +770,7 @@ def check_stage2_ranks_like_exact_cpu(checkpoint, library: Path, device: str, mo
 
     monkeypatch.setattr(ResidentMaps, "paired_misa", spy)
     settings = use_exact_float32()
-    exact = SearchEngine.open(checkpoint, library, device="cpu",
-                              limits=SearchLimits(resident_maps_mb=0))
+    exact = SearchEngine.open(checkpoint, library, device="cpu", limits=EXACT_STAGE2)
     engine = SearchEngine.open(checkpoint, library, device=device)
     try:
         assert engine.warm_up() == [STAGE2_COLLECTION]
@@ -823,6 +826,38 @@ def test_a_batch_of_queries_ranks_each_as_it_would_alone(checkpoint, stage2_libr
             assert [h.score for h in together.hits] == sorted((h.score for h in together.hits), reverse=True)
     finally:
         engine.close()
+
+
+def test_a_collection_that_is_not_resident_gets_the_bfloat16_pass_from_the_store(checkpoint, stage2_library,
+                                                                                  monkeypatch):
+    """Over the memory budget (here 0), stage 2 still scores every candidate in bfloat16 (read from the
+    store through the page cache) from STORE_COARSE_AT_LEAST candidates on, and re-scores the best
+    exactly: the top 10 of exact scoring. Below that, exact scoring of every candidate."""
+    from encoders.precision import compare_rankings
+
+    calls = []
+    real = SearchEngine._coarse_from_store
+    monkeypatch.setattr(SearchEngine, "_coarse_from_store",
+                        lambda self, *args, **kwargs: calls.append(1) or real(self, *args, **kwargs))
+    exact = SearchEngine.open(checkpoint, stage2_library, device="cpu", limits=EXACT_STAGE2)
+    paged = SearchEngine.open(checkpoint, stage2_library, device="cpu", limits=SearchLimits(resident_maps_mb=0))
+    try:
+        assert paged.warm_up() == [STAGE2_COLLECTION] and paged.resident_bytes() == {}
+        paged.search(noise_queries(1, seed=3)[0], STAGE2_COLLECTION, top_k=10, candidates=STAGE2_IMAGES)
+        assert not calls  # 160 candidates: below the default STORE_COARSE_AT_LEAST
+        monkeypatch.setattr("search.engine.STORE_COARSE_AT_LEAST", STAGE2_IMAGES)
+        for data in noise_queries(4, seed=3):
+            want = exact.search(data, STAGE2_COLLECTION, top_k=10, candidates=STAGE2_IMAGES)
+            assert not calls
+            got = paged.search(data, STAGE2_COLLECTION, top_k=10, candidates=STAGE2_IMAGES)
+            assert calls == [1] and got.candidates == STAGE2_IMAGES
+            calls.clear()
+            comparison = compare_rankings([(h.image_id, h.score) for h in want.hits],
+                                          [(h.image_id, h.score) for h in got.hits])
+            assert comparison.agree, comparison.problems
+    finally:
+        exact.close()
+        paged.close()
 
 
 def test_resident_maps_score_a_batch_in_one_call_as_one_query_at_a_time():
