@@ -749,6 +749,14 @@ def noise_queries(count: int, seed: int = 0) -> list[bytes]:
     return wavs
 
 
+def assert_rankings_agree(want, got) -> None:
+    """Two searches' hits agree up to ties within the precision gate's tolerance (encoders.precision)."""
+    from encoders.precision import compare_rankings
+
+    comparison = compare_rankings([(h.image_id, h.score) for h in want.hits], [(h.image_id, h.score) for h in got.hits])
+    assert comparison.agree, comparison.problems
+
+
 # Stage 2 in exact float32 over every candidate: nothing resident, no bfloat16 pass below a million candidates.
 EXACT_STAGE2 = SearchLimits(resident_maps_mb=0, exact_rescore_at_least=10**6)
 
@@ -758,7 +766,7 @@ def check_stage2_ranks_like_exact_cpu(checkpoint, library: Path, device: str, mo
     exactly from the store: both the resident bfloat16 pass + exact re-score (candidates above the
     64 it re-scores) and the plain exact path (candidates below) give the CPU's top 10, up to ties
     within the gate's tolerance (encoders.precision)."""
-    from encoders.precision import compare_rankings, restore_float32_settings, use_exact_float32
+    from encoders.precision import restore_float32_settings, use_exact_float32
     from search.resident import ResidentMaps
 
     resident_calls = []
@@ -787,9 +795,7 @@ def check_stage2_ranks_like_exact_cpu(checkpoint, library: Path, device: str, mo
                     assert resident_calls == [(device, device, candidates)]
                 else:
                     assert not resident_calls
-                comparison = compare_rankings([(h.image_id, h.score) for h in want.hits],
-                                              [(h.image_id, h.score) for h in got.hits])
-                assert comparison.agree, comparison.problems
+                assert_rankings_agree(want, got)
     finally:
         exact.close()
         engine.close()
@@ -833,7 +839,6 @@ def test_a_collection_that_is_not_resident_gets_the_bfloat16_pass_from_the_store
     """Over the memory budget (here 0), stage 2 still scores every candidate in bfloat16 (read from the
     store through the page cache) from STORE_COARSE_AT_LEAST candidates on, and re-scores the best
     exactly: the top 10 of exact scoring. Below that, exact scoring of every candidate."""
-    from encoders.precision import compare_rankings
 
     calls = []
     real = SearchEngine._coarse_from_store
@@ -852,9 +857,7 @@ def test_a_collection_that_is_not_resident_gets_the_bfloat16_pass_from_the_store
             got = paged.search(data, STAGE2_COLLECTION, top_k=10, candidates=STAGE2_IMAGES)
             assert calls == [1] and got.candidates == STAGE2_IMAGES
             calls.clear()
-            comparison = compare_rankings([(h.image_id, h.score) for h in want.hits],
-                                          [(h.image_id, h.score) for h in got.hits])
-            assert comparison.agree, comparison.problems
+            assert_rankings_agree(want, got)
     finally:
         exact.close()
         paged.close()
