@@ -87,7 +87,8 @@ class PairObjective(nn.Module):
 
     @property
     def image_frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.model.image_net.parameters())
+        params = list(getattr(self.model, "image_net", nn.Identity()).parameters())
+        return bool(params) and not any(p.requires_grad for p in params)
 
     def train(self, mode: bool = True) -> PairObjective:
         super().train(mode)
