@@ -4,8 +4,8 @@ Per query: decode the audio (checked, limited) -> log-mel -> audio map A (T, D) 
 branch -> stage 1: the collection's FAISS index ranks every image by the inner product of the model's
 stage-1 vectors (masked means, whose product is exactly SISA, or the heads distilled from MISA by
 ``matchmap distill-stage1``) -> stage 2: the best ``candidates`` images are re-scored by MISA through
-``encoders.matchmap.paired_misa`` (on CUDA when the engine runs there), all queries of a batch on
-one collection in one scoring call: in bfloat16 from the collection's feature maps held in memory
+``encoders.matchmap`` (on CUDA when the engine runs there, where ``paired_misa`` scores all queries
+of a batch on one collection in one call; the CPU scores one query at a time): in bfloat16 from the collection's feature maps held in memory
 (``search.resident``), then the best few exactly in float32 from the feature store -> the best
 ``top_k`` by exact MISA. The engine is synchronous and keeps no
 per-request state; ``search.server`` calls it from one model thread, batching concurrent queries

@@ -79,8 +79,8 @@ class ResidentMaps:
 
         On an accelerator, one gather of all B x K maps and one ``paired_misa`` call (no loop over
         queries). On the CPU, one caption at a time against ``cpu_chunk`` gathered maps per product,
-        so each block stays in cache: arithmetic bounds the CPU, and a batched product over bigger
-        blocks measured up to 2x slower (bench/bench_stage2_batch.py, docs/search.md).
+        so each block stays in cache: arithmetic bounds the CPU, and batched products measured 1.6-2.2x
+        slower, 20x when a slice left the batch stride irregular (bench/bench_stage2_batch.py, docs/search.md).
         """
         n, r, d = self.maps.shape
         flat = self.maps.view(n, r * d)
