@@ -26,13 +26,13 @@ import torch
 from torch import Tensor
 
 from encoders import create_model, load_image, trim_silence
-from encoders.matchmap import paired_misa, score_matrix
+from encoders.matchmap import paired_misa
 from indexer import Collection, CollectionInfo, ImageRecord, Library
 from search import DEFAULT_CANDIDATES, MAX_CANDIDATES, MAX_EXHAUSTIVE_CANDIDATES
 from search.audio import check_sample_rate, decode_audio
 from search.errors import ImageNotFound, InvalidQuery
 from search.localization import LiveHighlighter, Localization, encode_whole_image, localize
-from search.resident import ResidentMaps
+from search.resident import ResidentMaps, misa_caption_by_caption
 from search.vad import keep_speech
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -535,7 +535,10 @@ class SearchEngine:
                 positions[valid] = coll.positions_of(ids[valid])
                 coarse = resident.paired_misa(audio, lengths, positions, torch.from_numpy(valid))
             elif ids.shape[1] >= STORE_COARSE_AT_LEAST:
-                coarse = self._coarse_from_store(coll, audio, lengths, ids, valid)
+                # Maps read from the memory-mapped store a chunk per caption (the page cache keeps the hot ones).
+                coarse = misa_caption_by_caption(
+                    audio, lengths, lambda b, cols: torch.from_numpy(coll.feature_maps(ids[b, cols].tolist())),
+                    valid)
         if coarse is not None:
             keep = torch.topk(coarse, refine, dim=1).indices.cpu().numpy()  # invalid entries (-inf) last
             ids, stage1_scores, valid = (np.take_along_axis(a, keep, axis=1) for a in (ids, stage1_scores, valid))
@@ -551,25 +554,6 @@ class SearchEngine:
                     for k in row if int(ids[b, k]) in uris]
             out.append((hits, int(scored[b])))
         return out, stage2_ms
-
-    def _coarse_from_store(self, coll: Collection, audio: Tensor, lengths: Tensor, ids: np.ndarray,
-                           valid: np.ndarray, chunk: int = 128) -> Tensor:
-        """The bfloat16 pass for a collection whose maps are not resident: each query's candidates are
-        read from the memory-mapped store (the page cache keeps the hot ones) ``chunk`` at a time and
-        scored in bfloat16 -> (B, K), -inf where not ``valid``. Memory stays at one chunk per query."""
-        rows = []
-        for b in range(ids.shape[0]):
-            length = int(lengths[b])
-            scores = torch.full((ids.shape[1],), float("-inf"), device=self.device)
-            columns = np.flatnonzero(valid[b])
-            for c0 in range(0, len(columns), chunk):
-                cols = columns[c0 : c0 + chunk]
-                maps = torch.from_numpy(coll.feature_maps(ids[b, cols].tolist())).to(self.device)
-                scores[torch.from_numpy(cols).to(self.device)] = score_matrix(
-                    audio[b : b + 1, :length], lengths[b : b + 1], maps, kinds=("misa",),
-                    compute_dtype=torch.bfloat16)["misa"][0]
-            rows.append(scores)
-        return torch.stack(rows)
 
     def _exact_misa(self, coll: Collection, audio: Tensor, lengths: Tensor, ids: np.ndarray,
                     valid: np.ndarray) -> Tensor:

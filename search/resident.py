@@ -12,6 +12,7 @@ returns are exact.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,15 +87,31 @@ class ResidentMaps:
         flat = self.maps.view(n, r * d)
         rows = torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(self.maps.device)
         b, k = rows.shape
-        if one_call if one_call is not None else self.maps.device.type != "cpu":
-            gathered = flat.index_select(0, rows.reshape(-1)).view(b, k, r, d)
-            scores = paired_misa(audio, lengths, gathered, compute_dtype=self.maps.dtype)
-        else:
-            scores = torch.stack([
-                torch.cat([score_matrix(audio[i : i + 1, : int(lengths[i])], lengths[i : i + 1],
-                                        flat.index_select(0, rows[i, k0 : k0 + cpu_chunk]).view(-1, r, d),
-                                        kinds=("misa",), compute_dtype=self.maps.dtype)["misa"][0]
-                           for k0 in range(0, k, cpu_chunk)])
-                for i in range(b)
-            ]) if k else audio.new_zeros((b, 0))
+        if not (one_call if one_call is not None else self.maps.device.type != "cpu"):
+            return misa_caption_by_caption(
+                audio, lengths, lambda i, cols: flat.index_select(0, rows[i, cols]).view(-1, r, d),
+                valid.cpu().numpy(), chunk=cpu_chunk, compute_dtype=self.maps.dtype)
+        gathered = flat.index_select(0, rows.reshape(-1)).view(b, k, r, d)
+        scores = paired_misa(audio, lengths, gathered, compute_dtype=self.maps.dtype)
         return scores.masked_fill(~valid.to(scores.device), float("-inf"))
+
+
+def misa_caption_by_caption(audio: Tensor, lengths: Tensor, read_maps: Callable[[int, np.ndarray], Tensor],
+                            valid: np.ndarray, chunk: int = 128,
+                            compute_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """MISA of each caption ``audio[b]`` (B, T, D) against its own candidates -> (B, K) on audio's device,
+    -inf where ``valid`` (B, K numpy) is False: the CPU's way, one caption at a time against ``chunk``
+    maps per product, so each block stays in cache. ``read_maps(b, columns)`` returns the maps
+    (len(columns), R, D) of caption b's candidates at those columns: gathered from resident maps, or
+    read from the memory-mapped store (the page cache keeps the hot ones; memory stays at one chunk)."""
+    out = torch.full(valid.shape, float("-inf"), device=audio.device)
+    for b in range(valid.shape[0]):
+        length = int(lengths[b])
+        columns = np.flatnonzero(valid[b])
+        for c0 in range(0, len(columns), chunk):
+            cols = columns[c0 : c0 + chunk]
+            maps = read_maps(b, cols).to(audio.device)
+            out[b, torch.from_numpy(cols).to(audio.device)] = score_matrix(
+                audio[b : b + 1, :length], lengths[b : b + 1], maps, kinds=("misa",),
+                compute_dtype=compute_dtype)["misa"][0].float()
+    return out

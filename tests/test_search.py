@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import search.engine
 from encoders import create_model, load_audio, score_matrix
 from encoders.matchmap import pool_audio, pool_images
 from indexer import Library
@@ -841,9 +842,9 @@ def test_a_collection_that_is_not_resident_gets_the_bfloat16_pass_from_the_store
     exactly: the top 10 of exact scoring. Below that, exact scoring of every candidate."""
 
     calls = []
-    real = SearchEngine._coarse_from_store
-    monkeypatch.setattr(SearchEngine, "_coarse_from_store",
-                        lambda self, *args, **kwargs: calls.append(1) or real(self, *args, **kwargs))
+    real = search.engine.misa_caption_by_caption
+    monkeypatch.setattr("search.engine.misa_caption_by_caption",
+                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     exact = SearchEngine.open(checkpoint, stage2_library, device="cpu", limits=EXACT_STAGE2)
     paged = SearchEngine.open(checkpoint, stage2_library, device="cpu", limits=SearchLimits(resident_maps_mb=0))
     try:
