@@ -83,17 +83,28 @@ def distractor_images(folder: Path, count: int, seed: int) -> list[Path]:
     return paths
 
 
-def scene_images(folder: Path, count: int, seed: int) -> list[Path]:
-    """``count`` 256 x 256 PNG scenes drawn as `matchmap synth` draws its images (no captions)."""
+def _draw_scene(job: tuple[Path, int, int]) -> None:
     from training.scenes import random_scene
 
+    path, seed, i = job
+    partial = path.with_name(path.stem + ".partial.png")  # a killed run leaves no half-written scene
+    random_scene(np.random.default_rng([seed, i])).image.save(partial)
+    partial.rename(path)
+
+
+def scene_images(folder: Path, count: int, seed: int) -> list[Path]:
+    """``count`` 256 x 256 PNG scenes drawn as `matchmap synth` draws its images (no captions), on every
+    core (each scene depends only on (seed, i); about 50 per second per core)."""
+    from multiprocessing import Pool
+
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = folder / f"scene-{seed}-{i:06d}.png"
-        if not path.exists():
-            random_scene(np.random.default_rng([seed, i])).image.save(path)
-        paths.append(path)
+    paths = [folder / f"scene-{seed}-{i:06d}.png" for i in range(count)]
+    missing = [(path, seed, i) for i, path in enumerate(paths) if not path.exists()]
+    if missing:
+        with Pool(os.cpu_count()) as pool:
+            for done, _ in enumerate(pool.imap_unordered(_draw_scene, missing, chunksize=64), 1):
+                if done % 10_000 == 0:
+                    print(f"  drew {done}/{len(missing)} scenes", flush=True)
     return paths
 
 
@@ -137,6 +148,7 @@ class ServeProcess:
 
     def __init__(self, work: Path, checkpoint: Path, device: str, max_batch: int,
                  extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+        started = time.perf_counter()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "matchmap", "serve", "--data-dir", str(work / "library"), "--checkpoint",
              str(checkpoint), "--host", "127.0.0.1", "--port", "0", "--device", device, "--max-batch",
@@ -149,15 +161,23 @@ class ServeProcess:
             if not line and self.process.poll() is not None:
                 raise RuntimeError("matchmap serve exited before listening")
         self.target = "127.0.0.1:" + re.search(r"127\.0\.0\.1:(\d+)", line).group(1)
+        self.start_seconds = time.perf_counter() - started  # process start, model load, collections opened
         # Keep draining stderr so the server never blocks on a full pipe.
         threading.Thread(target=self.process.stderr.read, daemon=True).start()
+
+    def rss_mb(self) -> float:
+        """The server's resident set (psutil), in MB."""
+        import psutil
+
+        return psutil.Process(self.process.pid).memory_info().rss / 2**20
 
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(60)
 
 
-def run_load(target: str, queries: list[bytes], concurrency: int, candidates: int) -> dict:
+def run_load(target: str, queries: list[bytes], concurrency: int, candidates: int,
+             collection: str = COLLECTION) -> dict:
     """Send every query (round-robin over ``queries``) with ``concurrency`` in flight; latency stats."""
     latencies: list[float] = []
     batch_sizes: list[int] = []
@@ -165,13 +185,13 @@ def run_load(target: str, queries: list[bytes], concurrency: int, candidates: in
     lock = threading.Lock()
     with SearchClient(target, timeout=60) as client:
         for q in queries[: min(5, len(queries))]:  # warm-up: first-call allocations, caches
-            client.search(q, COLLECTION, top_k=10, candidates=candidates)
+            client.search(q, collection, top_k=10, candidates=candidates)
 
         def one(query: bytes) -> None:
             nonlocal errors
             started = time.perf_counter()
             try:
-                hits = client.search(query, COLLECTION, top_k=10, candidates=candidates)
+                hits = client.search(query, collection, top_k=10, candidates=candidates)
             except SearchServiceError:
                 with lock:
                     errors += 1
@@ -195,6 +215,43 @@ def run_load(target: str, queries: list[bytes], concurrency: int, candidates: in
         "throughput_qps": len(latencies) / wall,
         "mean_batch": statistics.mean(batch_sizes) if batch_sizes else 0.0,
     }
+
+
+def collection_disk_bytes(work: Path, collection: str) -> int:
+    """Bytes on disk of one collection (its folder: stage-1 index, feature store), catalog not included."""
+    with Library.open(work / "library") as library:
+        folder = library.collection(collection).folder
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def serve_side_by_side(work: Path, device: str, queries: list[bytes], setups: list[dict]) -> list[dict]:
+    """For each setup ({label, checkpoint, collection, candidates}): a fresh `matchmap serve` (micro-batching
+    on), its start-up seconds, latency at concurrency 1 and throughput at concurrency 8, its resident set
+    after the load, and the collection's bytes on disk. The setups run one after another in this run."""
+    rows = []
+    for setup in setups:
+        server = ServeProcess(work, setup["checkpoint"], device, 8)
+        try:
+            runs = [run_load(server.target, queries, c, setup["candidates"], setup["collection"]) for c in (1, 8)]
+            rss = server.rss_mb()
+        finally:
+            server.stop()
+        rows.append({**{k: str(v) for k, v in setup.items()}, "start_seconds": server.start_seconds, "rss_mb": rss,
+                     "disk_bytes": collection_disk_bytes(work, setup["collection"]), "runs": runs})
+    return rows
+
+
+def print_side_by_side(rows: list[dict], size: int) -> None:
+    print(f"serving side by side ({size} images; the first row is the reference of the ratios):")
+    first = rows[0]
+    for r in rows:
+        c1, c8 = r["runs"]
+        f1, f8 = first["runs"]
+        print(f"  {r['label']:<44} K={r['candidates']:>5}: p50 {c1['p50_ms']:.1f} ms (p95 {c1['p95_ms']:.1f}), "
+              f"{c8['throughput_qps']:.1f} q/s at concurrency 8 (p50 {c8['p50_ms']:.1f} ms); "
+              f"x{f1['p50_ms'] / c1['p50_ms']:.2f} faster p50, x{c8['throughput_qps'] / f8['throughput_qps']:.2f} q/s; "
+              f"start {r['start_seconds']:.1f} s, RSS {r['rss_mb']:.0f} MB, disk {r['disk_bytes'] / size / 1024:.1f} KiB/image; "
+              f"errors {c1['errors'] + c8['errors']}")
 
 
 def batching_gain(engine: SearchEngine, audio_bytes: list[bytes], batch: int = 8, rounds: int = 3) -> dict:
@@ -257,7 +314,8 @@ def agreement_curve(engine: SearchEngine, images: list[Path], audio_bytes: list[
     audio, lengths = engine.encode([p.logmel for p in prepared])
     exact = exhaustive_top10(engine, images, audio.cpu(), lengths.cpu(), collection=collection)
     coll = engine.collection(collection)
-    pooled = engine.model.stage1_audio_vectors(audio, lengths).cpu().numpy()
+    with torch.inference_mode():  # encode() returns inference tensors; heads have trainable parameters
+        pooled = engine.model.stage1_audio_vectors(audio, lengths).cpu().numpy()
     recall = {}
     if own_images is not None:
         by_uri = coll.ids_for_uris([str(p) for p in own_images[: len(prepared)]])
@@ -276,13 +334,13 @@ def agreement_curve(engine: SearchEngine, images: list[Path], audio_bytes: list[
             identical += got == exact[i].tolist()
             top1 += bool(got) and got[0] == exact[i][0]
         _, stage1_ids = coll.search_stage1(pooled, k)
-        recall = np.mean([len(set(stage1_ids[i]) & set(exact[i].tolist())) / 10 for i in range(len(prepared))])
+        stage1_recall = np.mean([len(set(stage1_ids[i]) & set(exact[i].tolist())) / 10 for i in range(len(prepared))])
         rows.append({
             "K": k,
             "top10_overlap": overlap / (10 * len(prepared)),
             "identical_top10": identical / len(prepared),
             "top1_agreement": top1 / len(prepared),
-            "stage1_recall_of_exact_top10": float(recall),
+            "stage1_recall_of_exact_top10": float(stage1_recall),
             "stage2_p50_ms": statistics.median(r.timings_ms["stage2"] for r in results),
         })
     return rows, recall
@@ -358,7 +416,8 @@ def codec_rows(engine: SearchEngine, audio_bytes: list[bytes], budgets: list[int
     audio, lengths = audio.cpu(), lengths.cpu()
     exact_scores = misa_all(audio, lengths, maps)
     exact = np.argsort(-exact_scores, axis=1, kind="stable")[:, :10]
-    _, stage1 = coll.search_stage1(engine.model.stage1_audio_vectors(audio, lengths).cpu().numpy(), max(ks))
+    with torch.inference_mode():
+        _, stage1 = coll.search_stage1(engine.model.stage1_audio_vectors(audio, lengths).cpu().numpy(), max(ks))
     position = {int(i): p for p, i in enumerate(ids)}
     allowed = {}
     for k in ks:
@@ -466,6 +525,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="model (default: a RANDOM tiny model)")
     parser.add_argument("--compare-checkpoint", type=Path, default=None,
                         help="a second model (e.g. with distilled stage-1 heads): agreement side by side")
+    parser.add_argument("--serve-side-by-side", action="store_true",
+                        help="load runs through `matchmap serve` for both models in this run (needs --compare-checkpoint): "
+                             "the first at --candidates, the second at --compare-candidates")
+    parser.add_argument("--candidates", type=int, default=0, help="K of the first model's side-by-side run (0: the server's default)")
+    parser.add_argument("--compare-candidates", type=int, default=0, help="K of the second model's side-by-side run")
     parser.add_argument("--agreement-only", action="store_true",
                         help="only the agreement curves (no load runs, batching or arithmetic)")
     parser.add_argument("--plot", type=Path, default=None, help="draw the agreement curves into this PNG")
@@ -526,7 +590,8 @@ def main() -> None:
         figures: dict = {"command": command, "images": size, "device": str(engine.device), "default_K": default_k,
                          "fill": fill}
 
-        for max_batch in (8, 1) if not args.agreement_only else ():
+        full = not args.agreement_only and not args.serve_side_by_side  # side by side: no single-model runs
+        for max_batch in (8, 1) if full else ():
             server = ServeProcess(work, checkpoint, args.device, max_batch)
             try:
                 runs = [run_load(server.target, load_queries, c, 0) for c in ((1, 8) if max_batch == 8 else (8,))]
@@ -540,7 +605,7 @@ def main() -> None:
                     f"mean batch {r['mean_batch']:.2f}; errors {r['errors']}/{r['queries']}"
                 )
 
-        if not args.agreement_only:
+        if full:
             gain = batching_gain(engine, queries[:64])
             figures["batching_in_process"] = gain
             print(
@@ -548,6 +613,19 @@ def main() -> None:
                 f"{gain['alone_qps']:.1f} queries/s, in batches of {gain['batch']} {gain['batched_qps']:.1f} queries/s "
                 f"({gain['gain']:.2f}x)"
             )
+
+        if args.serve_side_by_side:
+            if args.compare_checkpoint is None:
+                parser.error("--serve-side-by-side needs --compare-checkpoint")
+            seconds, _ = build_collection(work, args.compare_checkpoint, images[: args.images], COLLECTION + "-compare")
+            side = serve_side_by_side(work, args.device, load_queries, [
+                {"label": f"{args.checkpoint.name if args.checkpoint else 'random'}", "checkpoint": checkpoint,
+                 "collection": COLLECTION, "candidates": args.candidates},
+                {"label": args.compare_checkpoint.name, "checkpoint": args.compare_checkpoint,
+                 "collection": COLLECTION + "-compare", "candidates": args.compare_candidates},
+            ])
+            figures["serve_side_by_side"] = side
+            print_side_by_side(side, size)
 
         ks = sorted(set(args.k_curve + [default_k]))
         n_agree = min(len(queries), args.agreement_queries)
@@ -583,7 +661,7 @@ def main() -> None:
             plot_curves(curves, args.plot, f"{size} scene images, {n_agree} spoken queries (unheard voices)")
             print(f"plot: {args.plot}")
 
-        if not args.agreement_only:
+        if full:
             frames = int(statistics.median(
                 engine.encode([engine.prepare_audio(q).logmel])[0].shape[1] for q in queries[:32]))
             rows, cols = engine.model.image_grid
