@@ -24,7 +24,7 @@ import itertools
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -711,6 +711,51 @@ class Library:
                     embedded = ingest.embed_images(model, [image.pixels for image in batch.images])
                     self._store_batch(collection, batch, *embedded, report)
                     bar.update(batch.files)
+            self._finish_index(collection)
+        return report
+
+    def add_embedded(
+        self,
+        name: str,
+        model,
+        batches: Iterable[tuple[Sequence[tuple[str, str, int, int]], np.ndarray, np.ndarray]],
+        *,
+        total: int | None = None,
+        progress: bool = True,
+    ) -> IndexReport:
+        """Add images embedded elsewhere to collection ``name``, a batch at a time: each batch is
+        (images, maps, pooled), images being (uri, content hash, width, height) and maps (B, R, D) and
+        pooled (B, D) their feature maps and stage-1 vectors from ``model`` (encoded by other workers,
+        say, or the maps of a scaled benchmark). Each batch is made durable as :meth:`index` makes its
+        own (store first, then the catalog) and contents the collection already holds are skipped; the
+        stage-1 index is re-decided once at the end. ``total``: images to expect, for the progress bar.
+        """
+        from indexer.ingest import PreparedBatch, PreparedImage
+
+        rows, cols = model.image_grid
+        row = self._create_or_get_row(name, model, None, None)
+        with self._write_lock(row.storage_key):
+            collection = self._open_for_writing(name)
+            collection.check_model(model)
+            collection.store.create()
+            report = IndexReport(added=0, skipped_duplicates=0)
+            with tqdm(total=total, unit="img", desc=f"adding to {name}", disable=not progress) as bar:
+                for images, maps, pooled in batches:
+                    expected = (len(images), rows * cols, model.config.embed_dim)
+                    if maps.shape != expected or pooled.shape != (len(images), model.config.embed_dim):
+                        raise ValueError(f"maps {maps.shape} and pooled {pooled.shape} do not fit {len(images)} "
+                                         f"images of model {model.config.name} (maps {expected})")
+                    known = self._known_hashes(collection, [h for _, h, _, _ in images])
+                    batch, keep = PreparedBatch(), []
+                    for i, (uri, content_hash, width, height) in enumerate(images):
+                        if content_hash in known:
+                            batch.skipped.append((uri, known[content_hash]))
+                        else:
+                            batch.images.append(PreparedImage(uri, content_hash, width, height, pixels=None))
+                            keep.append(i)
+                    self._store_batch(collection, batch, np.ascontiguousarray(maps[keep], dtype=np.float16),
+                                      np.ascontiguousarray(pooled[keep], dtype=np.float32), report)
+                    bar.update(len(images))
             self._finish_index(collection)
         return report
 

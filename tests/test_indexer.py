@@ -639,3 +639,36 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, checkpo
         assert maps_a.keys() == maps_b.keys()
         for uri in maps_a:
             np.testing.assert_array_equal(maps_a[uri], maps_b[uri])
+
+
+def test_add_embedded_stores_maps_made_elsewhere_like_index_does(library, model, images, tmp_path):
+    """Images embedded elsewhere (other workers, a scaled bench) land as index() would put them: the
+    same maps and stage-1 vectors, searchable, durable across a reopen; known contents are skipped and a
+    batch whose arrays do not fit the model is refused before anything is written."""
+    from indexer.ingest import embed_images, image_decoder
+
+    decode = image_decoder(model)
+    pixels = [decode(p.read_bytes(), str(p))[0] for p in images[:6]]
+    maps, pooled = embed_images(model, pixels)
+    records = [(f"remote://{i}", f"{i:064x}", 96, 80) for i in range(6)]
+    report = library.add_embedded("remote", model, [(records[:4], maps[:4], pooled[:4]),
+                                                    (records[2:], maps[2:], pooled[2:])], progress=False)
+    assert (report.added, report.skipped_duplicates) == (6, 2)
+
+    library.index("local", [str(p) for p in images[:6]], model, progress=False)
+    remote, local = library.collection("remote"), library.collection("local")
+    assert remote.size == 6 and remote.generation >= 2
+    by_uri = maps_by_uri(remote)
+    for i in range(6):
+        np.testing.assert_array_equal(by_uri[f"remote://{i}"], maps[i])
+    # The same images rank the same under both, by the same stage-1 scores.
+    queries = pooled[:3]
+    remote_ranks = [[(int(u.removeprefix("remote://")), s) for u, s in row] for row in ranked_uris(remote, queries, 6)]
+    local_ranks = [[(next(i for i, p in enumerate(images[:6]) if str(p) == u), s) for u, s in row]
+                   for row in ranked_uris(local, queries, 6)]
+    assert remote_ranks == local_ranks
+
+    with pytest.raises(ValueError, match="do not fit"):
+        library.add_embedded("remote", model, [([("remote://x", "f" * 64, 1, 1)], maps[:2], pooled[:2])],
+                             progress=False)
+    assert library.collection("remote").size == 6
