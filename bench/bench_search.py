@@ -277,13 +277,17 @@ def batching_gain(engine: SearchEngine, audio_bytes: list[bytes], batch: int = 8
 
 
 def exhaustive_top10(
-    engine: SearchEngine, images: list[Path], audio: torch.Tensor, lengths: torch.Tensor, chunk: int = 2000,
+    engine: SearchEngine, images: list[Path] | None, audio: torch.Tensor, lengths: torch.Tensor, chunk: int = 2000,
     collection: str = COLLECTION,
 ) -> np.ndarray:
-    """(B, 10) image ids of the exhaustive MISA top-10 over every image of the collection, read in chunks."""
+    """(B, 10) image ids of the exhaustive MISA top-10 over every image of the collection (``images``: its
+    files, checked to be all of it; None: whatever it holds), read in chunks."""
     coll = engine.collection(collection)
-    found = coll.ids_for_uris([str(p) for p in images])
-    all_ids = np.array(sorted({i for ids in found.values() for i in ids}))
+    if images is None:
+        all_ids = coll.ids()
+    else:
+        found = coll.ids_for_uris([str(p) for p in images])
+        all_ids = np.array(sorted({i for ids in found.values() for i in ids}))
     if len(all_ids) != coll.size:
         raise RuntimeError(f"found {len(all_ids)} of the collection's {coll.size} images by uri")
     best_scores = np.full((audio.shape[0], 0), -np.inf, np.float32)
@@ -306,7 +310,7 @@ def own_image_recall(ranked_ids: np.ndarray, own_ids: list[int]) -> dict[str, fl
             for k in (1, 5, 10)}
 
 
-def agreement_curve(engine: SearchEngine, images: list[Path], audio_bytes: list[bytes], ks: list[int],
+def agreement_curve(engine: SearchEngine, images: list[Path] | None, audio_bytes: list[bytes], ks: list[int],
                     collection: str = COLLECTION, own_images: list[Path] | None = None) -> tuple[list[dict], dict]:
     """(one row per K: two-stage top-10 vs the exhaustive MISA top-10, recall of each caption's own image:
     {"stage1": R@k of stage 1 alone, "misa": R@k of exhaustive MISA}, or {} without ``own_images``)."""

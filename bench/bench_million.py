@@ -1,0 +1,98 @@
+"""A collection of a million images on this machine: serving figures and agreement with exhaustive MISA.
+
+The collection is made by ``bench/scaled_collection.py`` (real encoded scenes of a `matchmap synth`
+corpus and drawn scenes, grown to a million with augmented copies of their maps; see there). This bench
+serves it through a real `matchmap serve` process at two K in one run (the default 400 and 4,000, the
+default before stage-1 heads), reporting for each: start-up seconds (process start to listening, the
+collection opened), p50/p95 at concurrency 1, queries/s at concurrency 8, the server's resident set
+after the load, and the collection's bytes on disk per image (catalog included). Then, in process, the
+two-stage top-10 against the exhaustive MISA top-10 over every image (float32, every map read), for the
+corpus's val captions (voices the model never heard), at each K of --agreement-ks.
+
+    python bench/bench_million.py --library /work/exp/bench100k/library --collection bench-compare \
+        --corpus /work/exp/c --checkpoint encoders/default_model/tiny.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_search import agreement_curve, corpus_inputs, print_agreement, serve_side_by_side  # noqa: E402
+
+from search.engine import SearchEngine  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--library", type=Path, required=True, help="data dir holding the scaled collection")
+    parser.add_argument("--collection", default="bench")
+    parser.add_argument("--corpus", type=Path, required=True, help="the `matchmap synth` corpus whose val captions query")
+    parser.add_argument("--checkpoint", type=Path, default=Path("encoders/default_model/tiny.pt"))
+    parser.add_argument("--ks", type=int, nargs="+", default=[4000, 400], help="K of the serving runs (first = reference)")
+    parser.add_argument("--queries", type=int, default=200, help="queries per load run")
+    parser.add_argument("--agreement-queries", type=int, default=60)
+    parser.add_argument("--agreement-ks", type=int, nargs="+", default=[100, 400, 1000, 4000])
+    parser.add_argument("--skip-agreement", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    command = "python bench/bench_million.py " + " ".join(sys.argv[1:])
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; torch threads "
+          f"{torch.get_num_threads()}")
+    _, queries, own_images = corpus_inputs(args.corpus)
+    load_queries = [queries[i % len(queries)] for i in range(args.queries)]
+    work = args.library.resolve().parent
+    if args.library.resolve() != work / "library":
+        parser.error("--library must be a folder named 'library' (matchmap serve is started on <its parent>/library)")
+
+    started = time.perf_counter()
+    engine = SearchEngine.open(args.checkpoint, args.library, device="cpu")
+    size = engine.collection(args.collection).size
+    open_seconds = time.perf_counter() - started
+    engine.close()
+    catalog = args.library / "catalog.sqlite"
+    print(f"collection {args.collection}: {size} images; opened in process in {open_seconds:.1f} s; "
+          f"catalog {catalog.stat().st_size / size:.0f} bytes/image" if catalog.exists() else "")
+    figures = {"command": command, "images": size, "open_seconds_in_process": open_seconds}
+
+    side = serve_side_by_side(work, "cpu", load_queries, [
+        {"label": f"K={k}", "checkpoint": args.checkpoint, "collection": args.collection, "candidates": k}
+        for k in args.ks])
+    figures["serve"] = side
+    first = side[0]["runs"]
+    for row in side:
+        c1, c8 = row["runs"]
+        print(f"  K={row['candidates']:>5}: p50 {c1['p50_ms']:.1f} ms (p95 {c1['p95_ms']:.1f}); "
+              f"{c8['throughput_qps']:.1f} q/s at concurrency 8 (p50 {c8['p50_ms']:.1f}, p95 {c8['p95_ms']:.1f}); "
+              f"x{first[0]['p50_ms'] / c1['p50_ms']:.2f} p50, x{c8['throughput_qps'] / first[1]['throughput_qps']:.2f} q/s; "
+              f"start-up {row['start_seconds']:.1f} s, server RSS {row['rss_mb']:.0f} MB; "
+              f"disk {(row['disk_bytes'] + (catalog.stat().st_size if catalog.exists() else 0)) / size / 1024:.1f} KiB/image "
+              f"(catalog included); errors {c1['errors'] + c8['errors']}")
+
+    if not args.skip_agreement:
+        engine = SearchEngine.open(args.checkpoint, args.library, device="cpu")
+        n = min(args.agreement_queries, len(queries))
+        started = time.perf_counter()
+        rows, recall = agreement_curve(engine, None, queries[:n], args.agreement_ks, collection=args.collection,
+                                       own_images=own_images)
+        engine.close()
+        figures["agreement"], figures["own_image_recall"] = rows, recall
+        print_agreement(f"two-stage top-10 vs exhaustive MISA top-10 over {size} images, {n} queries "
+                        f"({time.perf_counter() - started:.0f} s)", rows, 400, size)
+        for kind in ("stage1", "misa"):
+            r = recall[kind]
+            print(f"  own image among {size}, {kind}: R@1 {r['R@1']:.3f}, R@5 {r['R@5']:.3f}, R@10 {r['R@10']:.3f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures, indent=2))
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}; reproduce: {command}")
+
+
+if __name__ == "__main__":
+    main()
