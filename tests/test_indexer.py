@@ -672,3 +672,17 @@ def test_add_embedded_stores_maps_made_elsewhere_like_index_does(library, model,
         library.add_embedded("remote", model, [([("remote://x", "f" * 64, 1, 1)], maps[:2], pooled[:2])],
                              progress=False)
     assert library.collection("remote").size == 6
+
+
+def test_lookups_by_id_stay_inside_their_collection(library, model, images):
+    """uris, images and known_ids answer by primary key (fast), so they must check the collection
+    themselves: another collection's ids are unknown here."""
+    library.index("a", [str(p) for p in images[:3]], model, progress=False)
+    library.index("b", [str(p) for p in images[3:6]], model, progress=False)
+    a, b = library.collection("a"), library.collection("b")
+    a_ids, b_ids = all_ids(a).tolist(), all_ids(b).tolist()
+    assert set(a.uris(a_ids + b_ids)) == set(a_ids)
+    assert a.known_ids(a_ids + b_ids) == set(a_ids)
+    assert [r.uri for r in a.images(a_ids)] == [str(p) for p in images[:3]]
+    with pytest.raises(KeyError, match="has no images with ids"):
+        a.images(b_ids[:1])
