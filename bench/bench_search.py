@@ -147,13 +147,14 @@ class ServeProcess:
     """`matchmap serve` in a subprocess on a free loopback port."""
 
     def __init__(self, work: Path, checkpoint: Path, device: str, max_batch: int,
-                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None, tree: Path | None = None):
         started = time.perf_counter()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "matchmap", "serve", "--data-dir", str(work / "library"), "--checkpoint",
              str(checkpoint), "--host", "127.0.0.1", "--port", "0", "--device", device, "--max-batch",
              str(max_batch), "--log-level", "warning", *extra_args],
             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+            cwd=tree,  # another checkout's code (python -m puts the working folder first on sys.path)
         )
         line = ""
         while "listening on" not in line:
@@ -225,12 +226,13 @@ def collection_disk_bytes(work: Path, collection: str) -> int:
 
 
 def serve_side_by_side(work: Path, device: str, queries: list[bytes], setups: list[dict]) -> list[dict]:
-    """For each setup ({label, checkpoint, collection, candidates}): a fresh `matchmap serve` (micro-batching
-    on), its start-up seconds, latency at concurrency 1 and throughput at concurrency 8, its resident set
+    """For each setup ({label, checkpoint, collection, candidates, optional serve_args and tree: another
+    checkout whose code serves}): a fresh `matchmap serve` (micro-batching on), its start-up seconds, latency at concurrency 1 and throughput at concurrency 8, its resident set
     after the load, and the collection's bytes on disk. The setups run one after another in this run."""
     rows = []
     for setup in setups:
-        server = ServeProcess(work, setup["checkpoint"], device, 8)
+        server = ServeProcess(work, Path(setup["checkpoint"]).resolve(), device, 8, tuple(setup.get("serve_args", ())),
+                              tree=setup.get("tree"))
         try:
             runs = [run_load(server.target, queries, c, setup["candidates"], setup["collection"]) for c in (1, 8)]
             rss = server.rss_mb()
@@ -534,6 +536,10 @@ def main() -> None:
                              "the first at --candidates, the second at --compare-candidates")
     parser.add_argument("--candidates", type=int, default=0, help="K of the first model's side-by-side run (0: the server's default)")
     parser.add_argument("--compare-candidates", type=int, default=0, help="K of the second model's side-by-side run")
+    parser.add_argument("--previous-tree", type=Path, default=None,
+                        help="side by side: the first model is served by this checkout's code (e.g. a git worktree "
+                             "of the previous commit), the second by this one's, and again with serve --no-vad")
+    parser.add_argument("--skip-agreement", action="store_true", help="no agreement curves")
     parser.add_argument("--agreement-only", action="store_true",
                         help="only the agreement curves (no load runs, batching or arithmetic)")
     parser.add_argument("--plot", type=Path, default=None, help="draw the agreement curves into this PNG")
@@ -622,15 +628,26 @@ def main() -> None:
             if args.compare_checkpoint is None:
                 parser.error("--serve-side-by-side needs --compare-checkpoint")
             seconds, _ = build_collection(work, args.compare_checkpoint, images[: args.images], COLLECTION + "-compare")
-            side = serve_side_by_side(work, args.device, load_queries, [
+            setups = [
                 {"label": f"{args.checkpoint.name if args.checkpoint else 'random'}", "checkpoint": checkpoint,
-                 "collection": COLLECTION, "candidates": args.candidates},
+                 "collection": COLLECTION, "candidates": args.candidates, "tree": args.previous_tree},
                 {"label": args.compare_checkpoint.name, "checkpoint": args.compare_checkpoint,
                  "collection": COLLECTION + "-compare", "candidates": args.compare_candidates},
-            ])
+            ]
+            if args.previous_tree is not None:
+                setups[0]["label"] += " (previous code)"
+                setups.append({**setups[1], "label": args.compare_checkpoint.name + " --no-vad",
+                               "serve_args": ("--no-vad",)})
+            side = serve_side_by_side(work, args.device, load_queries, setups)
             figures["serve_side_by_side"] = side
             print_side_by_side(side, size)
 
+        if args.skip_agreement:
+            engine.close()
+            if args.json is not None:
+                args.json.write_text(json.dumps(figures, indent=2, default=str))
+            print(f"load average at the end: {os.getloadavg()[0]:.1f}; reproduce: {command}")
+            return
         ks = sorted(set(args.k_curve + [default_k]))
         n_agree = min(len(queries), args.agreement_queries)
         models = [(engine.model_version, engine, COLLECTION)]
