@@ -18,6 +18,7 @@ from PIL import Image
 
 from search import (
     DEFAULT_CANDIDATES,
+    DEFAULT_CANDIDATES_SHARE,
     DEFAULT_HTTP_PORT,
     DEFAULT_PORT,
     MAX_CANDIDATES,
@@ -63,9 +64,13 @@ EXIT_CANNOT_LISTEN = 3  # serve
               help="Longest query recording accepted (longer: INVALID_ARGUMENT). The speech in it may last "
                    "at most what the model takes (10.24 s for tiny).")
 @click.option("--max-message-mb", type=click.FloatRange(min=0.1), default=16.0, help="Largest request accepted.")
+@click.option("--candidates-share", type=click.FloatRange(0, 1), default=DEFAULT_CANDIDATES_SHARE, show_default=True,
+              help="A query that does not say how many candidates gets max(--candidates, this share of the "
+                   f"collection's images), at most {MAX_CANDIDATES}: near-alike images crowd MISA's top 10 as a "
+                   "collection grows (docs/search.md). 0: always --candidates.")
 @click.option("--candidates", "default_candidates", type=click.IntRange(min=1), default=DEFAULT_CANDIDATES,
               show_default=True,
-              help="Stage-1 candidates re-ranked by MISA when a query does not say (see docs/search.md for "
+              help="Stage-1 candidates re-ranked by MISA when a query does not say, at least (see docs/search.md for "
                    f"agreement with exhaustive MISA and cost per value). A query may ask for up to {MAX_CANDIDATES}, "
                    f"or up to {MAX_EXHAUSTIVE_CANDIDATES} (every image) on a collection of at most that many.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, help="Most queries encoded in one forward pass.")
@@ -107,6 +112,7 @@ def serve(
     max_audio_seconds: float,
     max_message_mb: float,
     default_candidates: int,
+    candidates_share: float,
     max_batch: int,
     max_queue: int,
     max_concurrent_rpcs: int,
@@ -144,6 +150,7 @@ def serve(
         limits = SearchLimits(
             max_audio_seconds=max_audio_seconds,
             default_candidates=default_candidates,
+            candidates_share=candidates_share,
             max_candidates=max(default_candidates, SearchLimits.max_candidates),
             max_exhaustive_candidates=max(default_candidates, SearchLimits.max_exhaustive_candidates),
             resident_maps_mb=resident_maps_mb,

@@ -14,6 +14,7 @@ through :meth:`SearchEngine.search_batch`.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import defaultdict
@@ -28,7 +29,7 @@ from torch import Tensor
 from encoders import create_model, load_image, trim_silence
 from encoders.matchmap import paired_misa
 from indexer import Collection, CollectionInfo, ImageRecord, Library
-from search import DEFAULT_CANDIDATES, MAX_CANDIDATES, MAX_EXHAUSTIVE_CANDIDATES
+from search import DEFAULT_CANDIDATES, DEFAULT_CANDIDATES_SHARE, MAX_CANDIDATES, MAX_EXHAUSTIVE_CANDIDATES
 from search.audio import check_sample_rate, decode_audio
 from search.errors import ImageNotFound, InvalidQuery
 from search.localization import LiveHighlighter, Localization, encode_whole_image, localize
@@ -71,8 +72,10 @@ class SearchLimits:
     max_audio_seconds: float = 30.0
     default_top_k: int = 10
     max_top_k: int = 1000
-    # Stage-1 candidates re-ranked by MISA (see search.DEFAULT_CANDIDATES and docs/search.md).
+    # Stage-1 candidates re-ranked by MISA when a query does not say: max(default_candidates,
+    # candidates_share x the collection's images), at most max_candidates (see search.DEFAULT_CANDIDATES).
     default_candidates: int = DEFAULT_CANDIDATES
+    candidates_share: float = DEFAULT_CANDIDATES_SHARE
     # At most this many per query; a collection of at most max_exhaustive_candidates images may be asked
     # for up to that many (every image: exhaustive search). Stage 2 reads maps from the store in chunks
     # of STORE_READ_CHUNK, so a query's memory stays bounded whatever it asks for.
@@ -92,6 +95,8 @@ class SearchLimits:
             raise ValueError(f"need 1 <= default_top_k <= max_top_k, got {self.default_top_k}, {self.max_top_k}")
         if self.exact_rescore_at_least < 1 or self.exact_rescore_factor < 1:
             raise ValueError("exact_rescore_at_least and exact_rescore_factor must be >= 1")
+        if not 0 <= self.candidates_share <= 1:
+            raise ValueError(f"candidates_share must lie in 0..1, got {self.candidates_share}")
         if not self.resident_maps_mb >= 0:
             raise ValueError(f"resident_maps_mb must be >= 0, got {self.resident_maps_mb}")
         if not 1 <= self.default_candidates <= self.max_candidates <= self.max_exhaustive_candidates:
@@ -377,8 +382,17 @@ class SearchEngine:
                 field=name,
             )
 
+    def default_candidates_for(self, collection_size: int | None) -> int:
+        """K for a query that does not say, on a collection of ``collection_size`` images (None: unknown)."""
+        limits = self.limits
+        if collection_size is None:
+            return limits.default_candidates
+        return min(limits.max_candidates, max(limits.default_candidates,
+                                              math.ceil(limits.candidates_share * collection_size)))
+
     def resolve_counts(self, top_k: int, candidates: int, collection_size: int | None = None) -> tuple[int, int]:
         """Apply defaults (0) and limits to a request's top_k and candidates; InvalidQuery if outside.
+        A default K depends on the collection's size: resolve with it (a call without it only checks).
 
         candidates may exceed ``max_candidates`` (up to ``max_exhaustive_candidates``) only on a
         collection of at most ``max_exhaustive_candidates`` images; without ``collection_size`` that
@@ -390,7 +404,7 @@ class SearchEngine:
             raise InvalidQuery(
                 f"top_k is {top_k}; it must lie in 1..{limits.max_top_k} (0 = {limits.default_top_k})", field="top_k"
             )
-        candidates = candidates or max(limits.default_candidates, top_k)
+        candidates = candidates or max(self.default_candidates_for(collection_size), top_k)
         small = collection_size is None or collection_size <= limits.max_exhaustive_candidates
         ceiling = limits.max_exhaustive_candidates if small else limits.max_candidates
         if not top_k <= candidates <= ceiling:
@@ -402,7 +416,8 @@ class SearchEngine:
                 exhaustive += f", and this one holds {collection_size}"
             raise InvalidQuery(
                 f"candidates is {candidates}; it must lie in top_k..{limits.max_candidates} "
-                f"(here {top_k}..{limits.max_candidates}; 0 = max({limits.default_candidates}, top_k)){exhaustive}",
+                f"(here {top_k}..{limits.max_candidates}; 0 = the default, "
+                f"{self.default_candidates_for(collection_size)} here){exhaustive}",
                 field="candidates",
             )
         return top_k, candidates
@@ -411,7 +426,7 @@ class SearchEngine:
         self, data: bytes, collection: str, top_k: int = 0, candidates: int = 0, *, sample_rate: int | None = None
     ) -> SearchResult:
         """One query end to end (the server batches instead; see search_batch)."""
-        top_k, candidates = self.resolve_counts(top_k, candidates)
+        self.resolve_counts(top_k, candidates)  # bad counts are refused before the collection is opened
         top_k, candidates = self.resolve_counts(top_k, candidates, self.collection(collection).size)
         query = SearchQuery(self.prepare_audio(data, sample_rate=sample_rate), collection, top_k, candidates)
         result = self.search_batch([query])[0]

@@ -253,10 +253,11 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
     async def Search(self, request: search_pb2.SearchRequest, context) -> search_pb2.SearchResponse:
         arrived = time.perf_counter()
         data, sample_rate = _audio_source(request.audio)
-        top_k, candidates = self.engine.resolve_counts(request.top_k, request.candidates)
+        self.engine.resolve_counts(request.top_k, request.candidates)  # bad counts refused before anything else
         with self.admitted():
             coll = await self._in_model_thread(self.engine.collection, request.collection)  # NOT_FOUND before decoding
-            top_k, candidates = self.engine.resolve_counts(top_k, candidates, coll.size)  # the exhaustive allowance
+            # The default K and the exhaustive allowance depend on the collection's size.
+            top_k, candidates = self.engine.resolve_counts(request.top_k, request.candidates, coll.size)
             audio = await self._decoded(self.engine.prepare_audio, data, sample_rate=sample_rate)
             result = await self.batcher.submit(SearchQuery(audio, request.collection, top_k, candidates))
         timings = result.timings_ms

@@ -215,6 +215,29 @@ def test_candidates_are_bounded_but_an_exhaustive_search_stays_possible(checkpoi
             bounded.close()
 
 
+def test_the_default_k_grows_with_the_collection(checkpoint, data_dir, engine, val):
+    """A query that does not say gets max(default_candidates, candidates_share x the collection's images),
+    at most max_candidates, over gRPC; a query that says keeps its own K."""
+    size = engine.collection(COLLECTION).size
+    data = val.audio_path(val.entries[0]).read_bytes()
+    for share, cap, want in ((0.5, size, -(-size // 2)), (0.0, size, 3), (1.0, size - 2, size - 2)):
+        limits = SearchLimits(default_candidates=3, candidates_share=share, max_candidates=cap, resident_maps_mb=0)
+        scaled = SearchEngine.open(checkpoint, data_dir, device="cpu", limits=limits)
+        try:
+            assert scaled.default_candidates_for(size) == want and scaled.default_candidates_for(None) == 3
+            with ServerThread(scaled) as running, grpc.insecure_channel(running.target) as channel:
+                stub = search_pb2_grpc.SpokenImageSearchStub(channel)
+                request = search_pb2.SearchRequest(audio=search_pb2.AudioInput(encoded=data), collection=COLLECTION,
+                                                   top_k=2)
+                assert stub.Search(request, timeout=30).candidates == want
+                request.candidates = 2
+                assert stub.Search(request, timeout=30).candidates == 2
+        finally:
+            scaled.close()
+    with pytest.raises(ValueError, match="candidates_share"):
+        SearchLimits(candidates_share=1.5)
+
+
 def test_a_growing_collection_is_appended_to_and_other_changes_reopen_in_the_background(
         checkpoint, model, val, tiny_corpus, tmp_path, monkeypatch):
     """Images indexed while the engine serves a collection are appended to its open snapshot (stage-1
