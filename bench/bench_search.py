@@ -167,10 +167,16 @@ class ServeProcess:
         threading.Thread(target=self.process.stderr.read, daemon=True).start()
 
     def rss_mb(self) -> float:
-        """The server's resident set (psutil), in MB."""
+        """The server's resident set (psutil), in MB: its own memory plus the pages of memory-mapped files
+        (the feature store) it has touched, which the kernel may drop at will."""
         import psutil
 
         return psutil.Process(self.process.pid).memory_info().rss / 2**20
+
+    def anon_mb(self) -> float:
+        """The server's own memory (RssAnon: the resident set without file pages), in MB."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"RssAnon:\s+(\d+) kB", status).group(1)) / 1024
 
     def stop(self) -> None:
         self.process.terminate()
@@ -235,10 +241,11 @@ def serve_side_by_side(work: Path, device: str, queries: list[bytes], setups: li
                               tree=setup.get("tree"))
         try:
             runs = [run_load(server.target, queries, c, setup["candidates"], setup["collection"]) for c in (1, 8)]
-            rss = server.rss_mb()
+            rss, anon = server.rss_mb(), server.anon_mb()
         finally:
             server.stop()
         rows.append({**{k: str(v) for k, v in setup.items()}, "start_seconds": server.start_seconds, "rss_mb": rss,
+                     "anon_mb": anon,
                      "disk_bytes": collection_disk_bytes(work, setup["collection"]), "runs": runs})
     return rows
 
@@ -252,7 +259,7 @@ def print_side_by_side(rows: list[dict], size: int) -> None:
         print(f"  {r['label']:<44} K={r['candidates']:>5}: p50 {c1['p50_ms']:.1f} ms (p95 {c1['p95_ms']:.1f}), "
               f"{c8['throughput_qps']:.1f} q/s at concurrency 8 (p50 {c8['p50_ms']:.1f} ms); "
               f"x{f1['p50_ms'] / c1['p50_ms']:.2f} faster p50, x{c8['throughput_qps'] / f8['throughput_qps']:.2f} q/s; "
-              f"start {r['start_seconds']:.1f} s, RSS {r['rss_mb']:.0f} MB, disk {r['disk_bytes'] / size / 1024:.1f} KiB/image; "
+              f"start {r['start_seconds']:.1f} s, RSS {r['rss_mb']:.0f} MB (own {r['anon_mb']:.0f} MB), disk {r['disk_bytes'] / size / 1024:.1f} KiB/image; "
               f"errors {c1['errors'] + c8['errors']}")
 
 
