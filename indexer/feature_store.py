@@ -18,6 +18,7 @@ fresh folder (see ``Library.compact``).
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections.abc import Sequence
@@ -145,8 +146,26 @@ class _ShardedArray:
         for shard in np.unique(shards):
             where = np.flatnonzero(shards == shard)
             rows = local[where]
-            out[where] = self._shard(int(shard), int(rows.max()) + 1)[rows]
+            mapped = self._shard(int(shard), int(rows.max()) + 1)
+            if self.prefetch and len(rows) > 1:
+                self._will_need(mapped, rows)
+            out[where] = mapped[rows]
         return out
+
+    # Ask the kernel for every record of a read at once (MADV_WILLNEED starts their reads in the
+    # background) before copying them: copying alone faults them in one at a time, each a disk round
+    # trip when the store is larger than the page cache (a million maps: 35 GB).
+    prefetch = hasattr(mmap, "MADV_WILLNEED")
+
+    def _will_need(self, mapped: np.memmap, rows: np.ndarray) -> None:
+        region = mapped._mmap
+        if region is None:
+            return
+        page = mmap.PAGESIZE
+        for row in np.unique(rows).tolist():
+            start = row * self.record_bytes
+            aligned = start - start % page
+            region.madvise(mmap.MADV_WILLNEED, aligned, start + self.record_bytes - aligned)
 
     def close(self) -> None:
         with self._lock:
