@@ -55,6 +55,8 @@ def _exits_2_on_error(command: Callable[..., Any]) -> Callable[..., Any]:
 
         try:
             return command(*args, **kwargs)
+        except click.ClickException:
+            raise  # usage errors keep click's own message and exit code 2
         except (PathsError, CollectionNotFound, DataDirNotFound, ModelMismatchError, CollectionBusyError) as exc:
             _fatal(str(exc))
         except (RuntimeError, OSError, ValueError) as exc:
@@ -110,6 +112,23 @@ path is skipped and named on stderr ("copy: PATH has the same content as INDEXED
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch."
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Encode on a Ray cluster (pip install '.[ray]'): local (a Ray on this machine, the value when "
+    "none is given), auto ($RAY_ADDRESS or the cluster `ray start` made), HOST:PORT or ray://HOST:PORT. "
+    "Files and --checkpoint must be at the same path on every node (docs/scale-out.md).",
+)
+@click.option(
+    "--ray-workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --ray: encoding actors [default: one per GPU of the cluster, else one per CPU].",
+)
 @device_option()
 @quiet_option
 @json_option
@@ -123,6 +142,8 @@ def index(
     index_type: str | None,
     flat_threshold: int | None,
     batch_size: int,
+    ray_address: str | None,
+    ray_workers: int | None,
     device: str,
     quiet: bool,
     as_json: bool,
@@ -142,6 +163,7 @@ def index(
 
     # A PATH that names nothing is a usage error: fail before loading the model.
     discover.discover_images(paths)
+    encoder = _ray_encoder(ray_address, ray_workers, checkpoint, device) if ray_address else None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = create_model(str(checkpoint) if checkpoint else None, device=device)
@@ -156,11 +178,16 @@ def index(
             index_type=index_type,
             progress=not quiet,
             flat_threshold=flat_threshold,
+            encoder=encoder,
         )
         seconds = time.perf_counter() - started
         info = next(i for i in library.list_collections() if i.name == collection_name)
     finally:
         library.close()
+        if encoder is not None:
+            from indexer import ray_encode
+
+            ray_encode.shutdown()
     for path, reason in report.failed:
         click.echo(f"failed: {path}: {reason}", err=True)
     _report_copies(report.duplicates, as_json)
@@ -180,6 +207,15 @@ def index(
             "seconds": round(seconds, 3),
             "images_per_second": round(rate, 2),
         }
+        if encoder is not None:
+            document["ray"] = {
+                "workers": encoder.run.workers,
+                "cluster_cpus": encoder.run.cluster_cpus,
+                "cluster_gpus": encoder.run.cluster_gpus,
+                "images_by_node": dict(encoder.run.nodes),
+                "connect_seconds": round(encoder.run.connect_seconds, 3),
+                "first_batch_seconds": round(encoder.run.first_batch_seconds, 3),
+            }
         click.echo(json.dumps(document, indent=2))
     else:
         click.echo(
@@ -191,6 +227,21 @@ def index(
             + f"; now {info.images} images, stage-1 index {info.index_type}, {_human_bytes(info.bytes)} on disk"
         )
     sys.exit(EXIT_SOME_FAILED if report.failed else EXIT_OK)
+
+
+def _ray_encoder(address: str, workers: int | None, checkpoint: Path | None, device: str):
+    """The Ray encoder for --ray ADDRESS; a usage error when Ray is missing or ADDRESS is no address."""
+    from indexer import ray_encode
+
+    try:
+        ray_encode.check_address(address)
+    except ray_encode.RayAddressError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise click.UsageError("--ray needs Ray: pip install 'matchmap[ray]' (or '.[ray]' in a checkout)") from None
+    return ray_encode.RayEncoder(address, checkpoint.resolve() if checkpoint else None, device=device, workers=workers)
 
 
 COPIES_SHOWN = 10

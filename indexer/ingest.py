@@ -211,3 +211,15 @@ def embed_images(model, pixels: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.
     with torch.inference_mode():
         pooled = model.stage1_image_vectors(maps)
     return maps.cpu().numpy(), pooled.cpu().numpy().astype(np.float32, copy=False)
+
+
+def encode_locally(
+    model, files: Sequence[Path], known_hashes: Callable[[list[str]], dict[str, str]], batch_size: int
+) -> Iterator[tuple[PreparedBatch, np.ndarray, np.ndarray]]:
+    """(batch, maps, pooled) for ``files`` in order, embedded in this process by ``model``.
+
+    A background thread reads, hashes and decodes (:func:`prepare_batches`) while this one embeds.
+    """
+    batches = prepare_batches(files, image_decoder(model), known_hashes, batch_size)
+    for batch in in_background(batches):
+        yield (batch, *embed_images(model, [image.pixels for image in batch.images]))

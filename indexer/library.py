@@ -20,6 +20,7 @@ file of the catalog's current generation.
 from __future__ import annotations
 
 import fcntl
+import functools
 import itertools
 import os
 import shutil
@@ -665,6 +666,7 @@ class Library:
         index_type: str | None = None,
         progress: bool = True,
         flat_threshold: int | None = None,
+        encoder=None,
     ) -> IndexReport:
         """Index the images under ``paths`` (folders, globs, files, manifests) into collection ``name``.
 
@@ -674,6 +676,10 @@ class Library:
         and reported, never abort the run. ``index_type`` ("auto" | "flat" | "ivf" | "hnsw") and
         ``flat_threshold`` (vectors below which "auto" stays exact) change the collection's rule
         when given; the stage-1 index is re-decided at the end of the run.
+
+        ``encoder``: where images are embedded. None embeds in this process (a background thread reads
+        and decodes); ``indexer.ray_encode.RayEncoder`` on a Ray cluster. Either way this process
+        writes each batch (store, then catalog), so crash safety and skipping are the same.
 
         Raises PathsError (a ValueError) for paths that name nothing, ModelMismatchError when the
         collection was built with another model, CollectionBusyError when another process writes it.
@@ -696,18 +702,16 @@ class Library:
             collection.store.create()
             report = IndexReport(added=0, skipped_duplicates=0)
 
-            batches = ingest.prepare_batches(
-                files,
-                ingest.image_decoder(model),
-                lambda hashes: self._known_hashes(collection, hashes),
-                batch_size,
-            )
+            lookup = functools.partial(self._known_hashes, collection)
+            if encoder is None:
+                embedded = ingest.encode_locally(model, files, lookup, batch_size)
+            else:
+                embedded = encoder(files, functools.partial(self._indexed_hashes, collection), lookup, batch_size)
             with tqdm(
                 total=len(files), unit="img", desc=f"indexing {name}", disable=not progress, smoothing=0.1
             ) as bar:
-                for batch in ingest.in_background(batches):
-                    embedded = ingest.embed_images(model, [image.pixels for image in batch.images])
-                    self._store_batch(collection, batch, *embedded, report)
+                for batch, maps, pooled in embedded:
+                    self._store_batch(collection, batch, maps, pooled, report)
                     bar.update(batch.files)
             self._finish_index(collection)
         return report
@@ -787,6 +791,17 @@ class Library:
                 )
             )
             return {content_hash: uri for content_hash, uri in rows}
+
+    def _indexed_hashes(self, collection: Collection) -> set[str]:
+        """Every content hash the collection holds (for encoders that skip known contents remotely)."""
+        with self._sessions() as session:
+            return set(
+                session.execute(
+                    select(ImageRow.content_hash).where(
+                        ImageRow.collection_id == collection._row.id, ImageRow.status == STATUS_INDEXED
+                    )
+                ).scalars()
+            )
 
     def _store_batch(
         self,

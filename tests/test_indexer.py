@@ -574,6 +574,25 @@ def test_cli_fatal_errors_exit_2(tmp_path, checkpoint, images):
 
 
 # -- crash safety ---------------------------------------------------------------------------------
+def kill_once_indexed(process: subprocess.Popen, data_dir: Path, db_url: str | None, collection: str, *,
+                      at_least: int, timeout: float = 180) -> int:
+    """SIGKILL ``process`` (a `matchmap index` run) once ``collection`` holds ``at_least`` images; their count."""
+    indexed_at_kill = 0
+    with Library.open(data_dir, db_url, create=True) as watcher:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and process.poll() is None:
+            infos = [i for i in watcher.list_collections() if i.name == collection]
+            if infos and infos[0].images >= at_least:
+                process.send_signal(signal.SIGKILL)
+                indexed_at_kill = infos[0].images
+                break
+            time.sleep(0.005)
+    process.wait(timeout=60)
+    stderr = process.stderr.read() if process.stderr else b""
+    assert process.returncode == -signal.SIGKILL, f"the indexer ended before it could be killed: {stderr!r}"
+    return indexed_at_kill
+
+
 def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, checkpoint, db_url):
     folder = tmp_path / "many"
     write_images(folder, 160)
@@ -602,18 +621,7 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, checkpo
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    indexed_at_kill = 0
-    with Library.open(crashed_dir, db_url, create=True) as watcher:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            infos = [i for i in watcher.list_collections() if i.name == "crashed"]
-            if infos and infos[0].images >= 20:
-                process.send_signal(signal.SIGKILL)
-                indexed_at_kill = infos[0].images
-                break
-            time.sleep(0.005)
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "the indexer finished before it could be killed"
+    indexed_at_kill = kill_once_indexed(process, crashed_dir, db_url, "crashed", at_least=20)
     assert 20 <= indexed_at_kill < 160
 
     resumed = subprocess.run(
