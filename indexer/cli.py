@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -168,26 +169,29 @@ def index(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = create_model(str(checkpoint) if checkpoint else None, device=device)
     library = _open_library(data_dir, db_url, create=True)
-    try:
-        started = time.perf_counter()
-        report = library.index(
-            collection_name,
-            paths,
-            model,
-            batch_size=batch_size,
-            index_type=index_type,
-            progress=not quiet,
-            flat_threshold=flat_threshold,
-            encoder=encoder,
-        )
-        seconds = time.perf_counter() - started
-        info = next(i for i in library.list_collections() if i.name == collection_name)
-    finally:
-        library.close()
-        if encoder is not None:
-            from indexer import ray_encode
+    # Ray prints its cluster's events (a worker died, a task retried) on stdout: keep them off the report.
+    cluster_messages = contextlib.redirect_stdout(sys.stderr) if encoder is not None else contextlib.nullcontext()
+    with cluster_messages:
+        try:
+            started = time.perf_counter()
+            report = library.index(
+                collection_name,
+                paths,
+                model,
+                batch_size=batch_size,
+                index_type=index_type,
+                progress=not quiet,
+                flat_threshold=flat_threshold,
+                encoder=encoder,
+            )
+            seconds = time.perf_counter() - started
+            info = next(i for i in library.list_collections() if i.name == collection_name)
+        finally:
+            library.close()
+            if encoder is not None:
+                from indexer import ray_encode
 
-            ray_encode.shutdown()
+                ray_encode.shutdown()
     for path, reason in report.failed:
         click.echo(f"failed: {path}: {reason}", err=True)
     _report_copies(report.duplicates, as_json)

@@ -134,3 +134,40 @@ def test_ray_usage_errors_name_the_problem(checkpoint, tmp_path):
     assert result.returncode == 2
     assert "is not a Ray cluster address" in result.stderr and "--ray local" in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+def _encoding_actors() -> list:
+    """The processes of this machine's encoding actors (Ray titles them after the actor class)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any("ImageEncoderWorker" in part for part in process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+def test_a_worker_killed_midway_is_replaced_and_the_run_completes(cluster, checkpoint, tmp_path):
+    folder = tmp_path / "many"
+    write_images(folder, 160)
+    data = tmp_path / "data"
+    process = subprocess.Popen(_index_command(data, checkpoint, folder, "--ray", cluster.address),
+                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = None
+    with Library.open(data, create=True) as watcher:
+        while process.poll() is None and killed is None:
+            infos = [i for i in watcher.list_collections() if i.name == "photos"]
+            actors = _encoding_actors()
+            if infos and infos[0].images >= 16 and actors:
+                killed = actors[0].pid
+                actors[0].kill()
+    stdout, stderr = process.communicate(timeout=300)
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert process.returncode == 0, stderr
+    assert stdout.startswith("{"), f"stdout is not the JSON report: {stdout[:2000]}"
+    report = json.loads(stdout)
+    assert report["added"] == report["images"] == 160 and report["failed"] == []
+    with Library.open(data) as library:
+        collection = library.collection("photos")
+        records = collection.images(all_ids(collection))
+        assert len({r.content_hash for r in records}) == len(records) == 160
