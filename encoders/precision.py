@@ -171,3 +171,24 @@ def _one_sided(own: Ranking, other: Ranking, tol: float, stage1_tol: float | Non
         problems.append(f"item {i!r} (score {s:.6g}) only in {side}, above the other's last score {last} "
                         f"by more than {tol:.2g}, and no tie at the stage-1 cut")
     return problems
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16, AMX), as oneDNN reports it.
+
+    Without it, bfloat16 convolutions fall back to slow paths: on an AMD EPYC with AVX2 only, a
+    training step of the tiny model (batch 32) took 23 s under bfloat16 autocast against 1.4 s in float32.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bfloat16 either
+        return False
+
+
+def bf16_training_warning(precision: str, device: str) -> str | None:
+    """The warning for ``--precision bf16`` on a CPU that lacks native bfloat16, else None."""
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if precision != "bf16" or not on_cpu or cpu_has_native_bf16():
+        return None
+    return ("warning: --precision bf16 on a CPU without native bfloat16 (AVX512-BF16 or AMX) is much slower "
+            "than fp32 (16x for a tiny-model step on an AVX2 CPU); use --precision fp32 here")

@@ -117,3 +117,18 @@ def test_model_on_cuda_in_exact_float32_embeds_like_cpu():
             assert (cpu - gpu).abs().max() <= SCORE_RTOL * cpu.abs().max()
     finally:
         restore_float32_settings(before)
+
+
+def test_bf16_training_on_a_cpu_without_native_bfloat16_is_warned_about(monkeypatch):
+    import encoders.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    warning = precision.bf16_training_warning("bf16", "auto")
+    assert warning is not None and "--precision fp32" in warning
+    assert precision.bf16_training_warning("bf16", "cpu") == warning
+    assert precision.bf16_training_warning("fp32", "cpu") is None
+    assert precision.bf16_training_warning("bf16", "cuda") is None  # GPUs have bfloat16
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.bf16_training_warning("bf16", "cpu") is None
+    assert isinstance(precision.cpu_has_native_bf16(), bool)

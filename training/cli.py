@@ -167,7 +167,8 @@ def _load_manifest_or_exit(path: str, skip_bad: bool):
 @click.option("--workers", type=int, default=0, help="DataLoader worker processes.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: run forward passes under bfloat16 autocast (much faster on CPUs with AVX512-BF16 "
-                   "or AMX, and on GPUs); weights, optimizer and evaluation stay float32.")
+                   "or AMX, and on GPUs; much slower on CPUs without them, which get a warning); weights, "
+                   "optimizer and evaluation stay float32.")
 @click.option("--bucket-by-length/--no-bucket-by-length", default=False, show_default=True,
               help="Batch captions of similar length together: about 25% faster steps (less padding), but "
                    "a caption's in-batch negatives then say about as much as it does, and recall suffers "
@@ -199,6 +200,10 @@ def train(train_path, val_path, out_dir, model, checkpoint, loss, epochs, batch_
                       image_lr_scale=image_lr_scale, sisa_weight=sisa_weight,
                       augment=augment, seed=seed, max_minutes=max_minutes, device=device, num_workers=workers,
                       bucket_by_length=bucket_by_length, precision=precision, eval_every=eval_every)
+    from encoders.precision import bf16_training_warning
+
+    if warning := bf16_training_warning(precision, device):
+        click.echo(warning, err=True)
     train_manifest = _load_manifest_or_exit(train_path, skip_bad)
     val_manifest = _load_manifest_or_exit(val_path, skip_bad)
     try:
