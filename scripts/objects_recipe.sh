@@ -2,7 +2,7 @@
 # The objects-world model's recipe (issue 19), as one script that can be stopped and run again:
 # every step skips what is already done, and training resumes exactly from its last checkpoint.
 #
-#   WORK=/work/exp EPOCHS=10 MAX_MINUTES=110 bash scripts/objects_recipe.sh
+#   WORK=/work/exp EPOCHS=9 MAX_MINUTES=110 bash scripts/objects_recipe.sh
 #
 # Steps and their measured times on this machine's 2 cores (docs/model.md, "Learning the objects world"):
 #   1. the corpus: 6,000 scenes, 20,962 captions by espeak-ng and Festival voices (10.5 min)
@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/work/exp}
-EPOCHS=${EPOCHS:-10}
+EPOCHS=${EPOCHS:-9}
 MAX_MINUTES=${MAX_MINUTES:-110}
 M=.venv/bin/matchmap
 mkdir -p "$WORK"
@@ -42,7 +42,7 @@ RUN="$WORK/run$EPOCHS"
 if ! finished "$RUN" "$EPOCHS"; then
     resume=(); [ -f "$RUN/last.pt" ] && resume=(--resume "$RUN/last.pt")
     $M train --checkpoint "$WORK/pre20k/model.pt" --train "$WORK/obj6k/train.json" --val "$WORK/obj6k/val.json" \
-        --out "$RUN" --epochs "$EPOCHS" --precision bf16 --workers 1 --eval-every 5 --max-minutes "$MAX_MINUTES" -q \
+        --out "$RUN" --epochs "$EPOCHS" --precision bf16 --workers 1 --eval-every 3 --max-minutes "$MAX_MINUTES" -q \
         "${resume[@]}"
 fi
 
