@@ -238,14 +238,15 @@ def _ray_encoder(address: str, workers: int | None, checkpoint: Path | None, dev
     from indexer import ray_encode
 
     try:
-        ray_encode.check_address(address)
+        encoder = ray_encode.RayEncoder(address, checkpoint.resolve() if checkpoint else None, device=device,
+                                        workers=workers)
     except ray_encode.RayAddressError as exc:
         raise click.UsageError(str(exc)) from None
     try:
         import ray  # noqa: F401
     except ImportError:
         raise click.UsageError("--ray needs Ray: pip install 'matchmap[ray]' (or '.[ray]' in a checkout)") from None
-    return ray_encode.RayEncoder(address, checkpoint.resolve() if checkpoint else None, device=device, workers=workers)
+    return encoder
 
 
 COPIES_SHOWN = 10

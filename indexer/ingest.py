@@ -8,6 +8,7 @@ spends its time in the network. Every file ends up in exactly one of three piles
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import queue
 import threading
@@ -86,6 +87,18 @@ def _read_file(path: Path) -> _ReadFile:
     return _ReadFile(uri, data, hashlib.sha256(data).hexdigest(), None)
 
 
+def decode_read(decode: Callable[[bytes, str], tuple[torch.Tensor, int, int]], read: _ReadFile
+                ) -> PreparedImage | FailedImage:
+    """Decode a file that was read and hashed: the image ready to embed, or the failure and its reason."""
+    assert read.data is not None and read.content_hash is not None
+    try:
+        pixels, width, height = decode(read.data, read.uri)
+    except Exception as exc:  # any per-file failure is reported and recorded; the run goes on
+        reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        return FailedImage(read.uri, read.content_hash, reason)
+    return PreparedImage(read.uri, read.content_hash, width, height, pixels)
+
+
 def prepare_batches(
     files: Sequence[Path],
     decode: Callable[[bytes, str], tuple[torch.Tensor, int, int]],
@@ -103,15 +116,7 @@ def prepare_batches(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     seen: dict[str, str] = {}  # hash -> uri of its first file in this run
     pending = PreparedBatch()
-
-    def decode_one(read: _ReadFile) -> PreparedImage | FailedImage:
-        assert read.data is not None and read.content_hash is not None
-        try:
-            pixels, width, height = decode(read.data, read.uri)
-        except Exception as exc:  # any per-file failure is reported and recorded; the run goes on
-            reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
-            return FailedImage(read.uri, read.content_hash, reason)
-        return PreparedImage(read.uri, read.content_hash, width, height, pixels)
+    decode_one = functools.partial(decode_read, decode)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="matchmap-decode") as pool:
         for start in range(0, len(files), batch_size):

@@ -68,8 +68,6 @@ class ImageEncoderWorker:
         from indexer import ingest
 
         torch.set_num_threads(threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = create_model(checkpoint, device=device).eval()
         self.decode = ingest.image_decoder(self.model)
         self.known = known_hashes
@@ -92,15 +90,14 @@ class ImageEncoderWorker:
             if read.content_hash in self.known:
                 status[row] = STATUS_KNOWN
                 continue
-            try:
-                image_pixels, width, height = self.decode(read.data, uri)
-            except Exception as exc:  # reported per file, as a local run does
-                reasons[row] = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+            outcome = ingest.decode_read(self.decode, read)  # failures reported per file, as a local run does
+            if isinstance(outcome, FailedImage):
+                reasons[row] = outcome.reason
                 continue
             status[row] = STATUS_NEW
-            sizes[row] = (width, height)
+            sizes[row] = (outcome.width, outcome.height)
             new_rows.append(row)
-            pixels.append(image_pixels)
+            pixels.append(outcome.pixels)
         maps, pooled = ingest.embed_images(self.model, pixels)
         all_maps = np.zeros((n, *maps.shape[1:]), np.float16)
         all_pooled = np.zeros((n, pooled.shape[1]), np.float32)
@@ -220,14 +217,13 @@ class RayEncoder:
                 batch.failed.append(FailedImage(uri, content_hash or None, str(columns["reason"][row])))
             elif status[row] == STATUS_KNOWN and content_hash in originals:
                 batch.skipped.append((uri, originals[content_hash]))
+            elif status[row] == STATUS_KNOWN:
+                # Known when the run began, its image removed since: the worker made no maps for it, so
+                # it is named failed rather than stored as zeros.
+                batch.failed.append(FailedImage(uri, content_hash, "removed while indexing; run again"))
             elif content_hash in seen:  # a copy of a file encoded earlier in this run
                 batch.skipped.append((uri, seen[content_hash]))
             else:
-                # STATUS_KNOWN without a row now would mean its image was removed meanwhile: not new to
-                # the worker, so it has no maps; name the uri failed-to-encode rather than store zeros.
-                if status[row] == STATUS_KNOWN:
-                    batch.failed.append(FailedImage(uri, content_hash, "removed while indexing; run again"))
-                    continue
                 seen[content_hash] = uri
                 width, height = (int(v) for v in columns["size"][row])
                 batch.images.append(PreparedImage(uri, content_hash, width, height, pixels=None))
