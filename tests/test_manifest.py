@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from training.manifest import Entry, ManifestError, load_manifest, write_manifest
+from training.manifest import Entry, ManifestError, combine_manifests, load_manifest, write_manifest
 
 
 def test_a_written_manifest_loads_back_equal_and_rewrites_byte_identical(tiny_corpus, tmp_path):
@@ -173,3 +173,23 @@ def test_malformed_entries_and_files_are_named(tmp_path):
 def test_entry_json_keeps_unknown_keys():
     item = {**places_item(0), "words": [{"word": "a", "start": 0.1, "end": 0.2}], "custom": [1, 2]}
     assert Entry.from_json(item).to_json() == item
+
+
+def test_combined_manifests_keep_every_file_and_make_repeated_uttids_unique(tiny_corpus, tmp_path):
+    train, val = load_manifest(tiny_corpus / "train.json"), load_manifest(tiny_corpus / "val.json")
+    combined = combine_manifests([train, val, train])
+    parts = [(train, e) for e in train.entries] + [(val, e) for e in val.entries] + [(train, e) for e in train.entries]
+    assert len(combined.entries) == len(parts)
+    for entry, (source, original) in zip(combined.entries, parts, strict=True):
+        assert combined.audio_path(entry).resolve() == source.audio_path(original).resolve()
+        assert combined.image_path(entry).resolve() == source.image_path(original).resolve()
+        assert (entry.words, entry.objects, entry.asr_text) == (original.words, original.objects, original.asr_text)
+    uttids = [e.uttid for e in combined.entries]
+    assert len(set(uttids)) == len(uttids)
+    assert uttids[len(train.entries)] == val.entries[0].uttid  # unique already: unchanged
+    assert uttids[0] == f"0/{train.entries[0].uttid}" and uttids[-1] == f"2/{train.entries[-1].uttid}"
+    write_manifest(combined, tmp_path / "both.json")  # a combined manifest is an ordinary one
+    assert load_manifest(tmp_path / "both.json").entries == combined.entries
+    assert combine_manifests([val]) is val
+    with pytest.raises(ValueError, match="no manifests"):
+        combine_manifests([])

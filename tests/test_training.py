@@ -366,6 +366,19 @@ def test_train_and_eval_commands_end_to_end(tiny_corpus, tmp_path):
             assert 0.0 <= values["R@1"] <= values["R@5"] <= values["R@10"] <= 1.0
 
 
+def test_train_on_two_manifests_sees_both_corpora_each_epoch(tiny_corpus, tmp_path):
+    from matchmap.cli import main
+
+    base = ["train", "--val", str(tiny_corpus / "val.json"), "--epochs", "1", "--batch-size", "8", "--json"]
+    one = CliRunner().invoke(main, [*base, "--train", str(tiny_corpus / "train.json"), "--out", str(tmp_path / "a")])
+    two = CliRunner().invoke(main, [*base, "--train", str(tiny_corpus / "train.json"),
+                                    "--train", str(tiny_corpus / "val.json"), "--out", str(tmp_path / "b")])
+    assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
+    steps = [json.loads(r.output[r.output.index("{"):])["steps"] for r in (one, two)]
+    pairs = [len(load_manifest(tiny_corpus / name).entries) for name in ("train.json", "val.json")]
+    assert steps == [pairs[0] // 8, (pairs[0] + pairs[1]) // 8]
+
+
 def test_eval_reports_a_missing_checkpoint_clearly(tiny_corpus, tmp_path):
     from matchmap.cli import main
 

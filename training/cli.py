@@ -126,13 +126,21 @@ def _load_manifest_or_exit(path: str, skip_bad: bool):
         raise click.ClickException(f"{path}: {exc}") from exc
 
 
+def _load_manifests_or_exit(paths: tuple[str, ...], skip_bad: bool):
+    """The manifests at ``paths`` as one (``training.manifest.combine_manifests``)."""
+    from training.manifest import combine_manifests
+
+    return combine_manifests([_load_manifest_or_exit(path, skip_bad) for path in paths])
+
+
 @click.command(context_settings={"show_default": True}, epilog=exit_codes(
     "0  trained (under torchrun: this process's share finished)",
     "1  a manifest, --checkpoint or --resume could not be read, or training failed",
     "2  usage error (a missing or bad option)",
 ))
-@click.option("--train", "train_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Training manifest (Places JSON), e.g. corpus/train.json.")
+@click.option("--train", "train_paths", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Training manifest (Places JSON), e.g. corpus/train.json. Give --train again to train on "
+                   "several corpora as one (e.g. both worlds, so that learning one does not forget the other).")
 @click.option("--val", "val_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Validation manifest, evaluated after every epoch (its voices should be unheard).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -178,7 +186,7 @@ def _load_manifest_or_exit(path: str, skip_bad: bool):
 @click.option("--skip-bad", is_flag=True, help="Skip (and count) manifest entries with missing or unreadable files.")
 @quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON (and no progress bars).")
-def train(train_path, val_path, out_dir, model, checkpoint, loss, epochs, batch_size, lr, image_lr_scale, sisa_weight,
+def train(train_paths, val_path, out_dir, model, checkpoint, loss, epochs, batch_size, lr, image_lr_scale, sisa_weight,
           augment, seed, max_minutes, eval_every, device, workers, precision, bucket_by_length, resume, skip_bad, quiet, as_json):
     """Train a matchmap model on spoken captions and their images.
 
@@ -204,7 +212,7 @@ def train(train_path, val_path, out_dir, model, checkpoint, loss, epochs, batch_
 
     if warning := bf16_training_warning(precision, device):
         click.echo(warning, err=True)
-    train_manifest = _load_manifest_or_exit(train_path, skip_bad)
+    train_manifest = _load_manifests_or_exit(train_paths, skip_bad)
     val_manifest = _load_manifest_or_exit(val_path, skip_bad)
     try:
         summary = run_training(cfg, train_manifest, val_manifest, out_dir, resume=resume,
@@ -417,8 +425,9 @@ def discover(manifest, checkpoint, clusters, out_dir, keep, half_width, image_we
     "2  usage error (a missing or bad option)",
 ))
 @checkpoint_option("The trained model whose stage-1 heads to distil [default: the shipped default model].")
-@click.option("--train", "train_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Manifest whose images and captions teach the heads (e.g. the model's corpus/train.json).")
+@click.option("--train", "train_paths", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Manifest whose images and captions teach the heads (e.g. the model's corpus/train.json); "
+                   "give --train again for several corpora.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the model with its heads (encoder weights unchanged; a new model version).")
 @click.option("--heads", type=click.IntRange(min=1), default=DISTILL_DEFAULTS["heads"],
@@ -440,7 +449,7 @@ def discover(manifest, checkpoint, clusters, out_dir, keep, half_width, image_we
 @click.option("--skip-bad", is_flag=True, help="Skip (and count) manifest entries with missing or unreadable files.")
 @quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (and no progress bars).")
-def distill_stage1(checkpoint, train_path, out, heads, epochs, batch_size, lr, teacher_temperature, holdout, seed,
+def distill_stage1(checkpoint, train_paths, out, heads, epochs, batch_size, lr, teacher_temperature, holdout, seed,
                    device, skip_bad, quiet, as_json):
     """Train a model's stage-1 pooling heads to rank images as MISA does.
 
@@ -464,7 +473,7 @@ def distill_stage1(checkpoint, train_path, out, heads, epochs, batch_size, lr, t
         from encoders.precision import use_exact_float32
 
         use_exact_float32()  # the teacher's maps as search computes them (encoders/precision.py)
-    manifest = _load_manifest_or_exit(train_path, skip_bad)
+    manifest = _load_manifests_or_exit(train_paths, skip_bad)
     cfg = DistillConfig(heads=heads, epochs=epochs, batch_size=batch_size, lr=lr, teacher_temperature=teacher_temperature,
                         holdout=holdout, seed=seed, device=str(torch_device))
     source = checkpoint or default_checkpoint_path()

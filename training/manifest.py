@@ -30,7 +30,7 @@ import json
 import os
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -359,6 +359,33 @@ def _report_skipped(path: Path, problems: list[ManifestProblem], *, total: int) 
         print(f"  {problem}", file=sys.stderr)
     if len(problems) > SKIP_REPORT_EXAMPLES:
         print(f"  ... and {len(problems) - SKIP_REPORT_EXAMPLES} more", file=sys.stderr)
+
+
+def combine_manifests(manifests: list[Manifest]) -> Manifest:
+    """One manifest holding every entry of ``manifests``, in order: several corpora trained as one.
+
+    The base paths become the deepest directory the corpora share, and each entry's ``wav`` and
+    ``image`` are rewritten relative to it, so every file stays the same file. A uttid that occurs in
+    more than one manifest (two corpora made by the same generator both start at ``train_000000``)
+    is prefixed with its manifest's position, ``"1/train_000000_0"``, so uttids stay unique.
+    One manifest comes back unchanged.
+    """
+    if not manifests:
+        raise ValueError("combine_manifests: no manifests")
+    if len(manifests) == 1:
+        return manifests[0]
+    image_base = Path(os.path.commonpath([m.image_base_path for m in manifests]))
+    audio_base = Path(os.path.commonpath([m.audio_base_path for m in manifests]))
+    seen = Counter(e.uttid for m in manifests for e in {e.uttid: e for e in m.entries}.values())
+    entries = []
+    for position, manifest in enumerate(manifests):
+        for entry in manifest.entries:
+            uttid = entry.uttid if seen[entry.uttid] == 1 else f"{position}/{entry.uttid}"
+            entries.append(replace(
+                entry, uttid=uttid,
+                wav=os.path.relpath(manifest.audio_path(entry), audio_base),
+                image=os.path.relpath(manifest.image_path(entry), image_base)))
+    return Manifest(path=None, image_base_path=image_base, audio_base_path=audio_base, entries=entries)
 
 
 def write_manifest(manifest: Manifest, path: str | Path) -> None:
