@@ -23,7 +23,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "indexer.discover": ("IMAGE_EXTENSIONS", "PathsError"),
         "indexer.library": (
             "Collection", "CollectionBusyError", "CollectionInfo", "CollectionNotFound", "DataDirNotFound", "ImageRecord",
-            "IndexReport", "Library", "ModelMismatchError", "default_data_dir",
+            "IndexReport", "Library", "ModelMismatchError", "Shard", "default_data_dir",
         ),
     },
 )

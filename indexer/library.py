@@ -227,6 +227,31 @@ class _SlotTable:
         self._parts = [(ids, slots)]
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``: the images whose id is ``index`` modulo ``count``. Ids are handed
+    out in indexing order, so each shard gets an even share of any run of new images, and a shard's
+    images never move to another shard as the collection grows."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard {self.index} of {self.count}: need 0 <= index < count")
+
+    def __str__(self) -> str:
+        return f"shard {self.index + 1} of {self.count}"
+
+
+def _in_shard(shard: Shard | None, ids: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (ids, slots) pairs of ``shard`` (all of them for None)."""
+    if shard is None:
+        return ids, slots
+    keep = ids % shard.count == shard.index
+    return ids[keep], slots[keep]
+
+
 class Collection:
     """A searchable collection: stage-1 index in memory, feature maps memory-mapped, rows in the catalog.
 
@@ -234,14 +259,18 @@ class Collection:
     whether the catalog has changed since (then open it again through :meth:`Library.collection`).
     """
 
-    def __init__(self, library: Library, session: Session, row: CollectionRow):
+    def __init__(self, library: Library, session: Session, row: CollectionRow, shard: Shard | None = None):
         self._library = library
         self._row = row
+        self.shard = shard
         self.folder = library.collection_folder(row.storage_key)
         self.store = FeatureStore(
             self.folder / row.store_layout["directory"], StoreLayout.from_dict(row.store_layout)
         )
-        self._table = _SlotTable(*library._live_slots(session, row.id))
+        ids, slots = library._live_slots(session, row.id)
+        # what the catalog held at this snapshot, shard or not: appended() compares against it
+        self._catalog_images, self._catalog_last_id = len(ids), int(ids[-1]) if len(ids) else -1
+        self._table = _SlotTable(*_in_shard(shard, ids, slots))
         self._index = self._load_or_rebuild_index()
 
     # -- the public, read-only view -------------------------------------------------------------
@@ -267,7 +296,7 @@ class Collection:
 
     @property
     def size(self) -> int:
-        """Number of indexed images."""
+        """Number of indexed images (of this snapshot's shard, when it is one)."""
         return len(self._table)
 
     @property
@@ -300,7 +329,9 @@ class Collection:
         snapshot itself when the catalog has not changed, None when something else changed (open the
         collection again). Costs two small catalog queries and the new images' store reads.
         """
-        last_id = self._table.last_id()
+        # a shard compares with what the whole catalog held (its own rows are only some of them)
+        held, last_id = ((self.size, self._table.last_id()) if self.shard is None
+                         else (self._catalog_images, self._catalog_last_id))
         with self._library._snapshot() as session:
             row = session.get(CollectionRow, self._row.id)
             if row is None:
@@ -311,12 +342,15 @@ class Collection:
                 return None
             # rows committed after `row` was read (slots past its next_slot) wait for the next refresh
             ids, slots = self._library._live_slots(session, row.id, after_id=last_id, below_slot=row.next_slot)
-            if self.size + len(ids) != row.images_indexed:  # something was removed too
+            if held + len(ids) != row.images_indexed:  # something was removed too
                 return None
             state = CollectionRow()
             _copy_state(row, state)
         fresh = Collection.__new__(Collection)
         fresh._library, fresh._row, fresh.folder, fresh.store = self._library, state, self.folder, self.store
+        fresh.shard, fresh._catalog_images = self.shard, held + len(ids)
+        fresh._catalog_last_id = int(ids[-1]) if len(ids) else last_id
+        ids, slots = _in_shard(self.shard, ids, slots)
         fresh._table = self._table.extended(ids, slots)
         fresh._index = self._index
         if len(ids):
@@ -439,7 +473,8 @@ class Collection:
 
     # -- maintenance used by the Library (under the collection's write lock) ----------------------
     def _load_or_rebuild_index(self) -> faiss.Index:
-        index = stage1_index.load_index(self.folder, self.generation)
+        # a shard builds its own index over its images; the saved one holds the whole collection
+        index = stage1_index.load_index(self.folder, self.generation) if self.shard is None else None
         if (
             index is not None
             and stage1_index.index_type_of(index) == self._row.index_type
@@ -572,10 +607,11 @@ class Library:
         """The catalog URL with any password hidden."""
         return self._engine.url.render_as_string(hide_password=True)
 
-    def collection(self, name: str) -> Collection:
-        """Open collection ``name`` for searching; CollectionNotFound if there is none."""
+    def collection(self, name: str, shard: Shard | None = None) -> Collection:
+        """Open collection ``name`` for searching; CollectionNotFound if there is none. With ``shard``,
+        the snapshot holds only that shard's images (its own stage-1 index and maps; ``serve --ray``)."""
         with self._snapshot() as session:
-            return Collection(self, session, self._row(session, name))
+            return Collection(self, session, self._row(session, name), shard)
 
     @contextmanager
     def _snapshot(self) -> Iterator[Session]:

@@ -30,6 +30,7 @@ from indexer import (
     Library,
     ModelMismatchError,
     PathsError,
+    Shard,
 )
 from matchmap.cli import main as cli_main
 
@@ -694,3 +695,37 @@ def test_lookups_by_id_stay_inside_their_collection(library, model, images):
     assert [r.uri for r in a.images(a_ids)] == [str(p) for p in images[:3]]
     with pytest.raises(KeyError, match="has no images with ids"):
         a.images(b_ids[:1])
+
+
+def test_shards_partition_a_collection_and_follow_it_as_it_grows(library, model, images):
+    """``serve --ray`` opens a collection as shards: each holds the images whose id is its index
+    modulo the count, searches only them, and appends only its own share of images added later."""
+    library.index("photos", [str(p) for p in images[:15]], model, batch_size=4, progress=False)
+    whole = library.collection("photos")
+    shards = [library.collection("photos", Shard(i, 3)) for i in range(3)]
+    held = [all_ids(s) for s in shards]
+    assert sorted(np.concatenate(held).tolist()) == all_ids(whole).tolist()
+    assert all(len(h) and np.all(h % 3 == i) for i, h in enumerate(held))
+    assert sum(s.size for s in shards) == whole.size and all(s.generation == whole.generation for s in shards)
+    queries = np.random.default_rng(0).standard_normal((2, whole.embed_dim)).astype(np.float32)
+    # The best 5 of the whole are the best 5 of the shards' best 5s, with the same scores.
+    scores, ids = whole.search_stage1(queries, 5)
+    merged = [sorted(((float(sc), int(i)) for s in shards for sc, i in zip(*(a[q] for a in s.search_stage1(
+        queries, 5)), strict=True) if i >= 0), reverse=True)[:5] for q in range(2)]
+    for q in range(2):
+        assert [i for _, i in merged[q]] == ids[q].tolist()
+        np.testing.assert_allclose([sc for sc, _ in merged[q]], scores[q], rtol=1e-5)
+    some = held[1][:2]
+    np.testing.assert_array_equal(shards[1].feature_maps(some), whole.feature_maps(some))
+    with pytest.raises(KeyError):
+        shards[0].feature_maps(held[1][:1])  # another shard's image is not here
+
+    library.index("photos", [str(p) for p in images[15:]], model, batch_size=4, progress=False)
+    grown = [s.appended() for s in shards]
+    assert all(g is not None and g is not s for g, s in zip(grown, shards, strict=True))  # appended, not reopened
+    regrown = [all_ids(g) for g in grown]
+    assert sorted(np.concatenate(regrown).tolist()) == all_ids(library.collection("photos")).tolist()
+    assert all(np.all(h % 3 == i) for i, h in enumerate(regrown))
+    assert [g.appended() is g for g in grown] == [True] * 3
+    with pytest.raises(ValueError, match="shard 3 of 3"):
+        Shard(3, 3)
