@@ -97,6 +97,15 @@ EXIT_CANNOT_LISTEN = 3  # serve
                    "the server's memory under sustained load lower and flat (see search/memory.py). 0 = never.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               help="Least severe log messages written to stderr.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Serve each collection as shards on a Ray cluster (pip install '.[ray]'; docs/scale-out.md): "
+                   "local (a Ray on this machine, the value when ADDRESS is left out), auto, HOST:PORT or "
+                   "ray://HOST:PORT. This process stays the gRPC and HTTP front; every shard is a Ray Serve "
+                   "replica holding its share of the images' stage-1 vectors and maps.")
+@click.option("--shards", type=click.IntRange(min=1), default=None,
+              help="With --ray: shards per collection [default: one per node of the cluster].")
+@click.option("--shard-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="With --ray: CPUs each shard replica reserves (a GPU too when --device cuda).")
 def serve(
     data_dir: Path | None,
     db_url: str | None,
@@ -124,6 +133,9 @@ def serve(
     heap_trim_interval: float,
     log_level: str,
     tls_client_ca: Path | None,
+    ray_address: str | None,
+    shards: int | None,
+    shard_cpus: float,
 ) -> None:
     """Run the gRPC spoken-query search service until SIGTERM / SIGINT.
 
@@ -155,7 +167,13 @@ def serve(
             max_exhaustive_candidates=max(default_candidates, SearchLimits.max_exhaustive_candidates),
             resident_maps_mb=resident_maps_mb,
         )
-        engine = SearchEngine.open(checkpoint, data_dir, db_url, device=device, limits=limits, vad=vad)
+        if ray_address is None:
+            if shards is not None:
+                raise click.UsageError("--shards needs --ray (shards live on a Ray cluster)")
+            engine = SearchEngine.open(checkpoint, data_dir, db_url, device=device, limits=limits, vad=vad)
+        else:
+            engine = _sharded_engine(ray_address, shards, shard_cpus, checkpoint, data_dir, db_url, device, limits,
+                                     vad)
         engine.warm_up()
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         raise click.ClickException(str(error)) from error
@@ -171,6 +189,9 @@ def serve(
             f"{sum(resident.values()) / 2**20:.0f} MB ({len(resident)} of {len(names)} collections)",
             err=True,
         )
+        if ray_address is not None:
+            click.echo(f"matchmap serve: every collection in {engine.shards} shards on the Ray cluster "
+                       f"({ray_address})", err=True)
         if http_url is not None:
             click.echo(f"matchmap serve: search page and JSON API on {http_url} (/openapi.json)", err=True)
         if as_json:
@@ -178,6 +199,7 @@ def serve(
                 "event": "ready", "host": host, "port": bound_port, "http_url": http_url, "security": security,
                 "token_required": bool(token), "model_version": engine.model_version, "device": str(engine.device),
                 "collections": names, "resident_maps_bytes": sum(resident.values()),
+                "shards": getattr(engine, "shards", 1),
             }))
             sys.stdout.flush()
 
@@ -193,9 +215,42 @@ def serve(
         if trimmer is not None:
             trimmer.stop()
         engine.close()
+        if ray_address is not None:
+            from search.ray_serve import remove_shards
+
+            remove_shards(engine.shards)
     click.echo("matchmap serve: stopped", err=True)
     if as_json:
         click.echo(json.dumps({"event": "stopped"}))
+
+
+def _sharded_engine(address: str, shards: int | None, shard_cpus: float, checkpoint: Path | None,
+                    data_dir: Path | None, db_url: str | None, device: str, limits, vad: bool):
+    """``serve --ray``: join the cluster, start the shard replicas, and the front's engine over them."""
+    from encoders import create_model
+    from indexer import Library, default_data_dir
+
+    try:
+        from indexer.ray_encode import RayAddressError, check_address, connect
+        from search.ray_serve import ShardedEngine, ShardSpec, deploy_shards
+    except ImportError:
+        raise click.UsageError("--ray needs Ray Serve: pip install 'matchmap[ray]' (or '.[ray]' in a checkout)") from None
+    try:
+        check_address(address)
+    except RayAddressError:
+        raise click.UsageError(
+            f"--ray {address!r} is not a Ray cluster address (local, auto, HOST:PORT or ray://HOST:PORT)") from None
+    library = Library.open(data_dir, db_url)  # fails fast, before any cluster work, on a missing data dir
+    model = create_model(str(checkpoint) if checkpoint is not None else None)
+    connect(address)
+    import ray
+
+    count = shards or len([node for node in ray.nodes() if node["Alive"]])
+    # Replicas may run on other machines: they get absolute paths (shared storage) and the catalog URL.
+    spec = ShardSpec(str(checkpoint.resolve()) if checkpoint else None,
+                     str((data_dir or default_data_dir()).resolve()), db_url, device=device, limits=limits, vad=vad)
+    handles = deploy_shards(spec, count, cpus_per_shard=shard_cpus, gpus_per_shard=1.0 if device == "cuda" else 0.0)
+    return ShardedEngine(model, library, handles, device=device, limits=limits, vad=vad)
 
 
 def _hits_json(audio: str, hits: SearchHits) -> dict:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from encoders import create_model, load_image, trim_silence
 from encoders.matchmap import paired_misa
-from indexer import Collection, CollectionInfo, ImageRecord, Library
+from indexer import Collection, CollectionInfo, ImageRecord, Library, Shard
 from search import DEFAULT_CANDIDATES, DEFAULT_CANDIDATES_SHARE, MAX_CANDIDATES, MAX_EXHAUSTIVE_CANDIDATES
 from search.audio import check_sample_rate, decode_audio
 from search.errors import ImageNotFound, InvalidQuery
@@ -186,9 +186,11 @@ class SearchEngine:
     """
 
     def __init__(
-        self, model, library: Library, *, device: str = "auto", limits: SearchLimits | None = None, vad: bool = True
+        self, model, library: Library, *, device: str = "auto", limits: SearchLimits | None = None, vad: bool = True,
+        shard: Shard | None = None,
     ):
         self.device = resolve_device(device)
+        self.shard = shard  # only this shard of each collection (a ``serve --ray`` replica; search.ray_serve)
         if self.device.type == "cuda":
             from encoders.precision import use_exact_float32
 
@@ -214,11 +216,12 @@ class SearchEngine:
         device: str = "auto",
         limits: SearchLimits | None = None,
         vad: bool = True,
+        shard: Shard | None = None,
     ) -> SearchEngine:
         """Load the model (``checkpoint``; None = the shipped default) and open the library."""
         resolve_device(device)  # fail on a bad device before the slow loads
         model = create_model(str(checkpoint) if checkpoint is not None else None)
-        return cls(model, Library.open(data_dir, db_url), device=device, limits=limits, vad=vad)
+        return cls(model, Library.open(data_dir, db_url), device=device, limits=limits, vad=vad, shard=shard)
 
     def close(self) -> None:
         self.library.close()
@@ -262,7 +265,7 @@ class SearchEngine:
                 return coll
             cached = self._collections.get(name)
             if cached is None:
-                coll = self.library.collection(name)
+                coll = self.library.collection(name, self.shard)
                 coll.check_model(self.model)
                 self._install(coll, self._resident_for(coll), now)
                 return coll
@@ -316,7 +319,7 @@ class SearchEngine:
 
         def reopen() -> None:
             try:
-                coll = self.library.collection(name)
+                coll = self.library.collection(name, self.shard)
                 coll.check_model(self.model)
                 with self._lock:
                     fits = coll.size > 0 and self._fits(name, ResidentMaps.bytes_for(coll))
@@ -593,15 +596,8 @@ class SearchEngine:
 
     def indexed_image(self, collection: str, image_id: str | int) -> tuple[Collection, ImageRecord]:
         """The collection and catalog row of an indexed image (ImageNotFound, CollectionNotFound, InvalidQuery)."""
-        try:
-            key = int(image_id)
-        except (TypeError, ValueError):
-            raise InvalidQuery(
-                f"image_id {image_id!r} is not an image id (ids are integers, as Search returns)", field="image_id"
-            ) from None
+        key = image_key(collection, image_id)
         coll = self.collection(collection)
-        if not -(2**63) <= key < 2**63:  # the catalog's ids are 64-bit: such an id names no image
-            raise ImageNotFound(f"collection {collection!r} holds no indexed image with id {key}")
         try:
             record = coll.images([key])[0]
         except KeyError:
@@ -650,6 +646,20 @@ class SearchEngine:
             )
         context = max(0.0, min(3.0, longest - window))
         return LiveHighlighter(self.model, image.features, sample_rate, window_seconds=window, context_seconds=context)
+
+
+def image_key(collection: str, image_id: str | int) -> int:
+    """A request's image_id as a catalog id: InvalidQuery if it is no integer, ImageNotFound if no
+    64-bit id (the catalog's) can be it."""
+    try:
+        key = int(image_id)
+    except (TypeError, ValueError):
+        raise InvalidQuery(
+            f"image_id {image_id!r} is not an image id (ids are integers, as Search returns)", field="image_id"
+        ) from None
+    if not -(2**63) <= key < 2**63:
+        raise ImageNotFound(f"collection {collection!r} holds no indexed image with id {key}")
+    return key
 
 
 def _ms_since(started: float) -> float:

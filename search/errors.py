@@ -43,5 +43,9 @@ class ShuttingDown(RuntimeError):
     """The server is stopping and takes no new work; retry on another replica (UNAVAILABLE)."""
 
 
+class ShardUnavailable(RuntimeError):
+    """A shard of a ``serve --ray`` collection did not answer in time, even asked again (UNAVAILABLE)."""
+
+
 class PortUnavailable(OSError):
     """The server cannot listen where asked (the port is taken, or the address is not this machine's)."""

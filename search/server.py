@@ -46,6 +46,7 @@ from search.errors import (
     PortUnavailable,
     QueryError,
     QueryOutOfRange,
+    ShardUnavailable,
     ShuttingDown,
 )
 from search.localization import Localization
@@ -142,7 +143,7 @@ def status_for(error: BaseException) -> WireError:
         return WireError(grpc.StatusCode.INVALID_ARGUMENT, public_message(str(error)), field)
     if isinstance(error, ImageNotFound):
         return WireError(grpc.StatusCode.NOT_FOUND, public_message(str(error)), "image_id")
-    if isinstance(error, ShuttingDown):
+    if isinstance(error, (ShuttingDown, ShardUnavailable)):
         return WireError(grpc.StatusCode.UNAVAILABLE, str(error))
     if isinstance(error, Overloaded):
         return WireError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))

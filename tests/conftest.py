@@ -53,3 +53,49 @@ def tls_files(tmp_path: Path) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )
     return cert, key
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster of two nodes, a head and a worker with one CPU each (ray.cluster_utils.Cluster),
+    shared by the Ray tests (tests/test_ray_*.py): Ray work placed one per CPU lands on both nodes."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    object_store = 150 * 1024 * 1024
+    nodes = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "object_store_memory": object_store, "include_dashboard": False},
+    )
+    nodes.add_node(num_cpus=1, object_store_memory=object_store)
+    nodes.wait_for_nodes()
+    try:
+        yield nodes
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        nodes.shutdown()
+
+
+SCENES = "scenes"  # the collection scenes_data_dir holds
+
+
+@pytest.fixture(scope="session")
+def scene_files(tiny_corpus) -> tuple[list[str], list[Path]]:
+    """The tiny corpus's images (train and val, sorted paths) and its val captions' wavs."""
+    from training.manifest import load_manifest
+
+    manifests = [load_manifest(tiny_corpus / name) for name in ("train.json", "val.json")]
+    return (sorted({str(m.image_path(e)) for m in manifests for e in m.entries}),
+            [manifests[1].audio_path(e) for e in manifests[1].entries])
+
+
+@pytest.fixture(scope="session")
+def scenes_data_dir(scene_files, checkpoint, tmp_path_factory) -> Path:
+    """A data dir whose collection SCENES holds scene_files' images, indexed with ``checkpoint``. Read-only."""
+    from indexer import Library
+
+    folder = tmp_path_factory.mktemp("scenes-library")
+    with Library.open(folder, create=True) as library:
+        library.index(SCENES, scene_files[0], create_model(checkpoint), progress=False)
+    return folder

@@ -22,29 +22,10 @@ from encoders import create_model
 from indexer import Library
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 from indexer.ray_encode import RayEncoder  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-OBJECT_STORE = 150 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """A head and one worker node, one CPU each: the encoding actors land on both."""
-    nodes = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": OBJECT_STORE, "include_dashboard": False},
-    )
-    nodes.add_node(num_cpus=1, object_store_memory=OBJECT_STORE)
-    nodes.wait_for_nodes()
-    try:
-        yield nodes
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        nodes.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +33,7 @@ def model(checkpoint):
     return create_model(checkpoint)
 
 
-def test_the_ray_indexed_collection_equals_the_one_indexed_in_process(cluster, model, checkpoint, tmp_path):
+def test_the_ray_indexed_collection_equals_the_one_indexed_in_process(ray_cluster, model, checkpoint, tmp_path):
     folder = tmp_path / "photos"
     write_images(folder, 40)
     bad = write_bad_files(folder)
@@ -60,7 +41,7 @@ def test_the_ray_indexed_collection_equals_the_one_indexed_in_process(cluster, m
 
     with Library.open(tmp_path / "local", create=True) as library:
         local_report = library.index("photos", [str(folder)], model, batch_size=4, progress=False)
-    encoder = RayEncoder(cluster.address, checkpoint, device="cpu")
+    encoder = RayEncoder(ray_cluster.address, checkpoint, device="cpu")
     with Library.open(tmp_path / "ray", create=True) as library:
         ray_report = library.index("photos", [str(folder)], model, batch_size=4, progress=False, encoder=encoder)
 
@@ -92,17 +73,17 @@ def _index_command(data: Path, checkpoint: Path, folder: Path, *extra: str) -> l
             "--collection", "photos", "--batch-size", "8", "--device", "cpu", "-q", "--json", *extra, str(folder)]
 
 
-def test_a_driver_killed_midway_then_rerun_loses_nothing_and_indexes_nothing_twice(cluster, checkpoint, tmp_path):
+def test_a_driver_killed_midway_then_rerun_loses_nothing_and_indexes_nothing_twice(ray_cluster, checkpoint, tmp_path):
     folder = tmp_path / "many"
     write_images(folder, 160)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     crashed, clean = tmp_path / "crashed", tmp_path / "clean"
-    process = subprocess.Popen(_index_command(crashed, checkpoint, folder, "--ray", cluster.address),
+    process = subprocess.Popen(_index_command(crashed, checkpoint, folder, "--ray", ray_cluster.address),
                                env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     indexed_at_kill = kill_once_indexed(process, crashed, None, "photos", at_least=16)
     assert 16 <= indexed_at_kill < 160
 
-    resumed = subprocess.run(_index_command(crashed, checkpoint, folder, "--ray", cluster.address),
+    resumed = subprocess.run(_index_command(crashed, checkpoint, folder, "--ray", ray_cluster.address),
                              env=env, cwd=REPO_ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads(resumed.stdout)
@@ -147,11 +128,11 @@ def _encoding_actors() -> list:
     return found
 
 
-def test_a_worker_killed_midway_is_replaced_and_the_run_completes(cluster, checkpoint, tmp_path):
+def test_a_worker_killed_midway_is_replaced_and_the_run_completes(ray_cluster, checkpoint, tmp_path):
     folder = tmp_path / "many"
     write_images(folder, 160)
     data = tmp_path / "data"
-    process = subprocess.Popen(_index_command(data, checkpoint, folder, "--ray", cluster.address),
+    process = subprocess.Popen(_index_command(data, checkpoint, folder, "--ray", ray_cluster.address),
                                cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = None
     with Library.open(data, create=True) as watcher:
