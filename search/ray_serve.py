@@ -111,7 +111,8 @@ class CollectionShard:
     def describe(self, name: str) -> dict:
         def run() -> dict:
             coll = self.engine.collection(name)
-            return {"size": coll.size, "generation": coll.generation, "folder": str(coll.folder)}
+            return {"size": coll.size, "generation": coll.generation, "folder": str(coll.folder),
+                    "resident_bytes": self.engine.resident_bytes().get(name, 0)}
         return self._answer(run)
 
     def stage1(self, name: str, pooled: np.ndarray, k: int) -> dict:
@@ -148,6 +149,7 @@ class ShardedCollection:
     size: int
     generation: int
     folder: Path
+    resident_bytes: int = 0  # feature maps the shards hold in memory
 
 
 class ShardedEngine(SearchEngine):
@@ -208,12 +210,19 @@ class ShardedEngine(SearchEngine):
             return cached[0]
         replies = self._ask("describe", [(name,)] * self.shards)
         coll = ShardedCollection(name, sum(r["size"] for r in replies), min(r["generation"] for r in replies),
-                                 Path(replies[0]["folder"]))
+                                 Path(replies[0]["folder"]), sum(r["resident_bytes"] for r in replies))
         self._described[name] = (coll, now)
         return coll
 
     def warm_up(self) -> list[str]:
-        return [info.name for info, searchable in self.list_collections() if searchable]
+        names = [info.name for info, searchable in self.list_collections() if searchable]
+        for name in names:
+            self.collection(name)
+        return names
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Collection name -> bytes of its feature maps the shards hold in memory (as last described)."""
+        return {name: coll.resident_bytes for name, (coll, _) in self._described.items() if coll.resident_bytes}
 
     @torch.inference_mode()
     def search_batch(self, queries: Sequence[SearchQuery],

@@ -62,6 +62,7 @@ def sharded(ray_cluster, checkpoint, scenes_data_dir):
         assert line, f"serve --ray exited {process.poll()}: {''.join(stderr)[-3000:]}"
         ready = json.loads(line)
         assert ready["event"] == "ready" and ready["shards"] == 2 and ready["collections"] == [COLLECTION]
+        assert ready["resident_maps_bytes"] > 0  # held by the shards
         with SearchClient(f"127.0.0.1:{port}") as client:
             yield client, process, stderr
     finally:

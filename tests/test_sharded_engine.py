@@ -70,6 +70,8 @@ def test_three_shards_answer_as_one_engine_and_a_failing_shard_is_asked_again(ch
     front = sharded_engine(checkpoint, scenes_data_dir, handles)
     size = front.collection(COLLECTION).size
     assert size == single.collection(COLLECTION).size == len(scene_files[0])
+    held = [s.engine.resident_bytes()[COLLECTION] for s in shards]  # each shard holds its own maps
+    assert front.resident_bytes() == {COLLECTION: sum(held)} == single.resident_bytes() and min(held) > 0
     for wav in scene_files[1]:
         data = wav.read_bytes()
         for top_k, candidates in ((3, 0), (5, 8), (size, size)):
