@@ -279,6 +279,14 @@ def paired_misa(
         block = candidates[:, k0 : k0 + chunk].to(mm_dtype)
         kc = block.shape[1]
         sim = torch.bmm(a, block.reshape(b, kc * r, d).transpose(1, 2)).view(b, t, kc, r)
-        parts.append(_masked_mean(sim.amax(dim=3).to(out_dtype), frames, dim=1))  # (B, Kc)
+        parts.append(misa_of_similarities(sim, frames, out_dtype))  # (B, Kc)
     scores = torch.cat(parts, dim=1)
     return scores if valid is None else scores.masked_fill(~valid.to(scores.device), float("-inf"))
+
+
+def misa_of_similarities(sim: Tensor, frames: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """MISA from a batch of matchmaps: sim (B, T, K, R) holds caption b's frame t against region r of
+    its candidate k; frames (B, T, 1) bool marks true frames -> (B, K): per frame the best region,
+    averaged over true frames. Shared by ``paired_misa`` and scoring from compressed maps
+    (``indexer.region_codec.RegionCodec.paired_misa``)."""
+    return _masked_mean(sim.amax(dim=3).to(out_dtype), frames, dim=1)

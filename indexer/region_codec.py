@@ -129,7 +129,14 @@ class RegionCodec:
         t = self._tensors(codes.device)
         n = codes.shape[0]
         r, d = self.shape
-        coefficients = torch.zeros(n, r * d, device=codes.device)
+        maps = torch.matmul(t["regions"], self._coefficients(codes).view(n, r, d)) @ t["dims_t"] + t["mean"]
+        return maps.to(dtype)
+
+    def _coefficients(self, codes: Tensor) -> Tensor:
+        """codes (N, bytes_per_image) uint8 -> the dequantized coefficients Z (N, R * D) float32."""
+        t = self._tensors(codes.device)
+        n = codes.shape[0]
+        coefficients = torch.zeros(n, self.bits.size, device=codes.device)
         offset = 0
         for b, where, nbytes in self._groups:
             per = 8 // b
@@ -139,8 +146,50 @@ class RegionCodec:
             values = values.reshape(n, nbytes * per)[:, : len(where)].float()
             coefficients[:, index] = t["low"][index] + (values + 0.5) * t["step"][index]
             offset += nbytes
-        maps = torch.matmul(t["regions"], coefficients.view(n, r, d)) @ t["dims_t"] + t["mean"]
-        return maps.to(dtype)
+        return coefficients
+
+    def _kept_coefficients(self, codes: Tensor) -> Tensor:
+        """codes (N, bytes_per_image) uint8 -> Z (N, R, Dk) float32 over the dims that carry any bits:
+        each byte looked up in a per-width table of its values, then one gather into place (zeros where
+        a coefficient has no bits). About 3x faster than decoding's scatter into all R x D."""
+        t = self._tensors(codes.device)
+        n = codes.shape[0]
+        parts, offset = [], 0
+        for b, where, nbytes in self._groups:
+            values = t[f"table{b}"][codes[:, offset : offset + nbytes].long()]  # (N, nbytes, 8 // b)
+            parts.append(values.reshape(n, -1)[:, : len(where)])
+            offset += nbytes
+        parts.append(codes.new_zeros((n, 1), dtype=torch.float32))  # where uncoded coefficients point
+        grouped = torch.cat(parts, dim=1) * t["grouped_step"] + t["grouped_low"]
+        return grouped[:, t["kept_layout"]].view(n, self.shape[0], -1)
+
+    def paired_misa(self, audio: Tensor, lengths: Tensor, codes: Tensor, chunk: int = 256) -> Tensor:
+        """MISA of each caption against its own coded images, scored in the codec's basis.
+
+        audio (B, T, D) float, lengths (B,), codes (B, K, bytes_per_image) uint8 -> (B, K) float32,
+        ``encoders.matchmap.paired_misa`` of the decoded maps up to float rounding, without decoding:
+        a map is X = P Z V^T + mu, so each frame a meets the regions as P (Z (V^T a)) + mu . a. The
+        frames are turned by V once per query; per image that leaves Z's product with them (only the
+        dims that got any bits) and P's: about the arithmetic of plain MISA, none of decoding's.
+        """
+        from encoders.matchmap import frame_mask, misa_of_similarities
+
+        b, k, _ = codes.shape
+        r, _ = self.shape
+        t = self._tensors(audio.device)
+        kept = t["kept_dims"]
+        audio = audio.float()
+        turned = (audio @ t["dims"])[..., kept]  # (B, T, Dk): V^T a, the dims that carry bits
+        offset = (audio @ t["mean"])[:, :, None, None]  # (B, T, 1, 1): mu . a
+        frames = frame_mask(lengths.to(audio.device), audio.shape[1]).unsqueeze(-1)
+        parts = []
+        for k0 in range(0, k, chunk):
+            block = codes[:, k0 : k0 + chunk]
+            kc = block.shape[1]
+            z = self._kept_coefficients(block.reshape(b * kc, -1)).view(b, kc * r, -1)  # (B, Kc * R, Dk)
+            inner = torch.bmm(turned, z.transpose(1, 2)).view(b, -1, kc, r)  # (B, T, Kc, R): Z V^T a per region
+            parts.append(misa_of_similarities(torch.matmul(inner, t["regions_t"]) + offset, frames))
+        return torch.cat(parts, dim=1) if parts else audio.new_zeros((b, 0))
 
     def _tensors(self, device: torch.device) -> dict[str, Tensor]:
         key = str(device)
@@ -149,13 +198,27 @@ class RegionCodec:
             cached = {
                 "mean": torch.from_numpy(self.mean).to(device),
                 "dims_t": torch.from_numpy(np.ascontiguousarray(self.dims.T)).to(device),
+                "dims": torch.from_numpy(self.dims).to(device),
+                "kept_dims": torch.from_numpy(np.flatnonzero(self.bits.any(axis=0))).to(device),
                 "regions": torch.from_numpy(self.regions).to(device),
+                "regions_t": torch.from_numpy(np.ascontiguousarray(self.regions.T)).to(device),
                 "low": torch.from_numpy(self.low.reshape(-1)).to(device),
                 "step": torch.from_numpy(self.step.reshape(-1)).to(device),
             }
             for b, where, _ in self._groups:
                 cached[f"where{b}"] = torch.from_numpy(where).to(device)
                 cached[f"shifts{b}"] = (torch.arange(8 // b, dtype=torch.uint8) * b).to(device)
+                # byte -> the values of the codes it packs, each + 0.5 (the level's centre)
+                table = (np.arange(256)[:, None] >> (np.arange(8 // b) * b)) & (2**b - 1)
+                cached[f"table{b}"] = torch.from_numpy(table.astype(np.float32) + 0.5).to(device)
+            # _kept_coefficients: coefficients in group order, then where each (region, kept dim) is in it
+            order = np.concatenate([where for _, where, _ in self._groups] + [np.zeros(0, np.int64)])
+            cached["grouped_low"] = torch.from_numpy(np.append(self.low.reshape(-1)[order], 0).astype(np.float32)).to(device)
+            cached["grouped_step"] = torch.from_numpy(np.append(self.step.reshape(-1)[order], 0).astype(np.float32)).to(device)
+            position = np.full(self.bits.size, order.size)  # uncoded: the zero column
+            position[order] = np.arange(order.size)
+            kept = np.flatnonzero(self.bits.any(axis=0))
+            cached["kept_layout"] = torch.from_numpy(position.reshape(self.shape)[:, kept].reshape(-1)).to(device)
             self._device_cache[key] = cached
         return cached
 

@@ -86,3 +86,21 @@ def test_bad_input_is_named():
         codec.encode(maps[:, :8])
     with pytest.raises(ValueError, match="codes must be"):
         codec.decode(torch.zeros(2, 5, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("budget", [37, 256])
+def test_misa_in_the_codec_basis_equals_misa_of_the_decoded_maps(budget):
+    from encoders.matchmap import paired_misa
+
+    maps = scene_like_maps(60)
+    trained = RegionCodec.train(maps, budget)
+    bits, low, step = trained.bits.copy(), trained.low.copy(), trained.step.copy()
+    bits[:, -5:], low[:, -5:], step[:, -5:] = 0, 0, 0  # the last 5 dims carry no bits: skipped in scoring
+    codec = RegionCodec(trained.mean, trained.dims, trained.regions, bits, low, step)
+    codes = torch.from_numpy(codec.encode(maps)).view(3, 20, -1)  # 3 captions, 20 images each
+    generator = torch.Generator().manual_seed(1)
+    audio = torch.randn(3, 9, maps.shape[2], generator=generator)
+    lengths = torch.tensor([9, 4, 1])
+    expected = paired_misa(audio, lengths, codec.decode(codes.reshape(60, -1)).view(3, 20, *codec.shape))
+    np.testing.assert_allclose(codec.paired_misa(audio, lengths, codes, chunk=7).numpy(), expected.numpy(),
+                               rtol=1e-4, atol=1e-4)
