@@ -33,7 +33,7 @@ from search import DEFAULT_CANDIDATES, DEFAULT_CANDIDATES_SHARE, MAX_CANDIDATES,
 from search.audio import check_sample_rate, decode_audio
 from search.errors import ImageNotFound, InvalidQuery
 from search.localization import LiveHighlighter, Localization, encode_whole_image, localize
-from search.resident import ResidentMaps, misa_caption_by_caption
+from search.resident import ResidentCodes, ResidentMaps, held_for, misa_caption_by_caption
 from search.vad import keep_speech
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -200,9 +200,9 @@ class SearchEngine:
         self.library = library
         self.limits = limits or SearchLimits()
         self._collections: dict[str, tuple[Collection, float]] = {}  # name -> (snapshot, last checked)
-        self._resident: dict[str, ResidentMaps] = {}  # name -> maps of the snapshot in _collections
+        self._resident: dict[str, ResidentMaps | ResidentCodes] = {}  # name -> maps of the snapshot in _collections
         # name -> what a background reopen produced: (snapshot, its resident maps or None) or the error
-        self._reopened: dict[str, tuple[Collection, ResidentMaps | None] | Exception] = {}
+        self._reopened: dict[str, tuple[Collection, ResidentMaps | ResidentCodes | None] | Exception] = {}
         self._reopening: set[str] = set()
         self._lock = threading.Lock()
 
@@ -283,7 +283,7 @@ class SearchEngine:
                 self._collections[name] = (coll, now)
             return fresh
 
-    def _install(self, coll: Collection, resident: ResidentMaps | None, now: float) -> None:
+    def _install(self, coll: Collection, resident: ResidentMaps | ResidentCodes | None, now: float) -> None:
         self._collections[coll.name] = (coll, now)
         if resident is None:
             self._resident.pop(coll.name, None)
@@ -298,18 +298,18 @@ class SearchEngine:
         used = sum(r.nbytes for other, r in self._resident.items() if other != name)
         return used + nbytes <= self.limits.resident_maps_mb * 2**20
 
-    def _resident_for(self, coll: Collection) -> ResidentMaps | None:
-        """``coll``'s feature maps held in memory if they fit the budget beside other collections'."""
-        if coll.size > 0 and self._fits(coll.name, ResidentMaps.bytes_for(coll)):
-            return ResidentMaps.load(coll, device=self.device)
-        return None
+    def _resident_for(self, coll: Collection) -> ResidentMaps | ResidentCodes | None:
+        """What of ``coll`` to hold in memory beside other collections (``search.resident.held_for``):
+        its bfloat16 maps, else its 2 KB codes, else nothing."""
+        return held_for(coll, lambda nbytes: self._fits(coll.name, nbytes), self.device)
 
-    def _appended_resident(self, old: Collection, fresh: Collection) -> ResidentMaps | None:
-        """The resident maps of ``old`` with ``fresh``'s added images appended (None past the budget)."""
+    def _appended_resident(self, old: Collection, fresh: Collection) -> ResidentMaps | ResidentCodes | None:
+        """What ``old`` held, with ``fresh``'s added images appended (None past the budget: the next
+        reopen chooses again)."""
         resident = self._resident.get(old.name)
         if resident is None or resident.generation != old.generation:
             return self._resident_for(fresh) if old.size == 0 else None
-        if not self._fits(fresh.name, ResidentMaps.bytes_for(fresh)):
+        if not self._fits(fresh.name, type(resident).bytes_for(fresh)):
             return None
         return resident.appended(fresh, fresh.ids()[old.size :])
 
@@ -322,9 +322,10 @@ class SearchEngine:
                 coll = self.library.collection(name, self.shard)
                 coll.check_model(self.model)
                 with self._lock:
-                    fits = coll.size > 0 and self._fits(name, ResidentMaps.bytes_for(coll))
-                result: tuple[Collection, ResidentMaps | None] | Exception = (
-                    coll, ResidentMaps.load(coll, device=self.device) if fits else None)
+                    used = sum(r.nbytes for other, r in self._resident.items() if other != name)
+                budget = self.limits.resident_maps_mb * 2**20 - used
+                result: tuple[Collection, ResidentMaps | ResidentCodes | None] | Exception = (
+                    coll, held_for(coll, lambda nbytes: nbytes <= budget, self.device))
             except Exception as error:  # handed to the next query of this collection
                 result = error
             with self._lock:

@@ -96,6 +96,74 @@ class ResidentMaps:
         return scores.masked_fill(~valid.to(scores.device), float("-inf"))
 
 
+# Compressed maps (indexer.region_codec): bytes per image, and how many of a collection's maps train its codec.
+CODE_BYTES = 2048
+CODEC_TRAIN_IMAGES = 1024
+
+
+@dataclass
+class ResidentCodes:
+    """A collection's maps held as transform codes (``indexer.region_codec``, CODE_BYTES per image, 16x
+    less than bfloat16), for collections whose bfloat16 maps do not fit the budget: stage 2's coarse
+    pass scores the codes in the codec's basis (``RegionCodec.paired_misa``) and exact float32 maps
+    from the store rank the best few it keeps, so the returned scores stay exact. As a coarse pass,
+    2 KB codes kept the float16 top-10 agreement at K=100/400/1000 (docs/search.md). Same interface
+    as ResidentMaps; rows in the collection's id order."""
+
+    collection: str
+    generation: int
+    codec: object  # indexer.region_codec.RegionCodec, trained on the collection's first maps
+    codes: Tensor  # (N, CODE_BYTES) uint8
+
+    @classmethod
+    def load(cls, coll, *, device: torch.device | str = "cpu") -> ResidentCodes:
+        """Train a codec on ``coll``'s first CODEC_TRAIN_IMAGES maps, then code every map, a batch at a time."""
+        from indexer.region_codec import RegionCodec
+
+        batches = coll.iter_feature_maps(batch=CODEC_TRAIN_IMAGES)
+        _, first = next(batches)
+        codec = RegionCodec.train(first.astype(np.float32), CODE_BYTES)
+        parts = [codec.encode(first)] + [codec.encode(maps) for _, maps in batches]
+        codes = torch.from_numpy(np.concatenate(parts)).to(device)
+        if len(codes) != coll.size:
+            raise ValueError(f"collection {coll.name!r}: coded {len(codes)} feature maps, expected {coll.size}")
+        return cls(coll.name, coll.generation, codec, codes)
+
+    def appended(self, coll, new_ids: np.ndarray) -> ResidentCodes:
+        """These codes plus those of ``new_ids`` (coded with this codec), for the snapshot ``coll``."""
+        added = self.codec.encode(coll.feature_maps(new_ids)) if len(new_ids) else np.zeros((0, CODE_BYTES), np.uint8)
+        codes = torch.cat([self.codes, torch.from_numpy(added).to(self.codes.device)])
+        return ResidentCodes(coll.name, coll.generation, self.codec, codes)
+
+    @staticmethod
+    def bytes_for(coll) -> int:
+        return coll.size * CODE_BYTES
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel()
+
+    def paired_misa(self, audio: Tensor, lengths: Tensor, positions: np.ndarray, valid: Tensor) -> Tensor:
+        """As ResidentMaps.paired_misa: (B, K) MISA of each caption against its own held images, -inf
+        where not ``valid``; one caption at a time (only its true frames)."""
+        rows = torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(self.codes.device)
+        scores = torch.cat([
+            self.codec.paired_misa(audio[b : b + 1, : int(lengths[b])], lengths[b : b + 1],
+                                   self.codes.index_select(0, rows[b])[None])
+            for b in range(len(rows))])
+        return scores.masked_fill(~valid.to(scores.device), float("-inf"))
+
+
+def held_for(coll, fits: Callable[[int], bool], device: torch.device | str) -> ResidentMaps | ResidentCodes | None:
+    """What of ``coll`` to hold in memory: its bfloat16 maps if they ``fits``, else its codes if they
+    do (and it has at least 2 images to train a codec on), else nothing (stage 2 reads the store)."""
+    if coll.size > 0 and fits(ResidentMaps.bytes_for(coll)):
+        return ResidentMaps.load(coll, device=device)
+    if coll.size >= 2 and fits(ResidentCodes.bytes_for(coll)):
+        return ResidentCodes.load(coll, device=device)
+    return None
+
+
 def misa_caption_by_caption(audio: Tensor, lengths: Tensor, read_maps: Callable[[int, np.ndarray], Tensor],
                             valid: np.ndarray, chunk: int = 128,
                             compute_dtype: torch.dtype = torch.bfloat16) -> Tensor:

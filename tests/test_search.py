@@ -36,6 +36,7 @@ from search.cli import query
 from search.client import PcmAudio, SearchClient, SearchServiceError, ServerUnreachable
 from search.engine import SearchEngine, SearchLimits
 from search.remote_eval import remote_recall
+from search.resident import CODE_BYTES
 from search.server import ServerOptions, ServerThread
 from search.vad import keep_speech
 from training.manifest import load_manifest
@@ -158,28 +159,36 @@ def test_two_stage_over_the_whole_collection_equals_exhaustive_misa_and_sisa(cli
         np.testing.assert_allclose(got_sisa, sisa_from_pooled[i, want].numpy(), rtol=1e-3, atol=1e-5)
 
 
-def test_resident_maps_rank_like_reading_the_store_and_return_exact_scores(checkpoint, data_dir, engine, model, val, tiny_corpus):
-    # bfloat16 over every candidate from memory, exact float32 over the best 10: the same top 5, same scores
+def test_resident_maps_and_codes_rank_like_reading_the_store_and_return_exact_scores(checkpoint, data_dir, engine,
+                                                                                     model, val, tiny_corpus):
+    # bfloat16 maps (or 2 KB codes, when the maps do not fit the budget) over every candidate from memory,
+    # exact float32 over the best 10: the same top 5, same scores
     coarse = SearchEngine.open(checkpoint, data_dir, device="cpu",
                                limits=SearchLimits(exact_rescore_at_least=10, exact_rescore_factor=2))
+    codes = SearchEngine.open(checkpoint, data_dir, device="cpu",
+                              limits=SearchLimits(exact_rescore_at_least=10, exact_rescore_factor=2,
+                                                  resident_maps_mb=0.5))
     from_store = SearchEngine.open(checkpoint, data_dir, device="cpu", limits=SearchLimits(resident_maps_mb=0))
     try:
-        assert coarse.warm_up() == [COLLECTION]
+        assert coarse.warm_up() == codes.warm_up() == [COLLECTION]
         size = coarse.collection(COLLECTION).size
         rows, cols = model.image_grid
         assert coarse.resident_bytes()[COLLECTION] == size * rows * cols * model.embed_dim * 2  # bfloat16
+        assert size * rows * cols * model.embed_dim * 2 > 0.5 * 2**20  # so the codes engine holds codes:
+        assert codes.resident_bytes()[COLLECTION] == size * CODE_BYTES
         from_store.warm_up()
         assert from_store.resident_bytes() == {}
         for entry in val.entries[:6]:
             data = val.audio_path(entry).read_bytes()
-            a = coarse.search(data, COLLECTION, top_k=5, candidates=size)
             b = from_store.search(data, COLLECTION, top_k=5, candidates=size)
-            assert a.candidates == b.candidates == size
-            assert [h.image_id for h in a.hits] == [h.image_id for h in b.hits]
-            np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits], rtol=1e-6)
+            for held in (coarse, codes):
+                a = held.search(data, COLLECTION, top_k=5, candidates=size)
+                assert a.candidates == b.candidates == size
+                assert [h.image_id for h in a.hits] == [h.image_id for h in b.hits]
+                np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits], rtol=1e-6)
     finally:
-        coarse.close()
-        from_store.close()
+        for opened in (coarse, codes, from_store):
+            opened.close()
 
 
 def test_candidates_are_bounded_but_an_exhaustive_search_stays_possible(checkpoint, data_dir, engine, val, monkeypatch):
@@ -238,28 +247,32 @@ def test_the_default_k_grows_with_the_collection(checkpoint, data_dir, engine, v
         SearchLimits(candidates_share=1.5)
 
 
+# codes: a codec learnt from 20 maps of this random-weight model codes the 16 added later too coarsely
+# to choose among them (docs/search.md, "drift"); here the codes' append is checked, not their ranking
+@pytest.mark.parametrize("resident_maps_mb, rescore", [(4096.0, 4), (0.3, 64)], ids=["maps", "codes"])
 def test_a_growing_collection_is_appended_to_and_other_changes_reopen_in_the_background(
-        checkpoint, model, val, tiny_corpus, tmp_path, monkeypatch):
+        checkpoint, model, val, tiny_corpus, tmp_path, monkeypatch, resident_maps_mb, rescore):
     """Images indexed while the engine serves a collection are appended to its open snapshot (stage-1
-    vectors, rows, resident maps; the collection is not opened again) and found; a removal reopens
-    the collection in a background thread while queries go on, then the new snapshot takes over."""
+    vectors, rows, resident maps or codes; the collection is not opened again) and found; a removal
+    reopens the collection in a background thread while queries go on, then the new snapshot takes over."""
     monkeypatch.setattr("search.engine.COLLECTION_REFRESH_SECONDS", 0.0)
     paths = image_paths(val, load_manifest(tiny_corpus / "train.json"))
     data = [val.audio_path(e).read_bytes() for e in val.entries[:3]]
     with Library.open(tmp_path / "lib", create=True) as writer:
         writer.index("live", [str(p) for p in paths[:20]], model, progress=False)
         engine = SearchEngine.open(checkpoint, tmp_path / "lib", device="cpu",
-                                   limits=SearchLimits(exact_rescore_at_least=4, exact_rescore_factor=1))
+                                   limits=SearchLimits(exact_rescore_at_least=rescore, exact_rescore_factor=1,
+                                                       resident_maps_mb=resident_maps_mb))
         reference = SearchEngine.open(checkpoint, tmp_path / "lib", device="cpu", limits=SearchLimits(resident_maps_mb=0))
         try:
             assert engine.search(data[0], "live", top_k=3).collection_size == 20
             before = engine.resident_bytes()["live"]
             opened = []
 
-            def slow_open(name, real=engine.library.collection):  # a reopen takes a while: queries must not wait
-                opened.append(name)
+            def slow_open(name, shard=None, real=engine.library.collection):  # a reopen takes a while:
+                opened.append(name)  # queries must not wait
                 time.sleep(3.0)  # longer than a query takes even on 2 busy cores
-                return real(name)
+                return real(name, shard)
 
             monkeypatch.setattr(engine.library, "collection", slow_open)
             writer.index("live", [str(p) for p in paths[20:]], model, batch_size=4, progress=False)
