@@ -144,6 +144,17 @@ class SearchResult:
 
 
 @dataclass
+class GroupAnswer:
+    """One query's answer from stages 1 and 2, before the batch's timings are added (SearchResult)."""
+
+    hits: list[Hit]
+    candidates: int  # stage-1 candidates re-ranked
+    collection_size: int
+    stage1_ms: float
+    stage2_ms: float
+
+
+@dataclass
 class ImageMap:
     """An image's feature map and the part of the source image it covers."""
 
@@ -294,9 +305,13 @@ class SearchEngine:
         self._collections.pop(name, None)
         self._resident.pop(name, None)
 
+    def _room_for(self, name: str) -> float:
+        """Bytes of the memory budget that other collections' held maps or codes leave to ``name``."""
+        return self.limits.resident_maps_mb * 2**20 - sum(r.nbytes for other, r in self._resident.items()
+                                                           if other != name)
+
     def _fits(self, name: str, nbytes: int) -> bool:
-        used = sum(r.nbytes for other, r in self._resident.items() if other != name)
-        return used + nbytes <= self.limits.resident_maps_mb * 2**20
+        return nbytes <= self._room_for(name)
 
     def _resident_for(self, coll: Collection) -> ResidentMaps | ResidentCodes | None:
         """What of ``coll`` to hold in memory beside other collections (``search.resident.held_for``):
@@ -322,10 +337,9 @@ class SearchEngine:
                 coll = self.library.collection(name, self.shard)
                 coll.check_model(self.model)
                 with self._lock:
-                    used = sum(r.nbytes for other, r in self._resident.items() if other != name)
-                budget = self.limits.resident_maps_mb * 2**20 - used
+                    room = self._room_for(name)
                 result: tuple[Collection, ResidentMaps | ResidentCodes | None] | Exception = (
-                    coll, held_for(coll, lambda nbytes: nbytes <= budget, self.device))
+                    coll, held_for(coll, lambda nbytes: nbytes <= room, self.device))
             except Exception as error:  # handed to the next query of this collection
                 result = error
             with self._lock:
@@ -477,37 +491,44 @@ class SearchEngine:
         for i, q in enumerate(queries):
             groups[(q.collection, q.candidates)].append(i)
         for (name, candidates), members in groups.items():
-            try:
-                coll = self.collection(name)
-                stage1_started = time.perf_counter()
-                stage1_scores, stage1_ids = coll.search_stage1(np.ascontiguousarray(pooled[members]), candidates)
-                stage1_ms = _ms_since(stage1_started)
-            except (LookupError, ValueError) as error:
-                for i in members:
-                    results[i] = error
-                continue
-            for i, outcome in zip(members, self._rerank_isolated(coll, audio, lengths, members, stage1_ids,
-                                                                 stage1_scores, queries), strict=True):
+            for i, outcome in zip(members, self._answer_group(name, candidates, audio, lengths, pooled, members,
+                                                              queries), strict=True):
                 if isinstance(outcome, Exception):
                     results[i] = outcome
                     continue
-                hits, reranked, stage2_ms = outcome
                 q = queries[i]
                 results[i] = SearchResult(
-                    hits=hits,
-                    collection_size=coll.size,
-                    candidates=reranked,
+                    hits=outcome.hits,
+                    collection_size=outcome.collection_size,
+                    candidates=outcome.candidates,
                     batch_size=len(queries),
                     audio_seconds=q.audio.seconds,
                     timings_ms={
                         "decode": q.audio.decode_ms,
                         "queue": 1000 * queue_seconds[i] if queue_seconds is not None else 0.0,
                         "encode": encode_ms,
-                        "stage1": stage1_ms,
-                        "stage2": stage2_ms,
+                        "stage1": outcome.stage1_ms,
+                        "stage2": outcome.stage2_ms,
                     },
                 )
         return results  # type: ignore[return-value]
+
+    def _answer_group(self, name: str, candidates: int, audio: Tensor, lengths: Tensor, pooled: np.ndarray,
+                      members: list[int], queries: Sequence[SearchQuery]) -> list[GroupAnswer | Exception]:
+        """Stages 1 and 2 for the queries ``members`` (rows of ``audio``, ``pooled``) that search
+        collection ``name`` with the same K: per member its answer, or the exception it alone raised
+        (``search.ray_serve.ShardedEngine`` answers the same on shards)."""
+        try:
+            coll = self.collection(name)
+            stage1_started = time.perf_counter()
+            stage1_scores, stage1_ids = coll.search_stage1(np.ascontiguousarray(pooled[members]), candidates)
+            stage1_ms = _ms_since(stage1_started)
+        except (LookupError, ValueError) as error:
+            return [error] * len(members)
+        return [outcome if isinstance(outcome, Exception) else GroupAnswer(outcome[0], outcome[1], coll.size,
+                                                                            stage1_ms, outcome[2])
+                for outcome in self._rerank_isolated(coll, audio, lengths, members, stage1_ids, stage1_scores,
+                                                     queries)]
 
     def _rerank_isolated(self, coll: Collection, audio: Tensor, lengths: Tensor, members: list[int],
                          ids: np.ndarray, stage1_scores: np.ndarray, queries: Sequence[SearchQuery]) -> list:
@@ -610,11 +631,14 @@ class SearchEngine:
     def indexed_image_map(self, collection: str, image_id: str | int) -> ImageMap:
         """The stored feature map of an indexed image (ImageNotFound, CollectionNotFound, InvalidQuery)."""
         coll, record = self.indexed_image(collection, image_id)
-        key = record.id
-        features = torch.from_numpy(np.asarray(coll.feature_maps([key]))[0]).float()
-        features = features.reshape(*coll.grid, -1).to(self.device)
+        return self._stored_image_map(coll.feature_maps([record.id])[0], coll.grid, record)
+
+    def _stored_image_map(self, features: np.ndarray, grid: tuple[int, int], record: ImageRecord) -> ImageMap:
+        """An indexed image's map as the store holds it (R, D) -> the ImageMap localization takes,
+        placed where the image branch saw the image (its centre crop)."""
         cfg = self.model.config.image
-        return ImageMap(features, center_crop_box(record.width, record.height, cfg.resize_size, cfg.input_size))
+        return ImageMap(torch.from_numpy(np.asarray(features)).float().reshape(*grid, -1).to(self.device),
+                        center_crop_box(record.width, record.height, cfg.resize_size, cfg.input_size))
 
     def sent_image_map(self, image_bytes: bytes) -> ImageMap:
         """The feature map of an image sent with a request, spanning the whole image (ImageDecodeError)."""

@@ -37,14 +37,13 @@ import torch
 from indexer import CollectionNotFound, ModelMismatchError, Shard
 from search.engine import (
     COLLECTION_REFRESH_SECONDS,
+    GroupAnswer,
     Hit,
     ImageMap,
     SearchEngine,
     SearchLimits,
     SearchQuery,
-    SearchResult,
     _ms_since,
-    center_crop_box,
     image_key,
 )
 from search.errors import ImageNotFound, InvalidQuery, ShardUnavailable
@@ -214,50 +213,24 @@ class ShardedEngine(SearchEngine):
         self._described[name] = (coll, now)
         return coll
 
-    def warm_up(self) -> list[str]:
-        names = [info.name for info, searchable in self.list_collections() if searchable]
-        for name in names:
-            self.collection(name)
-        return names
-
     def resident_bytes(self) -> dict[str, int]:
         """Collection name -> bytes of its feature maps the shards hold in memory (as last described)."""
         return {name: coll.resident_bytes for name, (coll, _) in self._described.items() if coll.resident_bytes}
 
-    @torch.inference_mode()
-    def search_batch(self, queries: Sequence[SearchQuery],
-                     queue_seconds: Sequence[float] | None = None) -> list[SearchResult | Exception]:
-        started = time.perf_counter()
-        audio, lengths = self.encode([q.audio.logmel for q in queries])
-        pooled = self.model.stage1_audio_vectors(audio, lengths).cpu().numpy()
-        audio, lengths = audio.float().cpu().numpy(), lengths.cpu().numpy()
-        encode_ms = _ms_since(started)
-        results: list[SearchResult | Exception | None] = [None] * len(queries)
-        groups: dict[tuple[str, int], list[int]] = {}
-        for i, q in enumerate(queries):
-            groups.setdefault((q.collection, q.candidates), []).append(i)
-        for (name, k), members in groups.items():
-            try:
-                answers, size, stage1_ms, stage2_ms = self._search_group(
-                    name, k, audio[members], lengths[members], pooled[members], [queries[i].top_k for i in members])
-            except (LookupError, ValueError, ShardUnavailable) as error:
-                for i in members:
-                    results[i] = error
-                continue
-            for i, (hits, scored) in zip(members, answers, strict=True):
-                q = queries[i]
-                results[i] = SearchResult(
-                    hits=hits, collection_size=size, candidates=scored, batch_size=len(queries),
-                    audio_seconds=q.audio.seconds,
-                    timings_ms={"decode": q.audio.decode_ms,
-                                "queue": 1000 * queue_seconds[i] if queue_seconds is not None else 0.0,
-                                "encode": encode_ms, "stage1": stage1_ms, "stage2": stage2_ms})
-        return results  # type: ignore[return-value]
+    def _answer_group(self, name: str, candidates: int, audio: torch.Tensor, lengths: torch.Tensor,
+                      pooled: np.ndarray, members: list[int], queries: Sequence[SearchQuery]
+                      ) -> list[GroupAnswer | Exception]:
+        """Both rounds on the shards for the queries ``members`` (module docstring); an error of the
+        group (an unknown collection, a shard that stays away) is every member's."""
+        try:
+            return self._on_shards(name, candidates, audio[members].float().cpu().numpy(),
+                                   lengths[members].cpu().numpy(), pooled[members],
+                                   [queries[i].top_k for i in members])
+        except (LookupError, ValueError, ShardUnavailable) as error:
+            return [error] * len(members)
 
-    def _search_group(self, name: str, k: int, audio: np.ndarray, lengths: np.ndarray, pooled: np.ndarray,
-                      top_ks: list[int]) -> tuple[list[tuple[list[Hit], int]], int, float, float]:
-        """Both rounds for the queries of one collection and K: per query (hits, candidates scored),
-        the collection's size, and the two rounds' milliseconds."""
+    def _on_shards(self, name: str, k: int, audio: np.ndarray, lengths: np.ndarray, pooled: np.ndarray,
+                   top_ks: list[int]) -> list[GroupAnswer]:
         started = time.perf_counter()
         replies = self._ask("stage1", [(name, pooled, k)] * self.shards)
         size = sum(r["size"] for r in replies)
@@ -284,11 +257,12 @@ class ShardedEngine(SearchEngine):
                 shard_ids[b, : row.size], shard_scores[b, : row.size] = ids[b, row], scores[b, row]
             calls.append((name, audio[:, :longest], lengths, shard_ids, shard_scores, top_ks))
         hits_by_shard = [r["hits"] for r in self._ask("rerank", calls) if r is not None]
+        stage2_ms = _ms_since(started)
         answers = []
         for b, top_k in enumerate(top_ks):
             merged = sorted((Hit(**h) for shard in hits_by_shard for h in shard[b]), key=lambda h: -h.score)
-            answers.append((merged[:top_k], int(scored[b])))
-        return answers, size, stage1_ms, _ms_since(started)
+            answers.append(GroupAnswer(merged[:top_k], int(scored[b]), size, stage1_ms, stage2_ms))
+        return answers
 
     def indexed_image(self, collection: str, image_id: str | int):  # type: ignore[override]
         reply = self._image(collection, image_id)
@@ -297,9 +271,7 @@ class ShardedEngine(SearchEngine):
 
     def indexed_image_map(self, collection: str, image_id: str | int) -> ImageMap:
         reply = self._image(collection, image_id)
-        record, cfg = reply["record"], self.model.config.image
-        features = torch.from_numpy(np.asarray(reply["features"])).float().reshape(*reply["grid"], -1).to(self.device)
-        return ImageMap(features, center_crop_box(record.width, record.height, cfg.resize_size, cfg.input_size))
+        return self._stored_image_map(reply["features"], reply["grid"], reply["record"])
 
     def _image(self, collection: str, image_id: str | int) -> dict:
         key = image_key(collection, image_id)
