@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SCENES as COLLECTION
+from test_serve_lifecycle import free_port
 
 from search.client import SearchClient
 from search.engine import SearchEngine
@@ -29,12 +29,6 @@ from search.server import ServerThread
 pytest.importorskip("ray")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -376,7 +376,7 @@ def combine_manifests(manifests: list[Manifest]) -> Manifest:
         return manifests[0]
     image_base = Path(os.path.commonpath([m.image_base_path for m in manifests]))
     audio_base = Path(os.path.commonpath([m.audio_base_path for m in manifests]))
-    seen = Counter(e.uttid for m in manifests for e in {e.uttid: e for e in m.entries}.values())
+    seen = Counter(uttid for m in manifests for uttid in {e.uttid for e in m.entries})  # in how many manifests
     entries = []
     for position, manifest in enumerate(manifests):
         for entry in manifest.entries:
