@@ -46,7 +46,7 @@ def _stub_versions() -> tuple[str, str]:
 
 
 def _declared_floors() -> dict[str, tuple[str, str | None]]:
-    """Each runtime dependency of pyproject.toml -> (its >= floor, its < ceiling or None)."""
+    """Each runtime dependency of pyproject.toml -> (its >= floor or == pin, its < ceiling or None)."""
     import tomllib
 
     from packaging.requirements import Requirement
@@ -56,7 +56,7 @@ def _declared_floors() -> dict[str, tuple[str, str | None]]:
     for line in project["dependencies"]:
         requirement = Requirement(line)
         bounds = {s.operator: s.version for s in requirement.specifier}
-        floors[requirement.name] = (bounds.get(">="), bounds.get("<"))
+        floors[requirement.name] = (bounds.get(">=", bounds.get("==")), bounds.get("<"))
     return floors
 
 
@@ -74,6 +74,18 @@ def test_pyproject_floors_are_the_versions_the_stubs_require():
     )
     major = int(protobuf_version.split(".")[0])
     assert floors["protobuf"][1] == f"{major + 1}", f"protobuf needs the ceiling <{major + 1} (the stubs' major)"
+
+
+def test_the_stub_generator_is_pinned_exactly():
+    """Each grpcio-tools release stamps its version into the stubs: a floor would let CI install a newer
+    one from PyPI whose fresh generation differs from the committed stubs (it did, with 1.85.4)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    tools = next(Requirement(line) for line in project["dependencies"] if line.startswith("grpcio-tools"))
+    assert [s.operator for s in tools.specifier] == ["=="], f"pin grpcio-tools exactly, not {tools.specifier}"
 
 
 def test_installed_grpc_and_protobuf_satisfy_the_floors():
