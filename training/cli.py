@@ -165,6 +165,12 @@ def _load_manifests_or_exit(paths: tuple[str, ...], skip_bad: bool):
 @click.option("--augment", default="speed,noise,vtlp,specaugment",
               help="Comma-separated: speed, noise, reverb, eq, vtlp, specaugment; or none. The default is "
                    "the shipped model's set: what paid on unheard engines and noisy recordings (docs/model.md).")
+@click.option("--tagger", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A `matchmap pretrain-images` run's last.pt: it tags every training image, and the audio "
+                   "branch also learns to predict those tags from the speech alone (visually grounded keyword "
+                   "targets; no transcript is read). Resume such a run with the same --tagger.")
+@click.option("--tag-weight", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="With --tagger: the weight of the tag loss beside the matchmap loss.")
 @click.option("--seed", type=int, default=0,
               help="Seed of initialization, batch order and augmentation: the same seed repeats a run.")
 @click.option("--max-minutes", type=float, default=None, help="Stop after the epoch that crosses this wall-clock budget.")
@@ -187,7 +193,7 @@ def _load_manifests_or_exit(paths: tuple[str, ...], skip_bad: bool):
 @quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON (and no progress bars).")
 def train(train_paths, val_path, out_dir, model, checkpoint, loss, epochs, batch_size, lr, image_lr_scale, sisa_weight,
-          augment, seed, max_minutes, eval_every, device, workers, precision, bucket_by_length, resume, skip_bad, quiet, as_json):
+          augment, tagger, tag_weight, seed, max_minutes, eval_every, device, workers, precision, bucket_by_length, resume, skip_bad, quiet, as_json):
     """Train a matchmap model on spoken captions and their images.
 
     Evaluates recall@1/5/10 on --val after every epoch (or every --eval-every epochs), keeps the best
@@ -206,7 +212,7 @@ def train(train_paths, val_path, out_dir, model, checkpoint, loss, epochs, batch
         model = str(checkpoint)
     cfg = TrainConfig(model=model, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr,
                       image_lr_scale=image_lr_scale, sisa_weight=sisa_weight,
-                      augment=augment, seed=seed, max_minutes=max_minutes, device=device, num_workers=workers,
+                      augment=augment, tagger=tagger, tag_weight=tag_weight, seed=seed, max_minutes=max_minutes, device=device, num_workers=workers,
                       bucket_by_length=bucket_by_length, precision=precision, eval_every=eval_every)
     from encoders.precision import bf16_training_warning
 

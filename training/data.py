@@ -75,8 +75,9 @@ class CaptionedImages(Dataset):
             if path not in decoded:
                 decoded[path] = load_image(path).copy()
             self.images.append(decoded[path])
-        # (N,) long: the image of each pair; pairs sharing a value are captions of one image
-        self.image_groups = image_groups([manifest.image_path(e) for e in entries])[1]
+        # image_groups (N,) long: the image of each pair; pairs sharing a value are captions of one image;
+        # image_representatives: for each image (group), the index of its first pair
+        self.image_representatives, self.image_groups = image_groups([manifest.image_path(e) for e in entries])
 
     def __len__(self) -> int:
         return len(self.waveforms)

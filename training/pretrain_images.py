@@ -40,7 +40,7 @@ from tqdm import tqdm
 from encoders import create_model, load_checkpoint, save_checkpoint
 from encoders.frontend import ImageFrontEnd
 from training.objects_world import random_object_scene
-from training.train import warmup_cosine
+from training.schedules import warmup_cosine
 from training.vocabulary import load_vocabulary
 
 LSE_SHARPNESS = 5.0  # r of the log-sum-exp pooling: 0 -> mean over regions, infinity -> max

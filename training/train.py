@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -30,6 +29,8 @@ from training.data import Batch, CaptionedImages, LengthBucketBatchSampler, coll
 from training.evaluate import embed_pairs, evaluate_embeddings, format_table, manifest_images, mean_r10
 from training.losses import make_loss
 from training.manifest import Manifest
+from training.schedules import warmup_cosine
+from training.visual_tags import ImageTagger, SpeechTagHead, entropy_bits, soft_tag_loss
 
 
 @dataclass
@@ -59,6 +60,10 @@ class TrainConfig:
     max_minutes: float | None = None  # wall-clock budget: the run stops after the epoch that crosses it
     eval_every: int = 1  # evaluate on val after every N-th epoch, and always after the last one
     device: str = "auto"
+    # visually grounded keyword targets (training.visual_tags): a `matchmap pretrain-images` last.pt
+    # tags every training image, and the audio branch learns to predict those tags from the speech
+    tagger: str | None = None
+    tag_weight: float = 1.0
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -73,13 +78,16 @@ class PairObjective(nn.Module):
     loss, so each score kind has its own temperature where the loss has one.
     """
 
-    def __init__(self, model: nn.Module, loss: nn.Module, sisa_weight: float) -> None:
+    def __init__(self, model: nn.Module, loss: nn.Module, sisa_weight: float, tag_head: nn.Module | None = None,
+                 tag_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.loss = loss
         # (None without a SISA term: DistributedDataParallel refuses parameters that never get a gradient)
         self.sisa_loss = copy.deepcopy(loss) if sisa_weight > 0 else None
         self.sisa_weight = sisa_weight
+        self.tag_head = tag_head  # training.visual_tags.SpeechTagHead, or None
+        self.tag_weight = tag_weight
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -96,20 +104,28 @@ class PairObjective(nn.Module):
             self.model.image_net.eval()  # a frozen branch keeps its BatchNorm statistics too
         return self
 
-    def scores(self, images: torch.Tensor, logmel: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _encode(self, images: torch.Tensor, logmel: torch.Tensor, lengths: torch.Tensor):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.image_frozen):
             image_maps = self.model.encode_images(images)
         audio, out_lengths = self.model.encode_audio(logmel, lengths)
+        return image_maps, audio, out_lengths
+
+    def scores(self, images: torch.Tensor, logmel: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        image_maps, audio, out_lengths = self._encode(images, logmel, lengths)
         return score_matrix(audio, out_lengths, image_maps, kinds=self.kinds)
 
     def forward(self, images: torch.Tensor, logmel: torch.Tensor, lengths: torch.Tensor,
-                groups: torch.Tensor | None = None) -> torch.Tensor:
+                groups: torch.Tensor | None = None, tag_targets: torch.Tensor | None = None) -> torch.Tensor:
         """The batch's loss; ``groups`` (B,) names each pair's image, so captions of one image are no
-        negatives of each other (``training.losses.negatives_mask``)."""
-        scores = self.scores(images, logmel, lengths)
+        negatives of each other (``training.losses.negatives_mask``); ``tag_targets`` (B, C) are the
+        tagger's distributions over each pair's image, which the tag head predicts from the speech."""
+        image_maps, audio, out_lengths = self._encode(images, logmel, lengths)
+        scores = score_matrix(audio, out_lengths, image_maps, kinds=self.kinds)
         total = self.loss(scores["misa"], groups=groups)
         if self.sisa_weight > 0:
             total = total + self.sisa_weight * self.sisa_loss(scores["sisa"], groups=groups)
+        if self.tag_head is not None and tag_targets is not None:
+            total = total + self.tag_weight * soft_tag_loss(self.tag_head(audio, out_lengths), tag_targets)
         return total
 
     @torch.no_grad()
@@ -167,17 +183,6 @@ def _check_finite(model: nn.Module, what: str) -> None:
                                f"{', ...' if len(bad) > 3 else ''}); last.pt and best.pt keep the last finite epoch")
 
 
-def warmup_cosine(warmup: int, total: int):
-    """LambdaLR factor: linear warm-up over ``warmup`` steps, then a cosine decay to 0 at step ``total``."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, out_dir: str | Path, *,
           resume: str | Path | None = None, progress: bool = True) -> dict:
     """Train, evaluating on ``val_manifest`` after every epoch; returns the run summary.
@@ -211,10 +216,20 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
     if cfg.image_lr_scale == 0:
         model.image_net.requires_grad_(False)
     loss_fn = make_loss(cfg.loss, **({"margin": cfg.margin} if cfg.loss == "margin" else {}))
-    objective = PairObjective(model, loss_fn, cfg.sisa_weight).to(device)
-
     augment = AugmentConfig.from_names(cfg.augment)
     train_set = CaptionedImages(train_manifest, model, train=True, augment=augment, progress=progress and main_process)
+    tag_head, image_tags = None, None
+    if cfg.tagger:
+        tagger = ImageTagger(cfg.tagger)
+        representatives = train_set.image_representatives
+        image_tags = tagger.tag([train_set.images[i] for i in representatives]).to(device)  # (images, C)
+        tag_head = SpeechTagHead(model.embed_dim, tagger.categories)
+        if main_process and progress:
+            tqdm.write(f"tagged {len(representatives)} training images with {cfg.tagger} "
+                       f"(mean entropy {entropy_bits(image_tags):.2f} bits over {tagger.categories} categories)")
+        del tagger
+    objective = PairObjective(model, loss_fn, cfg.sisa_weight, tag_head, cfg.tag_weight).to(device)
+
     val_set = CaptionedImages(val_manifest, model, train=False, progress=progress and main_process) if main_process else None
     if cfg.bucket_by_length:
         sampler = LengthBucketBatchSampler(train_set.caption_samples, cfg.batch_size, seed=cfg.seed, rank=rank,
@@ -241,6 +256,12 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.epochs * steps_per_epoch))
     start_epoch, step, best, history = 0, 0, -1.0, []
     if state is not None:
+        tag_head_state = state["extra"].get("tag_head_state")
+        if (tag_head is None) != (tag_head_state is None):
+            raise ValueError(f"{resume} was trained {'with' if tag_head_state is not None else 'without'} --tagger: "
+                             "resume it the same way")
+        if tag_head is not None:
+            tag_head.load_state_dict(tag_head_state)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         loss_fn.load_state_dict(state["extra"]["loss_state"])
@@ -285,7 +306,9 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
         for batch in bar:
             batch: Batch = batch.to(device)
             with autocast():
-                loss = trainable(batch.images, batch.logmel, batch.lengths, train_set.image_groups[batch.indices])
+                groups = train_set.image_groups[batch.indices]
+                tags = image_tags[groups.to(device)] if image_tags is not None else None
+                loss = trainable(batch.images, batch.logmel, batch.lengths, groups, tags)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in objective.parameters() if p.requires_grad], 10.0)
@@ -337,6 +360,7 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
                 best = score
             extra = {"train_config": asdict(cfg), "loss_state": loss_fn.state_dict(),
                      "sisa_loss_state": objective.sisa_loss.state_dict() if objective.sisa_loss else None,
+                     "tag_head_state": tag_head.state_dict() if tag_head is not None else None,
                      "history": history, "best_mean_r10": best, "val_result": last_result}
             save_checkpoint(out_dir / "last.pt", model, optimizer=optimizer, scheduler=scheduler, step=step,
                             epoch=epoch + 1, extra=extra)
