@@ -38,7 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
-from indexer import stage1_index
+from indexer import code_store, stage1_index
 from indexer.catalog import (
     STATUS_FAILED,
     STATUS_INDEXED,
@@ -411,6 +411,30 @@ class Collection:
         for start in range(0, len(ids), batch):
             yield ids[start : start + batch], self.store.read_maps(slots[start : start + batch])
 
+    def region_codes(self) -> tuple[Any, np.ndarray]:
+        """Every indexed image's region codes (N, code_store.CODE_BYTES) uint8 in id order, and their
+        codec (``indexer.region_codec.RegionCodec``): read from the codes the indexer wrote beside the
+        store; images indexed since are coded here, in memory. Where the indexer wrote none (a
+        collection indexed before codes existed), a codec is trained on maps spread over the
+        collection and every map is coded (reading them all). Nothing is written."""
+        ids, slots = self._table.arrays()
+        files = code_store.CodeFile(self.store.folder)
+        meta = files.meta()
+        if meta is not None:
+            codec, rows = files.codec(meta), files.rows(meta)
+        else:
+            sample = np.sort(slots)[code_store.spread(len(slots), code_store.CODEC_TRAIN_IMAGES)]
+            codec, rows = code_store.train_codec(self.store.read_maps(sample)), 0
+        codes = np.empty((len(ids), code_store.CODE_BYTES), np.uint8)
+        written = slots < rows
+        if meta is not None and written.any():
+            codes[written] = files.read(meta, slots[written])
+        missing = np.flatnonzero(~written)
+        for start in range(0, len(missing), code_store.CODE_BATCH):
+            chunk = missing[start : start + code_store.CODE_BATCH]
+            codes[chunk] = codec.encode(self.store.read_maps(slots[chunk]))
+        return codec, codes
+
     def images(self, image_ids: Sequence[int]) -> list[ImageRecord]:
         """The catalog rows of ``image_ids``, in the order asked, in one query; KeyError for unknown ids."""
         ids = [int(i) for i in image_ids]
@@ -585,7 +609,8 @@ class Library:
                     model_version=row.model_version,
                     bytes=int(catalog_share)
                     + (stage1_file.stat().st_size if stage1_file else 0)
-                    + (store.bytes_on_disk() if store.folder.exists() else 0),
+                    + (store.bytes_on_disk() + code_store.CodeFile(store.folder).bytes_on_disk()
+                       if store.folder.exists() else 0),
                     index_type=row.index_type,
                     index_params=dict(row.index_params),
                     embed_dim=row.embed_dim,
@@ -942,6 +967,13 @@ class Library:
                 _copy_state(stored, row)
             collection._index = index
         self._save_current(collection)
+        self._update_codes(collection)
+
+    @staticmethod
+    def _update_codes(collection: Collection) -> None:
+        """Region codes for every slot of the store (``indexer.code_store``), so that a server opening
+        the collection reads 2 KB per image instead of coding every map."""
+        code_store.bring_up_to_date(collection.store, collection._row.next_slot, collection._table.arrays()[1])
 
     def _sweep_strays(self, collection: Collection) -> None:
         """Delete leftovers of interrupted writes: store folders the catalog does not point at."""
@@ -1026,6 +1058,7 @@ class Library:
         collection._table.set_slots(new_slots)
         shutil.rmtree(old.folder, ignore_errors=True)
         self._save_current(collection)
+        self._update_codes(collection)
         return before - target.bytes_on_disk()
 
     def remove_collection(self, name: str) -> None:

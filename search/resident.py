@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from encoders.matchmap import paired_misa, score_matrix
+from indexer.code_store import CODE_BYTES  # compressed maps, written by the indexer beside the store
 
 
 @dataclass
@@ -96,9 +97,6 @@ class ResidentMaps:
         return scores.masked_fill(~valid.to(scores.device), float("-inf"))
 
 
-# Compressed maps (indexer.region_codec): bytes per image, and how many of a collection's maps train its codec.
-CODE_BYTES = 2048
-CODEC_TRAIN_IMAGES = 1024
 
 
 @dataclass
@@ -117,17 +115,12 @@ class ResidentCodes:
 
     @classmethod
     def load(cls, coll, *, device: torch.device | str = "cpu") -> ResidentCodes:
-        """Train a codec on ``coll``'s first CODEC_TRAIN_IMAGES maps, then code every map, a batch at a time."""
-        from indexer.region_codec import RegionCodec
-
-        batches = coll.iter_feature_maps(batch=CODEC_TRAIN_IMAGES)
-        _, first = next(batches)
-        codec = RegionCodec.train(first.astype(np.float32), CODE_BYTES)
-        parts = [codec.encode(first)] + [codec.encode(maps) for _, maps in batches]
-        codes = torch.from_numpy(np.concatenate(parts)).to(device)
+        """``coll``'s codes as the indexer wrote them (``Collection.region_codes``; images indexed since
+        are coded in memory)."""
+        codec, codes = coll.region_codes()
         if len(codes) != coll.size:
-            raise ValueError(f"collection {coll.name!r}: coded {len(codes)} feature maps, expected {coll.size}")
-        return cls(coll.name, coll.generation, codec, codes)
+            raise ValueError(f"collection {coll.name!r}: {len(codes)} region codes, expected {coll.size}")
+        return cls(coll.name, coll.generation, codec, torch.from_numpy(codes).to(device))
 
     def appended(self, coll, new_ids: np.ndarray) -> ResidentCodes:
         """These codes plus those of ``new_ids`` (coded with this codec), for the snapshot ``coll``."""

@@ -1,0 +1,143 @@
+"""Region codes written at indexing time (indexer.code_store): read at open, never recomputed from every map."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from encoders import create_model
+from indexer import Library, code_store
+from indexer.code_store import CODE_BYTES, CodeFile
+from indexer.feature_store import FeatureStore
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("tiny").eval()
+
+
+def scene_like_maps(model, count: int, first: int) -> tuple[list, np.ndarray, np.ndarray]:
+    """``count`` add_embedded records and maps, numbered from ``first``: a few shared 'objects' placed
+    at random regions over a smooth background, so the maps have the structure a codec learns."""
+    rows, cols = model.image_grid
+    dim = model.embed_dim
+    objects = np.random.default_rng(7).standard_normal((12, dim)).astype(np.float32)
+    rng = np.random.default_rng(first)
+    maps = 0.3 * rng.standard_normal((count, rows * cols, dim)).astype(np.float32)
+    for m in maps:
+        for region in rng.integers(0, rows * cols, 3):
+            m[region] += 2.0 * objects[rng.integers(len(objects))]
+    records = [(f"img-{first + i}.png", hashlib.sha256(f"{first + i}".encode()).hexdigest(), 64, 64)
+               for i in range(count)]
+    maps16 = maps.astype(np.float16)
+    return records, maps16, maps16.astype(np.float32).mean(axis=1)
+
+
+def add(library: Library, model, count: int, first: int) -> None:
+    library.add_embedded("c", model, [scene_like_maps(model, count, first)], progress=False)
+
+
+def expected_codes(coll, codec) -> np.ndarray:
+    return np.concatenate([codec.encode(maps) for _, maps in coll.iter_feature_maps()])
+
+
+def test_indexing_writes_codes_that_open_reads_without_reading_a_map(tmp_path, model, monkeypatch):
+    with Library.open(tmp_path, create=True) as library:
+        add(library, model, 40, 0)
+        coll = library.collection("c")
+        files = CodeFile(coll.store.folder)
+        meta = files.meta()
+        assert meta is not None and meta["trained_on"] == 40 and files.rows(meta) == 40
+        assert files.bytes_on_disk() > 40 * CODE_BYTES
+        codec = files.codec(meta)
+        want = expected_codes(coll, codec)
+
+        def no_map_reads(*args, **kwargs):
+            raise AssertionError("opening read a feature map although every image has written codes")
+
+        monkeypatch.setattr(FeatureStore, "read_maps", no_map_reads)
+        codec_read, codes = library.collection("c").region_codes()
+        np.testing.assert_array_equal(codes, want)  # in id order, as ResidentCodes holds them
+        assert codes.shape == (40, CODE_BYTES)
+
+
+def test_a_torn_tail_is_coded_in_memory_at_open_and_completed_by_the_next_index_run(tmp_path, model):
+    with Library.open(tmp_path, create=True) as library:
+        add(library, model, 30, 0)
+        coll = library.collection("c")
+        files = CodeFile(coll.store.folder)
+        meta = files.meta()
+        want = expected_codes(coll, files.codec(meta))
+        path = coll.store.folder / f"codes-{meta['tag']}.u8"
+        with open(path, "r+b") as f:  # a crash while appending: 20 whole records and part of one
+            f.truncate(20 * CODE_BYTES + 100)
+        assert files.rows(meta) == 20
+        np.testing.assert_array_equal(library.collection("c").region_codes()[1], want)
+        add(library, model, 5, 1000)  # grows by less than double: same codec, the tail and the new slots coded
+        after = files.meta()
+        assert after["tag"] == meta["tag"] and files.rows(after) == 35
+        coll = library.collection("c")
+        np.testing.assert_array_equal(files.read(after, np.arange(35)), expected_codes(coll, files.codec(after)))
+
+
+def test_the_codec_is_trained_again_when_the_collection_doubles_and_old_files_go(tmp_path, model):
+    with Library.open(tmp_path, create=True) as library:
+        add(library, model, 20, 0)
+        folder = library.collection("c").store.folder
+        first = CodeFile(folder).meta()
+        add(library, model, 10, 500)  # 30 < 2 x 20: kept
+        assert CodeFile(folder).meta()["tag"] == first["tag"]
+        add(library, model, 15, 900)  # 45 >= 2 x 20: trained again on maps spread over all 45
+        second = CodeFile(folder).meta()
+        assert second["tag"] != first["tag"] and second["trained_on"] == 45
+        assert sorted(p.name for p in folder.glob("code*")) == sorted(
+            ["codes.json", f"codec-{second['tag']}.npz", f"codes-{second['tag']}.u8"])
+        coll = library.collection("c")
+        np.testing.assert_array_equal(coll.region_codes()[1], expected_codes(coll, CodeFile(folder).codec(second)))
+
+
+def test_compaction_writes_codes_for_the_new_store(tmp_path, model):
+    with Library.open(tmp_path, create=True) as library:
+        add(library, model, 24, 0)
+        coll = library.collection("c")
+        old_folder = coll.store.folder
+        ids = coll.ids()
+        coll.remove_images(ids[::3].tolist() + ids[1::3].tolist())  # two thirds: compacts
+        coll = library.collection("c")
+        assert coll.store.folder != old_folder and not old_folder.exists()
+        files = CodeFile(coll.store.folder)
+        meta = files.meta()
+        assert meta is not None and files.rows(meta) == coll.size == 8
+        np.testing.assert_array_equal(coll.region_codes()[1], expected_codes(coll, files.codec(meta)))
+
+
+def test_a_collection_without_written_codes_is_coded_at_open(tmp_path, model):
+    with Library.open(tmp_path, create=True) as library:
+        add(library, model, 12, 0)
+        coll = library.collection("c")
+        for path in coll.store.folder.glob("code*"):
+            path.unlink()  # as a collection indexed before codes existed
+        codec, codes = library.collection("c").region_codes()
+        np.testing.assert_array_equal(codes, expected_codes(coll, codec))
+        assert not list(coll.store.folder.glob("code*")), "a reader writes nothing"
+
+
+def test_spread_takes_distinct_positions_across_the_whole_range():
+    assert code_store.spread(5, 1024).tolist() == [0, 1, 2, 3, 4]
+    picks = code_store.spread(10_000, 1024)
+    assert len(picks) == 1024 and picks[0] == 0 and picks[-1] == 9_999 and np.all(np.diff(picks) > 0)
+
+
+def test_codes_follow_each_image_to_its_slot_across_holes(tmp_path, model):
+    with Library.open(tmp_path, create=True) as library:
+        add(library, model, 20, 0)
+        coll = library.collection("c")
+        coll.remove_images(coll.ids()[[0, 3, 4, 11]].tolist())  # holes, too few to compact
+        coll = library.collection("c")
+        assert coll.size == 16
+        files = CodeFile(coll.store.folder)
+        np.testing.assert_array_equal(coll.region_codes()[1], expected_codes(coll, files.codec(files.meta())))
