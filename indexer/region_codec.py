@@ -83,13 +83,15 @@ class RegionCodec:
         n, r, d = maps.shape
         if not 1 <= bytes_per_image <= r * d:
             raise ValueError(f"bytes_per_image must lie in 1..{r * d} (8 bits per value), got {bytes_per_image}")
-        mean = maps.reshape(-1, d).mean(0)
-        centred = maps - mean
-        dims = _principal_axes(np.einsum("nrd,nre->de", centred, centred))
-        rotated = centred @ dims
-        regions = _principal_axes(np.einsum("nrd,nsd->rs", rotated, rotated))
-        coefficients = np.einsum("rs,nrd->nsd", regions, rotated)  # P^T (X - mu) V
-        variance = (coefficients**2).mean(0)
+        # every product as one 2-D matrix product (numpy's stacked 3-D matmul and einsum are far slower)
+        centred = maps.reshape(-1, d)
+        mean = centred.mean(0)
+        centred = centred - mean
+        dims = _principal_axes(centred.T @ centred)
+        by_region = (centred @ dims).reshape(n, r, d).transpose(1, 0, 2).reshape(r, n * d)  # (R, N*D)
+        regions = _principal_axes(by_region @ by_region.T)
+        coefficients = (regions.T @ by_region).reshape(r, n, d)  # P^T (X - mu) V, region-major
+        variance = (coefficients**2).mean(1)
         bits = _allocate(variance.reshape(-1), 8 * bytes_per_image).reshape(r, d)
         std = np.sqrt(variance)
         clip = np.vectorize(lambda b: CLIP_SIGMAS.get(int(b), 0.0))(bits)
@@ -101,24 +103,30 @@ class RegionCodec:
 
     # ---- coding -------------------------------------------------------------------------------
 
-    def encode(self, maps: np.ndarray) -> np.ndarray:
-        """maps (N, R, D) float -> codes (N, bytes_per_image) uint8."""
-        maps = np.asarray(maps, dtype=np.float32)
+    def encode(self, maps: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        """maps (N, R, D) float -> codes (N, bytes_per_image) uint8 (torch on the CPU, ``chunk`` maps at a time)."""
+        maps = np.asarray(maps)
         if maps.ndim != 3 or maps.shape[1:] != self.shape:
             raise ValueError(f"maps must be (N, {self.shape[0]}, {self.shape[1]}), got {maps.shape}")
-        n = maps.shape[0]
-        coefficients = np.einsum("rs,nrd->nsd", self.regions, (maps - self.mean) @ self.dims).reshape(n, -1)
-        low, step = self.low.reshape(-1), self.step.reshape(-1)
-        parts = []
-        for b, where, nbytes in self._groups:
-            levels = np.floor((coefficients[:, where] - low[where]) / step[where])
-            codes = np.clip(levels, 0, 2**b - 1).astype(np.uint8)
-            per = 8 // b
-            padded = np.zeros((n, nbytes * per), np.uint8)
-            padded[:, : codes.shape[1]] = codes
-            shifts = (np.arange(per, dtype=np.uint8) * b).astype(np.uint8)
-            parts.append(np.bitwise_or.reduce(padded.reshape(n, nbytes, per) << shifts, axis=2).astype(np.uint8))
-        return np.concatenate(parts, axis=1) if parts else np.zeros((n, 0), np.uint8)
+        n, r, d = maps.shape
+        t = self._tensors(torch.device("cpu"))
+        out = np.empty((n, self.bytes_per_image), np.uint8)
+        for start in range(0, n, chunk):
+            x = torch.from_numpy(np.ascontiguousarray(maps[start : start + chunk])).float()
+            m = len(x)
+            rotated = ((x.reshape(-1, d) - t["mean"]) @ t["dims"]).reshape(m, r, d)
+            coefficients = torch.matmul(t["regions"].T, rotated).reshape(m, -1)  # P^T (X - mu) V
+            column = 0
+            for (b, where, nbytes), (index, low, step) in zip(self._groups, t["encode_groups"], strict=True):
+                levels = ((coefficients[:, index] - low) / step).floor_().clamp_(0, 2**b - 1).to(torch.uint8)
+                per = 8 // b
+                padded = torch.zeros((m, nbytes * per), dtype=torch.int32)
+                padded[:, : len(where)] = levels
+                shifts = torch.arange(per, dtype=torch.int32) * b
+                packed = (padded.reshape(m, nbytes, per) << shifts).sum(dim=2).to(torch.uint8)
+                out[start : start + m, column : column + nbytes] = packed.numpy()
+                column += nbytes
+        return out
 
     def decode(self, codes: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """codes (N, bytes_per_image) uint8 on any device -> maps (N, R, D) in ``dtype`` on that device."""
@@ -180,6 +188,12 @@ class RegionCodec:
             kept = np.flatnonzero(self.bits.any(axis=0))  # dims that carry bits in some region
             cached = {
                 "mean": torch.from_numpy(self.mean).to(device),
+                "dims": torch.from_numpy(self.dims).to(device),
+                # encode: per width, its coefficients (flat indices) with their quantizers' low and step
+                "encode_groups": [(torch.from_numpy(where).to(device),
+                                   torch.from_numpy(self.low.reshape(-1)[where]).to(device),
+                                   torch.from_numpy(self.step.reshape(-1)[where]).to(device))
+                                  for _, where, _ in self._groups],
                 "dims_kept": torch.from_numpy(np.ascontiguousarray(self.dims[:, kept])).to(device),  # V, (D, Dk)
                 "regions": torch.from_numpy(self.regions).to(device),
                 "regions_t": torch.from_numpy(np.ascontiguousarray(self.regions.T)).to(device),
