@@ -13,6 +13,9 @@ nor random blocks, so they compete with the real images for each query as simila
 
     python bench/scaled_collection.py --library /work/exp/bench100k/library --collection bench \
         --checkpoint encoders/default_model/tiny.pt --to 1000000
+
+With ``--corpus DIR --drawn N`` it first indexes the real part itself: the corpus's images and N
+scenes drawn as `matchmap synth` draws them (``bench_search.scene_images``, into DIR/../drawn-scenes).
 """
 
 from __future__ import annotations
@@ -93,7 +96,22 @@ def main() -> None:
     parser.add_argument("--to", type=int, default=1_000_000, help="images the collection should hold")
     parser.add_argument("--noise", type=float, default=0.1, help="noise, in units of each dimension's spread")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--corpus", type=Path, default=None,
+                        help="first index this `matchmap synth` corpus's images (and --drawn scenes) as the real part")
+    parser.add_argument("--drawn", type=int, default=0, help="with --corpus: scenes drawn and indexed beside it")
     args = parser.parse_args()
+    if args.corpus is not None:
+        import sys
+
+        if args.library.name != "library":
+            parser.error("with --corpus, --library must be a folder named library (bench_search's layout)")
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_search import build_collection, corpus_inputs, scene_images
+
+        images = corpus_inputs(args.corpus)[0] + scene_images(args.corpus.parent / "drawn-scenes", args.drawn, args.seed)
+        seconds, size = build_collection(args.library.parent, Path(args.checkpoint), images, args.collection)
+        print(f"{args.collection}: {size} real images indexed in {seconds:.1f} s")
     done = grow(args.library, args.collection, args.checkpoint, args.to, args.seed, args.noise)
     print(f"{args.collection}: added {done['added']} augmented images in {done['seconds']:.1f} s; now {done['size']}")
 
