@@ -41,6 +41,10 @@ def main() -> None:
     parser.add_argument("--agreement-queries", type=int, default=60)
     parser.add_argument("--agreement-ks", type=int, nargs="+", default=[100, 400, 1000, 4000])
     parser.add_argument("--skip-agreement", action="store_true")
+    parser.add_argument("--store-reads-at", type=int, nargs="*", default=[],
+                        help="also serve at these K with --resident-maps-mb 0 (nothing held in memory: stage 2 "
+                             "reads every candidate's map from the store, the engine before region codes)")
+    parser.add_argument("--no-vad-at", type=int, nargs="*", default=[], help="also serve at these K with --no-vad")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     command = "python bench/bench_million.py " + " ".join(sys.argv[1:])
@@ -62,14 +66,18 @@ def main() -> None:
           f"catalog {catalog.stat().st_size / size:.0f} bytes/image" if catalog.exists() else "")
     figures = {"command": command, "images": size, "open_seconds_in_process": open_seconds}
 
-    side = serve_side_by_side(work, "cpu", load_queries, [
-        {"label": f"K={k}", "checkpoint": args.checkpoint, "collection": args.collection, "candidates": k}
-        for k in args.ks])
+    setups = [{"label": f"K={k}", "checkpoint": args.checkpoint, "collection": args.collection, "candidates": k}
+              for k in args.ks]
+    setups += [{"label": f"K={k}, store reads", "checkpoint": args.checkpoint, "collection": args.collection,
+                "candidates": k, "serve_args": ("--resident-maps-mb", "0")} for k in args.store_reads_at]
+    setups += [{"label": f"K={k}, no VAD", "checkpoint": args.checkpoint, "collection": args.collection,
+                "candidates": k, "serve_args": ("--no-vad",)} for k in args.no_vad_at]
+    side = serve_side_by_side(work, "cpu", load_queries, setups)
     figures["serve"] = side
     first = side[0]["runs"]
     for row in side:
         c1, c8 = row["runs"]
-        print(f"  K={row['candidates']:>5}: p50 {c1['p50_ms']:.1f} ms (p95 {c1['p95_ms']:.1f}); "
+        print(f"  {row.get('label', 'K=' + str(row['candidates'])):>20}: p50 {c1['p50_ms']:.1f} ms (p95 {c1['p95_ms']:.1f}); "
               f"{c8['throughput_qps']:.1f} q/s at concurrency 8 (p50 {c8['p50_ms']:.1f}, p95 {c8['p95_ms']:.1f}); "
               f"x{first[0]['p50_ms'] / c1['p50_ms']:.2f} p50, x{c8['throughput_qps'] / first[1]['throughput_qps']:.2f} q/s; "
               f"start-up {row['start_seconds']:.1f} s, server RSS {row['rss_mb']:.0f} MB (own memory {row['anon_mb']:.0f} MB, the rest store pages); "
