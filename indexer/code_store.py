@@ -37,9 +37,11 @@ RETRAIN_GROWTH = 2.0  # train the codec again once the collection has grown by t
 CODE_BATCH = 4096  # maps read and coded at a time
 
 
-def train_codec(maps: np.ndarray) -> RegionCodec:
-    """A codec of CODE_BYTES per image trained on ``maps`` (M, R, D)."""
-    return RegionCodec.train(np.asarray(maps, dtype=np.float32), CODE_BYTES)
+def train_codec(store, live_slots: np.ndarray) -> RegionCodec:
+    """A codec of CODE_BYTES per image trained on the maps of CODEC_TRAIN_IMAGES of ``live_slots`` of
+    ``store`` (an indexer FeatureStore), spread evenly over them."""
+    sample = np.sort(np.asarray(live_slots, dtype=np.int64))[spread(len(live_slots), CODEC_TRAIN_IMAGES)]
+    return RegionCodec.train(store.read_maps(sample).astype(np.float32), CODE_BYTES)
 
 
 def spread(count: int, take: int) -> np.ndarray:
@@ -139,8 +141,7 @@ def bring_up_to_date(store, slot_count: int, live_slots: np.ndarray) -> dict:
     if len(live_slots) < 2 and meta is None:
         return {"trained": False, "coded": 0}
     if meta is None or len(live_slots) >= RETRAIN_GROWTH * meta["trained_on"]:
-        sample = np.sort(np.asarray(live_slots, dtype=np.int64))[spread(len(live_slots), CODEC_TRAIN_IMAGES)]
-        meta = files.start(train_codec(store.read_maps(sample)), trained_on=len(live_slots))
+        meta = files.start(train_codec(store, live_slots), trained_on=len(live_slots))
         trained = True
     codec = files.codec(meta)
     start = files.rows(meta)

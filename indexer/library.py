@@ -423,8 +423,7 @@ class Collection:
         if meta is not None:
             codec, rows = files.codec(meta), files.rows(meta)
         else:
-            sample = np.sort(slots)[code_store.spread(len(slots), code_store.CODEC_TRAIN_IMAGES)]
-            codec, rows = code_store.train_codec(self.store.read_maps(sample)), 0
+            codec, rows = code_store.train_codec(self.store, slots), 0
         codes = np.empty((len(ids), code_store.CODE_BYTES), np.uint8)
         written = slots < rows
         if meta is not None and written.any():

@@ -97,8 +97,6 @@ class ResidentMaps:
         return scores.masked_fill(~valid.to(scores.device), float("-inf"))
 
 
-
-
 @dataclass
 class ResidentCodes:
     """A collection's maps held as transform codes (``indexer.region_codec``, CODE_BYTES per image, 16x

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from encoders import create_model, load_checkpoint
+from encoders import load_checkpoint, model_from_checkpoint
 from encoders.matchmap import frame_mask
 from training.pretrain_images import LSE_SHARPNESS, RegionClassifier
 
@@ -57,7 +57,7 @@ class ImageTagger:
         if classifier_state is None:
             raise ValueError(f"{path} holds no region classifier: give the last.pt of a `matchmap "
                              "pretrain-images` run (its model.pt keeps only the image branch)")
-        self.model = create_model(path).eval()
+        self.model = model_from_checkpoint(state).eval()
         categories, embed_dim = classifier_state["linear.weight"].shape
         self.classifier = RegionClassifier(embed_dim, categories).eval()
         self.classifier.load_state_dict(classifier_state)
