@@ -6,6 +6,13 @@ server does at start-up and on a full reopen; resident maps come on top: N x 32 
 with and without migration 0002's covering index, side by side (median of 5 opens each), plus its
 parts: the rows query and the FAISS read, and the rows read as before (numpy over Row objects).
 
+Then the region codes a server holds for such a collection (``indexer.code_store``: N x 2 KB written
+beside the store; random bytes here, a codec trained on random maps): ``Collection.region_codes``
+as it reads them now (sequential windows) against a record-by-record gather through a memory map (as
+before), each from the page cache (warm) and with the file's pages dropped first (cold,
+``posix_fadvise(DONTNEED)``), side by side. A server listens after the open; with ``serve
+--hold-first`` (or before background holding) it listened after the open and the codes.
+
     .venv/bin/python bench/bench_open.py [--images 100000] [--work-dir bench-open]
 """
 
@@ -23,9 +30,10 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import insert, select, text
 
-from indexer import Library, stage1_index
+from indexer import Library, code_store, stage1_index
 from indexer.catalog import STATUS_INDEXED, CollectionRow, ImageRow, utcnow
 from indexer.feature_store import StoreLayout
+from indexer.region_codec import RegionCodec
 
 
 def build(work: Path, n: int, dim: int = 256) -> None:
@@ -50,6 +58,60 @@ def build(work: Path, n: int, dim: int = 256) -> None:
         index, _ = stage1_index.build_index(vectors, ids, "flat")
         library.collection_folder(key).mkdir(parents=True)
         stage1_index.save_index(index, library.collection_folder(key), 1)
+
+
+def write_codes(work: Path, n: int) -> None:
+    """Codes for every slot of the collection "big", as the indexer leaves them (random bytes)."""
+    with Library.open(work) as library:
+        coll = library.collection("big")
+        folder, (regions, dim) = coll.store.folder, (coll.grid[0] * coll.grid[1], coll.embed_dim)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = code_store.CodeFile(folder)
+    rng = np.random.default_rng(1)
+    meta = files.start(RegionCodec.train(rng.standard_normal((256, regions, dim), dtype=np.float32),
+                                         code_store.CODE_BYTES), trained_on=n)
+    for first in range(0, n, 65536):
+        files.append(meta, first, rng.integers(0, 256, (min(n, first + 65536) - first, code_store.CODE_BYTES),
+                                               dtype=np.uint8))
+    files.publish(meta)
+
+
+def gathered_as_before(coll) -> np.ndarray:
+    """The codes read as before: one fancy index through a memory map, a record at a time."""
+    files = code_store.CodeFile(coll.store.folder)
+    meta = files.meta()
+    _, slots = coll._table.arrays()
+    path = files.folder / f"codes-{meta['tag']}.u8"
+    mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=(files.rows(meta), code_store.CODE_BYTES))
+    return np.asarray(mapped[slots])
+
+
+def drop_pages(folder: Path) -> None:
+    for path in folder.glob("codes-*.u8"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def time_codes(work: Path, repeats: int = 3) -> dict:
+    times: dict[str, list[float]] = {}
+    with Library.open(work) as library:
+        coll = library.collection("big")
+        reference = coll.region_codes()[1]
+        for _ in range(repeats):
+            for way, read in (("now", lambda: coll.region_codes()[1]), ("before", lambda: gathered_as_before(coll))):
+                for cache in ("cold", "warm"):
+                    if cache == "cold":
+                        drop_pages(coll.store.folder)
+                    started = time.perf_counter()
+                    codes = read()
+                    times.setdefault(f"{way} {cache}", []).append(time.perf_counter() - started)
+                    assert codes.shape == reference.shape and np.array_equal(codes[::997], reference[::997])
+                    del codes
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def time_open(work: Path, repeats: int = 5) -> dict:
@@ -96,6 +158,14 @@ def main() -> None:
         print(f"{name:>22} {r['open_s']:>8.3f} {r['rows_s']:>8.3f} {r['faiss_s']:>8.3f} "
               f"{r['rows_before_s']:>16.3f}   ({r['size']} images)")
     print(f"rows now / as before, with the index: {after['rows_s'] / after['rows_before_s']:.2f}")
+    write_codes(work, args.images)
+    codes = time_codes(work)
+    print(f"region codes ({args.images * code_store.CODE_BYTES / 2**30:.2f} GiB), median of 3, seconds:")
+    for cache in ("cold", "warm"):
+        now, before = codes[f"now {cache}"], codes[f"before {cache}"]
+        print(f"  {cache:>4}: now {now:.2f}, before {before:.2f} ({before / now:.1f}x)")
+    print(f"listening after the open: {after['open_s']:.2f} s; with the codes held first: "
+          f"{after['open_s'] + codes['now cold']:.2f} s cold (before this change {after['open_s'] + codes['before cold']:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -424,8 +424,10 @@ class Collection:
             codec, rows = files.codec(meta), files.rows(meta)
         else:
             codec, rows = code_store.train_codec(self.store, slots), 0
-        codes = np.empty((len(ids), code_store.CODE_BYTES), np.uint8)
         written = slots < rows
+        if meta is not None and written.all():  # the usual case: no copy through a mask
+            return codec, files.read(meta, slots)
+        codes = np.empty((len(ids), code_store.CODE_BYTES), np.uint8)
         if meta is not None and written.any():
             codes[written] = files.read(meta, slots[written])
         missing = np.flatnonzero(~written)

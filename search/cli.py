@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,12 +87,18 @@ EXIT_CANNOT_LISTEN = 3  # serve
               help="Cut each query to its speech with a voice activity detector (Silero VAD) before scoring; "
                    "--no-vad trims only silence.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON line on stdout when ready ({\"event\": \"ready\", \"port\", \"http_url\", ...}) "
-                   "and one when stopped.")
+              help="Print one JSON line on stdout when ready ({\"event\": \"ready\", \"port\", \"http_url\", ...}), "
+                   "one when the maps to hold are held ({\"event\": \"held\", \"resident_maps_bytes\", "
+                   "\"seconds\"}) and one when stopped.")
 @click.option("--resident-maps-mb", type=click.FloatRange(min=0), default=4096.0, show_default=True,
               help="Memory for holding collections' feature maps (about 32 KB per image with the tiny model) "
                    "so stage 2 can re-rank thousands of candidates; a collection that does not fit is read "
                    "from its store per query. 0 = never hold them.")
+@click.option("--hold-first", is_flag=True,
+              help="Load the maps (or codes) to hold before listening. By default the server listens once the "
+                   "collections are open and holds their maps in the background: until then stage 2 reads "
+                   "candidates' maps from the store (same answers, slower). A million images' codes take "
+                   "seconds to read.")
 @click.option("--heap-trim-interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds between handing the C heap's free pages back to the OS (malloc_trim), which keeps "
                    "the server's memory under sustained load lower and flat (see search/memory.py). 0 = never.")
@@ -130,6 +137,7 @@ def serve(
     vad: bool,
     as_json: bool,
     resident_maps_mb: float,
+    hold_first: bool,
     heap_trim_interval: float,
     log_level: str,
     tls_client_ca: Path | None,
@@ -174,7 +182,11 @@ def serve(
         else:
             engine = _sharded_engine(ray_address, shards, shard_cpus, checkpoint, data_dir, db_url, device, limits,
                                      vad)
-        engine.warm_up()
+        started = time.perf_counter()
+        if ray_address is None:
+            engine.warm_up(background=not hold_first)
+        else:
+            engine.warm_up()  # each shard replica holds its maps before it answers
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         raise click.ClickException(str(error)) from error
 
@@ -201,6 +213,19 @@ def serve(
                 "collections": names, "resident_maps_bytes": sum(resident.values()),
                 "shards": getattr(engine, "shards", 1),
             }))
+            sys.stdout.flush()
+        if ray_address is None:
+            threading.Thread(target=report_held, name="matchmap-report-held", daemon=True).start()
+
+    def report_held() -> None:  # one line once the background holder is done (at once with --hold-first)
+        engine.wait_held()
+        resident = engine.resident_bytes()
+        seconds = time.perf_counter() - started
+        click.echo(f"matchmap serve: feature maps held in memory after {seconds:.1f} s: "
+                   f"{sum(resident.values()) / 2**20:.0f} MB ({len(resident)} collections)", err=True)
+        if as_json:
+            click.echo(json.dumps({"event": "held", "resident_maps_bytes": sum(resident.values()),
+                                   "seconds": round(seconds, 3)}))
             sys.stdout.flush()
 
     trimmer = HeapTrimmer(heap_trim_interval).start() if heap_trim_interval > 0 else None

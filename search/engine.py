@@ -215,6 +215,9 @@ class SearchEngine:
         # name -> what a background reopen produced: (snapshot, its resident maps or None) or the error
         self._reopened: dict[str, tuple[Collection, ResidentMaps | ResidentCodes | None] | Exception] = {}
         self._reopening: set[str] = set()
+        # name -> (snapshot, what of it to hold) made by the background holder (warm_up(background=True))
+        self._held_ready: dict[str, tuple[Collection, ResidentMaps | ResidentCodes | None]] = {}
+        self._holder: threading.Thread | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -274,6 +277,7 @@ class SearchEngine:
                 self._forget(name)
                 self._install(coll, resident, now)
                 return coll
+            self._adopt_held(name)
             cached = self._collections.get(name)
             if cached is None:
                 coll = self.library.collection(name, self.shard)
@@ -306,9 +310,11 @@ class SearchEngine:
         self._resident.pop(name, None)
 
     def _room_for(self, name: str) -> float:
-        """Bytes of the memory budget that other collections' held maps or codes leave to ``name``."""
-        return self.limits.resident_maps_mb * 2**20 - sum(r.nbytes for other, r in self._resident.items()
-                                                           if other != name)
+        """Bytes of the memory budget that other collections' held maps or codes (or those the background
+        holder has made for them) leave to ``name``."""
+        held = [r for other, r in self._resident.items() if other != name]
+        held += [r for other, (_, r) in self._held_ready.items() if other != name and r is not None]
+        return self.limits.resident_maps_mb * 2**20 - sum(r.nbytes for r in held)
 
     def _fits(self, name: str, nbytes: int) -> bool:
         return nbytes <= self._room_for(name)
@@ -348,12 +354,74 @@ class SearchEngine:
 
         threading.Thread(target=reopen, name=f"matchmap-reopen-{name}", daemon=True).start()
 
-    def warm_up(self) -> list[str]:
-        """Open every collection this model can search (and load its maps), so first queries are not slow."""
+    def warm_up(self, background: bool = False) -> list[str]:
+        """Open every collection this model can search (catalog rows, stage 1) and load what of its maps
+        to hold in memory, so first queries are not slow; returns their names.
+
+        ``background``: return once the collections are open, and hold their maps (or codes) in a thread:
+        until a collection's are held, its queries read candidates' maps from the store (same results,
+        slower). A million images' codes take seconds to read (docs/search.md); a server can listen
+        meanwhile. :meth:`wait_held` waits for the holder."""
         names = [info.name for info, searchable in self.list_collections() if searchable]
-        for name in names:
-            self.collection(name)
+        if not background:
+            for name in names:
+                self.collection(name)
+            return names
+        opened = []
+        with self._lock:
+            for name in names:
+                if name not in self._collections:
+                    coll = self.library.collection(name, self.shard)
+                    coll.check_model(self.model)
+                    self._install(coll, None, time.monotonic())
+                    opened.append(coll)
+        if opened:
+            self._holder = threading.Thread(target=self._hold, args=(opened,), name="matchmap-hold", daemon=True)
+            self._holder.start()
         return names
+
+    def _hold(self, snapshots: list[Collection]) -> None:
+        """The background holder: what of each snapshot to hold, handed to collection() to adopt."""
+        for coll in snapshots:
+            with self._lock:
+                room = self._room_for(coll.name)
+            try:
+                resident = held_for(coll, lambda nbytes, room=room: nbytes <= room, self.device)
+            except Exception:  # noqa: BLE001 - the store went away (a reopen follows): keep reading from it
+                continue
+            with self._lock:
+                self._held_ready[coll.name] = (coll, resident)
+
+    def wait_held(self, timeout: float | None = None) -> bool:
+        """Wait until the background holder (warm_up(background=True)) is done and adopt what it made;
+        True when nothing is left to hold."""
+        holder = self._holder
+        if holder is not None:
+            holder.join(timeout)
+            if holder.is_alive():
+                return False
+        with self._lock:
+            for name in list(self._held_ready):
+                self._adopt_held(name)
+        return True
+
+    def _adopt_held(self, name: str) -> None:
+        """Install what the background holder made for ``name`` (under the lock). Its snapshot may be
+        older than the open one: images appended since are appended to it too; after any other change
+        it is dropped (the reopen that follows such a change holds anew)."""
+        made = self._held_ready.pop(name, None)
+        cached = self._collections.get(name)
+        if made is None or cached is None:
+            return
+        snapshot, resident = made
+        if resident is None or self._resident.get(name) is not None:
+            return
+        current, _ = cached
+        if current.generation != snapshot.generation:
+            if not np.array_equal(current.ids()[: snapshot.size], snapshot.ids()):
+                return
+            resident = resident.appended(current, current.ids()[snapshot.size :])
+        self._resident[name] = resident
 
     def resident_bytes(self) -> dict[str, int]:
         """Collection name -> bytes of its feature maps held in memory."""

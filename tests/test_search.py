@@ -247,6 +247,55 @@ def test_the_default_k_grows_with_the_collection(checkpoint, data_dir, engine, v
         SearchLimits(candidates_share=1.5)
 
 
+# codes: ranked exactly (see the next test for why); what is checked of them is their append
+@pytest.mark.parametrize("resident_maps_mb, rescore", [(4096.0, 4), (0.3, 64)], ids=["maps", "codes"])
+def test_maps_held_in_the_background_answer_as_the_store_and_take_in_images_added_meanwhile(
+        checkpoint, model, val, tiny_corpus, tmp_path, monkeypatch, resident_maps_mb, rescore):
+    """warm_up(background=True) opens the collection and returns before its maps (or codes) are held;
+    queries meanwhile read the store and rank as an engine that reads them all; images indexed while
+    the holder works are appended to what it holds once it is done."""
+    monkeypatch.setattr("search.engine.COLLECTION_REFRESH_SECONDS", 0.0)
+    paths = image_paths(val, load_manifest(tiny_corpus / "train.json"))
+    data = [val.audio_path(e).read_bytes() for e in val.entries[:3]]
+    release = threading.Event()
+    real_held_for = search.engine.held_for
+
+    def slow_held_for(*args, **kwargs):
+        assert release.wait(60)
+        return real_held_for(*args, **kwargs)
+
+    with Library.open(tmp_path / "lib", create=True) as writer:
+        writer.index("live", [str(p) for p in paths[:20]], model, progress=False)
+        limits = SearchLimits(exact_rescore_at_least=rescore, exact_rescore_factor=1, resident_maps_mb=resident_maps_mb)
+        engine = SearchEngine.open(checkpoint, tmp_path / "lib", device="cpu", limits=limits)
+        reference = SearchEngine.open(checkpoint, tmp_path / "lib", device="cpu", limits=SearchLimits(resident_maps_mb=0))
+        reference.warm_up()
+        monkeypatch.setattr("search.engine.held_for", slow_held_for)  # the holder waits until released
+        try:
+            assert engine.warm_up(background=True) == ["live"]
+            assert engine.resident_bytes() == {} and not engine.wait_held(timeout=0.2)
+            first = engine.search(data[0], "live", top_k=5, candidates=20)  # answered from the store
+            assert [h.image_id for h in first.hits] == [h.image_id for h in
+                                                        reference.search(data[0], "live", top_k=5, candidates=20).hits]
+            writer.index("live", [str(p) for p in paths[20:]], model, batch_size=4, progress=False)
+            assert engine.collection("live").size == len(paths)  # appended while nothing is held
+            release.set()
+            assert engine.wait_held(timeout=60)
+            size = engine.collection("live").size
+            rows, cols = model.image_grid
+            per_image = rows * cols * model.embed_dim * 2 if resident_maps_mb > 1 else CODE_BYTES
+            assert engine.resident_bytes()["live"] >= size * per_image  # the added images are held too
+            for query in data:
+                got = engine.search(query, "live", top_k=5, candidates=len(paths))
+                want = reference.search(query, "live", top_k=5, candidates=len(paths))
+                assert [h.image_id for h in got.hits] == [h.image_id for h in want.hits]
+                np.testing.assert_allclose([h.score for h in got.hits], [h.score for h in want.hits], rtol=1e-5)
+        finally:
+            release.set()
+            engine.close()
+            reference.close()
+
+
 # codes: a codec learnt from 20 maps of this random-weight model codes the 16 added later too coarsely
 # to choose among them (docs/search.md, "drift"); here the codes' append is checked, not their ranking
 @pytest.mark.parametrize("resident_maps_mb, rescore", [(4096.0, 4), (0.3, 64)], ids=["maps", "codes"])

@@ -96,6 +96,8 @@ def test_serve_json_readiness_line_and_query_wait(checkpoint, data_dir, caption)
         assert ready["event"] == "ready" and ready["port"] == port and ready["collections"] == [COLLECTION]
         assert ready["security"] == "plaintext" and ready["token_required"] is False
         assert ready["http_url"].startswith("http://127.0.0.1:")
+        held = json.loads(process.stdout.readline())  # the maps, held in the background after listening
+        assert held["event"] == "held" and held["resident_maps_bytes"] > 0 and held["seconds"] > 0
         process.terminate()
         assert process.wait(60) == 0
         assert json.loads(process.stdout.readline()) == {"event": "stopped"}
