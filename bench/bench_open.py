@@ -13,15 +13,24 @@ before), each from the page cache (warm) and with the file's pages dropped first
 ``posix_fadvise(DONTNEED)``), side by side. A server listens after the open; with ``serve
 --hold-first`` (or before background holding) it listened after the open and the codes.
 
-    .venv/bin/python bench/bench_open.py [--images 100000] [--work-dir bench-open]
+``--serve`` then starts real ``matchmap serve --json`` processes on that library (the collection is
+recorded as built by the shipped model; its store holds no maps, so it is for start-up only, not
+queries), by default and with ``--hold-first``, side by side, and reports the seconds from the
+process's start to its "ready" line (listening) and to its "held" line (codes in memory), and the
+server's own memory (RssAnon) once held.
+
+    .venv/bin/python bench/bench_open.py [--images 100000] [--work-dir bench-open] [--serve]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -35,13 +44,15 @@ from indexer.catalog import STATUS_INDEXED, CollectionRow, ImageRow, utcnow
 from indexer.feature_store import StoreLayout
 from indexer.region_codec import RegionCodec
 
+SHIPPED_VERSION = "tiny-b9792a4f6ced"  # encoders/default_model/tiny.pt: a server opens the collection
+
 
 def build(work: Path, n: int, dim: int = 256) -> None:
     shutil.rmtree(work, ignore_errors=True)
     with Library.open(work, create=True) as library:
         key = uuid.uuid4().hex
         with library._sessions.begin() as session:
-            row = CollectionRow(name="big", storage_key=key, model_name="tiny", model_version="x", embed_dim=dim,
+            row = CollectionRow(name="big", storage_key=key, model_name="tiny", model_version=SHIPPED_VERSION, embed_dim=dim,
                                 grid_rows=8, grid_cols=8, index_policy="flat", flat_threshold=10**9, index_type="flat",
                                 index_params={}, store_layout=StoreLayout(regions=64, dim=dim).to_dict(), next_slot=n,
                                 images_indexed=n, images_failed=0, generation=1)
@@ -87,7 +98,7 @@ def gathered_as_before(coll) -> np.ndarray:
 
 
 def drop_pages(folder: Path) -> None:
-    for path in folder.glob("codes-*.u8"):
+    for path in folder.rglob("codes-*.u8"):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -112,6 +123,34 @@ def time_codes(work: Path, repeats: int = 3) -> dict:
                     assert codes.shape == reference.shape and np.array_equal(codes[::997], reference[::997])
                     del codes
     return {key: statistics.median(values) for key, values in times.items()}
+
+
+def serve_start(work: Path, *extra: str) -> dict:
+    """Seconds from starting `matchmap serve --json` on ``work`` to its ready and held lines; own memory."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "matchmap", "serve", "--data-dir", str(work), "--port", str(port), "--host",
+         "127.0.0.1", "--http", "0", "--device", "cpu", "--json", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, MATCHMAP_TOKEN=""))
+    seconds = {}
+    try:
+        while len(seconds) < 2:
+            line = process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"matchmap serve exited ({process.wait()}) before it was ready and held")
+            event = json.loads(line)
+            seconds[event["event"]] = time.perf_counter() - started
+            if event["event"] == "ready" and event["collections"] != ["big"]:
+                raise RuntimeError(f"the server opened {event['collections']}, not the collection 'big'")
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        anon_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssAnon")))
+    finally:
+        process.terminate()
+        process.wait(60)
+    return {"ready_s": seconds["ready"], "held_s": seconds["held"], "anon_mb": anon_kb / 1024}
 
 
 def time_open(work: Path, repeats: int = 5) -> dict:
@@ -143,6 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--work-dir", default="bench-open")
+    parser.add_argument("--serve", action="store_true", help="also time real `matchmap serve` start-ups")
     args = parser.parse_args()
     work = Path(args.work_dir)
     print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
@@ -166,6 +206,17 @@ def main() -> None:
         print(f"  {cache:>4}: now {now:.2f}, before {before:.2f} ({before / now:.1f}x)")
     print(f"listening after the open: {after['open_s']:.2f} s; with the codes held first: "
           f"{after['open_s'] + codes['now cold']:.2f} s cold (before this change {after['open_s'] + codes['before cold']:.2f} s)")
+    if args.serve:
+        print("matchmap serve, codes dropped from the page cache first (median of 3), seconds from process start:")
+        budget = ("--resident-maps-mb", f"{1.5 * args.images * code_store.CODE_BYTES / 2**20:.0f}")  # codes, not maps
+        for name, extra in (("--hold-first (as before)", ("--hold-first", *budget)), ("default (background)", budget)):
+            runs = []
+            for _ in range(3):
+                drop_pages(Path(work).resolve() / "collections")
+                runs.append(serve_start(work, *extra))
+            r = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            print(f"  {name:>26}: listening {r['ready_s']:.1f}, codes held {r['held_s']:.1f}; "
+                  f"own memory {r['anon_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

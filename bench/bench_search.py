@@ -451,7 +451,7 @@ def coarse_pass_ms(audio: torch.Tensor, lengths: torch.Tensor, maps: np.ndarray,
 
 
 def codec_rows(engine: SearchEngine, audio_bytes: list[bytes], budgets: list[int], ks: list[int],
-               train_images: int) -> dict:
+               train_images: int, keeps: tuple[int, ...] = (REFINE,)) -> dict:
     """Each codec's bytes per image and top-10 agreement with exact MISA (module docstring, section 4)."""
     import faiss
 
@@ -507,6 +507,9 @@ def codec_rows(engine: SearchEngine, audio_bytes: list[bytes], budgets: list[int
             # the codec as stage 2's coarse pass: it keeps the best REFINE of the K, exact maps rank them
             "coarse_then_exact_top10_overlap": {k: refined_overlap(scores, exact_scores, exact, allowed[k], REFINE)
                                                 for k in ks},
+            # the same, keeping fewer (or more) than the engine's REFINE: {keep: {k: overlap}}
+            "coarse_keeps_then_exact_top10_overlap": {
+                keep: {k: refined_overlap(scores, exact_scores, exact, allowed[k], keep) for k in ks} for keep in keeps},
             "train_s": train_s,
             "decode_ms_per_image": decode_ms,
             "coarse_pass_ms_k400": coarse_ms.get(name),
@@ -532,6 +535,12 @@ def print_codec_rows(figures: dict, ks: list[int]) -> None:
         print(f"{name:<18} {row['bytes_per_image']:>8} "
               + " ".join(f"{row['coarse_then_exact_top10_overlap'][k]:>8.3f}" for k in ks)
               + (f" {ms:>8.2f} ms" if ms is not None else "        -"))
+    keeps = sorted(next(iter(figures["codecs"].values()))["coarse_keeps_then_exact_top10_overlap"])
+    print("the codec keeps M of K, exact maps rank those: top-10 overlap at K=" + "/".join(map(str, ks)))
+    print(f"{'codec':<18} " + " ".join(f"{'M=' + str(m):>20}" for m in keeps))
+    for name, row in figures["codecs"].items():
+        by_keep = row["coarse_keeps_then_exact_top10_overlap"]
+        print(f"{name:<18} " + " ".join(f"{' / '.join(f'{by_keep[m][k]:.3f}' for k in ks):>20}" for m in keeps))
 
 
 # ---- main ----------------------------------------------------------------------------------------------
@@ -613,6 +622,8 @@ def main() -> None:
                         help="byte budgets per image of the transform codec")
     parser.add_argument("--codec-k", type=int, nargs="+", default=[100, 400, 1000])
     parser.add_argument("--codec-train-images", type=int, default=1024)
+    parser.add_argument("--codec-keeps", type=int, nargs="+", default=[REFINE],
+                        help="how many of K the codec keeps for exact ranking (its last table)")
     args = parser.parse_args()
     command = "python bench/bench_search.py " + " ".join(sys.argv[1:])
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; torch threads {torch.get_num_threads()}")
@@ -645,7 +656,8 @@ def main() -> None:
         engine = SearchEngine.open(checkpoint, work / "library", device=args.device)
         if args.only == "codec":
             ks = [min(k, size) for k in args.codec_k]
-            codec = codec_rows(engine, queries[: args.agreement_queries], args.codec_bytes, ks, args.codec_train_images)
+            codec = codec_rows(engine, queries[: args.agreement_queries], args.codec_bytes, ks, args.codec_train_images,
+                                tuple(args.codec_keeps))
             print_codec_rows(codec, ks)
             if args.json is not None:
                 args.json.write_text(json.dumps({"command": command, "codec": codec}, indent=2))

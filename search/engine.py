@@ -14,6 +14,7 @@ through :meth:`SearchEngine.search_batch`.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -36,6 +37,7 @@ from search.localization import LiveHighlighter, Localization, encode_whole_imag
 from search.resident import ResidentCodes, ResidentMaps, held_for, misa_caption_by_caption
 from search.vad import keep_speech
 
+log = logging.getLogger("matchmap.engine")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # An opened collection is a snapshot; after this many seconds the next query asks the catalog
 # (one small query) whether it changed. Images added meanwhile are appended to the open snapshot
@@ -387,7 +389,8 @@ class SearchEngine:
                 room = self._room_for(coll.name)
             try:
                 resident = held_for(coll, lambda nbytes, room=room: nbytes <= room, self.device)
-            except Exception:  # noqa: BLE001 - the store went away (a reopen follows): keep reading from it
+            except Exception as error:  # noqa: BLE001 - queries go on reading the store (and say what is wrong)
+                log.warning("collection %r: its maps are not held in memory: %s", coll.name, error)
                 continue
             with self._lock:
                 self._held_ready[coll.name] = (coll, resident)
