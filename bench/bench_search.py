@@ -64,7 +64,7 @@ from search.client import SearchClient, SearchServiceError
 from search.engine import SearchEngine, SearchLimits, SearchQuery
 
 COLLECTION = "bench"
-# Stage 2 re-scores exactly the best max(exact_rescore_at_least, 4 x top_k) = 64 of its coarse pass (search.engine).
+# Stage 2 re-scores exactly the best max(exact_rescore_at_least, 3 x top_k) = 32 of its coarse pass (search.engine).
 REFINE = SearchLimits().exact_rescore_at_least
 
 

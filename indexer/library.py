@@ -652,14 +652,16 @@ class Library:
                     below_slot: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, slots) of the collection's indexed images in id order (those past ``after_id`` and
         below ``below_slot`` when given). Read as a flat stream of ints: numpy over a list of Row
-        objects took 12 s for 100,000 rows on 2 busy cores, this 1.1 s."""
+        objects took 12 s for 100,000 rows on 2 busy cores, this 1.1 s. Executed on the session's
+        connection (Core, no ORM result processing): 1.16 s for a million rows against 1.67 s."""
         query = select(ImageRow.id, ImageRow.store_slot).where(
             ImageRow.collection_id == collection_id, ImageRow.status == STATUS_INDEXED)
         if after_id is not None:
             query = query.where(ImageRow.id > after_id)
         if below_slot is not None:
             query = query.where(ImageRow.store_slot < below_slot)
-        flat = np.fromiter(itertools.chain.from_iterable(session.execute(query.order_by(ImageRow.id))), dtype=np.int64)
+        flat = np.fromiter(itertools.chain.from_iterable(session.connection().execute(query.order_by(ImageRow.id))),
+                           dtype=np.int64)
         table = flat.reshape(-1, 2)
         return table[:, 0].copy(), table[:, 1].copy()
 

@@ -86,9 +86,12 @@ class SearchLimits:
     resident_maps_mb: float = 4096.0  # memory for collections' feature maps held in memory (0 = read from the store)
     # Stage 2 scores every candidate in bfloat16 (from resident maps, or else from the store through the
     # page cache), then re-scores exactly (float32, from the store) the best
-    # max(exact_rescore_at_least, exact_rescore_factor * top_k), which it ranks.
-    exact_rescore_at_least: int = 64
-    exact_rescore_factor: int = 4
+    # max(exact_rescore_at_least, exact_rescore_factor * top_k), which it ranks. 32 for a top 10: on 10,000
+    # scenes, 2 KB codes keeping 32 lost at most 0.003 of top-10 agreement against keeping 64, bfloat16
+    # maps keeping 16 nothing (bench_search.py --only codec --codec-keeps, docs/search.md), and at a
+    # million images each re-scored map is a store read (about 4 ms cold).
+    exact_rescore_at_least: int = 32
+    exact_rescore_factor: int = 3
 
     def __post_init__(self) -> None:
         if not self.max_audio_seconds > 0:
