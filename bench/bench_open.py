@@ -125,8 +125,10 @@ def time_codes(work: Path, repeats: int = 3) -> dict:
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def serve_start(work: Path, *extra: str) -> dict:
-    """Seconds from starting `matchmap serve --json` on ``work`` to its ready and held lines; own memory."""
+def serve_start(work: Path, *extra: str, tree: Path | None = None) -> dict:
+    """Seconds from starting `matchmap serve --json` on ``work`` to its ready and held lines; own memory.
+    ``tree``: serve with that checkout's code (an older one, which held before listening and printed no
+    held line: held = ready)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -134,10 +136,11 @@ def serve_start(work: Path, *extra: str) -> dict:
     process = subprocess.Popen(
         [sys.executable, "-m", "matchmap", "serve", "--data-dir", str(work), "--port", str(port), "--host",
          "127.0.0.1", "--http", "0", "--device", "cpu", "--json", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, MATCHMAP_TOKEN=""))
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tree,
+        env=dict(os.environ, MATCHMAP_TOKEN="", **({"PYTHONPATH": str(tree)} if tree else {})))
     seconds = {}
     try:
-        while len(seconds) < 2:
+        while len(seconds) < (1 if tree else 2):
             line = process.stdout.readline()
             if not line:
                 raise RuntimeError(f"matchmap serve exited ({process.wait()}) before it was ready and held")
@@ -150,7 +153,7 @@ def serve_start(work: Path, *extra: str) -> dict:
     finally:
         process.terminate()
         process.wait(60)
-    return {"ready_s": seconds["ready"], "held_s": seconds["held"], "anon_mb": anon_kb / 1024}
+    return {"ready_s": seconds["ready"], "held_s": seconds.get("held", seconds["ready"]), "anon_mb": anon_kb / 1024}
 
 
 def time_open(work: Path, repeats: int = 5) -> dict:
@@ -183,11 +186,36 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--work-dir", default="bench-open")
     parser.add_argument("--serve", action="store_true", help="also time real `matchmap serve` start-ups")
+    parser.add_argument("--previous-tree", type=Path, default=None,
+                        help="with --serve: also start the server of this checkout (an earlier version), side by side")
+    parser.add_argument("--serve-only", action="store_true",
+                        help="only the serve start-ups, on the library an earlier run left in --work-dir")
     args = parser.parse_args()
     work = Path(args.work_dir)
     print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     print(f"# command: {sys.executable} {' '.join(sys.argv)}")
-    build(work, args.images)
+    if not args.serve_only:
+        measure_open_and_codes(work, args.images)
+    if args.serve or args.serve_only:
+        Library.open(work).close()  # the catalog upgraded again (the "before" timing took 0002's index away)
+        print("matchmap serve, codes dropped from the page cache first (median of 3), seconds from process start:")
+        budget = ("--resident-maps-mb", f"{1.5 * args.images * code_store.CODE_BYTES / 2**20:.0f}")  # codes, not maps
+        servers = [("--hold-first", ("--hold-first", *budget), None), ("default (background)", budget, None)]
+        if args.previous_tree is not None:
+            servers.insert(0, (f"previous: {args.previous_tree.name}", budget, args.previous_tree.resolve()))
+        for name, extra, tree in servers:
+            runs = []
+            for _ in range(3):
+                drop_pages(Path(work).resolve() / "collections")
+                runs.append(serve_start(work.resolve(), *extra, tree=tree))
+            r = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            print(f"  {name:>26}: listening {r['ready_s']:.1f}, codes held {r['held_s']:.1f}; "
+                  f"own memory {r['anon_mb']:.0f} MB")
+    print(f"# load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def measure_open_and_codes(work: Path, images: int) -> None:
+    build(work, images)
     after = time_open(work)
     with Library.open(work) as library, library._engine.begin() as connection:
         connection.execute(text("DROP INDEX ix_images_live_slots"))  # as before migration 0002
@@ -198,25 +226,14 @@ def main() -> None:
         print(f"{name:>22} {r['open_s']:>8.3f} {r['rows_s']:>8.3f} {r['faiss_s']:>8.3f} "
               f"{r['rows_before_s']:>16.3f}   ({r['size']} images)")
     print(f"rows now / as before, with the index: {after['rows_s'] / after['rows_before_s']:.2f}")
-    write_codes(work, args.images)
+    write_codes(work, images)
     codes = time_codes(work)
-    print(f"region codes ({args.images * code_store.CODE_BYTES / 2**30:.2f} GiB), median of 3, seconds:")
+    print(f"region codes ({images * code_store.CODE_BYTES / 2**30:.2f} GiB), median of 3, seconds:")
     for cache in ("cold", "warm"):
         now, before = codes[f"now {cache}"], codes[f"before {cache}"]
         print(f"  {cache:>4}: now {now:.2f}, before {before:.2f} ({before / now:.1f}x)")
     print(f"listening after the open: {after['open_s']:.2f} s; with the codes held first: "
           f"{after['open_s'] + codes['now cold']:.2f} s cold (before this change {after['open_s'] + codes['before cold']:.2f} s)")
-    if args.serve:
-        print("matchmap serve, codes dropped from the page cache first (median of 3), seconds from process start:")
-        budget = ("--resident-maps-mb", f"{1.5 * args.images * code_store.CODE_BYTES / 2**20:.0f}")  # codes, not maps
-        for name, extra in (("--hold-first (as before)", ("--hold-first", *budget)), ("default (background)", budget)):
-            runs = []
-            for _ in range(3):
-                drop_pages(Path(work).resolve() / "collections")
-                runs.append(serve_start(work, *extra))
-            r = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-            print(f"  {name:>26}: listening {r['ready_s']:.1f}, codes held {r['held_s']:.1f}; "
-                  f"own memory {r['anon_mb']:.0f} MB")
 
 
 if __name__ == "__main__":
