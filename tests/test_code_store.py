@@ -141,3 +141,24 @@ def test_codes_follow_each_image_to_its_slot_across_holes(tmp_path, model):
         assert coll.size == 16
         files = CodeFile(coll.store.folder)
         np.testing.assert_array_equal(coll.region_codes()[1], expected_codes(coll, files.codec(files.meta())))
+
+
+@pytest.mark.parametrize("which", ["one run", "a run with holes", "sparse", "shuffled", "one slot"])
+def test_codes_are_read_for_any_slots_in_the_order_asked(tmp_path, monkeypatch, which):
+    """CodeFile.read reads dense windows sequentially and gathers sparse ones through a memory map:
+    either way each asked slot gets its own record, in the order asked."""
+    monkeypatch.setattr(code_store, "READ_WINDOW_ROWS", 64)  # several windows, dense and sparse ones
+    rows = 1000
+    records = np.random.default_rng(3).integers(0, 256, (rows, CODE_BYTES), dtype=np.uint8)
+    files = CodeFile(tmp_path)
+    meta = {"tag": "t", "trained_on": rows, "code_bytes": CODE_BYTES}
+    files._codes_path("t").write_bytes(records.tobytes())
+    rng = np.random.default_rng(4)
+    slots = {"one run": np.arange(100, 900),
+             "a run with holes": np.setdiff1d(np.arange(rows), rng.choice(rows, 150, replace=False)),
+             "sparse": np.sort(rng.choice(rows, 40, replace=False)),
+             "shuffled": rng.permutation(rows)[:700],
+             "one slot": np.array([999])}[which]
+    assert np.array_equal(files.read(meta, slots), records[slots])
+    with pytest.raises(ValueError, match="codes cover slots 0..999"):
+        files.read(meta, np.array([5, rows]))
