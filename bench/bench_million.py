@@ -80,7 +80,7 @@ def main() -> None:
         print(f"  {row.get('label', 'K=' + str(row['candidates'])):>20}: p50 {c1['p50_ms']:.1f} ms (p95 {c1['p95_ms']:.1f}); "
               f"{c8['throughput_qps']:.1f} q/s at concurrency 8 (p50 {c8['p50_ms']:.1f}, p95 {c8['p95_ms']:.1f}); "
               f"x{first[0]['p50_ms'] / c1['p50_ms']:.2f} p50, x{c8['throughput_qps'] / first[1]['throughput_qps']:.2f} q/s; "
-              f"start-up {row['start_seconds']:.1f} s, server RSS {row['rss_mb']:.0f} MB (own memory {row['anon_mb']:.0f} MB, the rest store pages); "
+              f"start-up {row['start_seconds']:.1f} s (held {row['held_seconds']:.1f} s), server RSS {row['rss_mb']:.0f} MB (own memory {row['anon_mb']:.0f} MB, the rest store pages); "
               f"disk {(row['disk_bytes'] + (catalog.stat().st_size if catalog.exists() else 0)) / size / 1024:.1f} KiB/image "
               f"(catalog included); errors {c1['errors'] + c8['errors']}")
 
