@@ -98,11 +98,9 @@ class CodeFile:
         if int(slots.max()) >= rows or int(slots.min()) < 0:
             raise ValueError(f"codes cover slots 0..{rows - 1}, asked for slot {int(slots.max())}")
         out = np.empty((len(slots), CODE_BYTES), np.uint8)
-        if int(slots[-1]) - int(slots[0]) == len(slots) - 1 and np.all(np.diff(slots) == 1):  # one run: read in place
+        if np.all(np.diff(slots) == 1):  # one run of slots: read straight into place
             with open(self._codes_path(meta["tag"]), "rb") as f:
-                f.seek(int(slots[0]) * CODE_BYTES)
-                if f.readinto(memoryview(out).cast("B")) != out.nbytes:
-                    raise ValueError(f"codes file ended before slot {int(slots[-1])}")
+                _read_records(f, int(slots[0]), out)
             return out
         order = np.argsort(slots, kind="stable")
         ordered = slots[order]
@@ -114,10 +112,7 @@ class CodeFile:
                     continue
                 first, last = int(ordered[lo]), int(ordered[hi - 1])
                 if 4 * (hi - lo) >= last - first + 1:  # dense: one sequential read of the span
-                    window = np.empty((last - first + 1, CODE_BYTES), np.uint8)
-                    f.seek(first * CODE_BYTES)
-                    if f.readinto(memoryview(window).cast("B")) != window.nbytes:
-                        raise ValueError(f"codes file ended before slot {last}")
+                    window = _read_records(f, first, np.empty((last - first + 1, CODE_BYTES), np.uint8))
                     out[order[lo:hi]] = window[ordered[lo:hi] - first]
                 else:
                     if mapped is None:
@@ -158,6 +153,14 @@ class CodeFile:
 
     def bytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in [*self.folder.glob("codec-*.npz"), *self.folder.glob("codes-*.u8")])
+
+
+def _read_records(f, first_slot: int, into: np.ndarray) -> np.ndarray:
+    """Fill ``into`` (n, CODE_BYTES) with the records of slots first_slot.. of the open codes file ``f``."""
+    f.seek(first_slot * CODE_BYTES)
+    if f.readinto(memoryview(into).cast("B")) != into.nbytes:
+        raise ValueError(f"codes file ended before slot {first_slot + len(into) - 1}")
+    return into
 
 
 def bring_up_to_date(store, slot_count: int, live_slots: np.ndarray) -> dict:
