@@ -285,8 +285,7 @@ class SearchEngine:
             self._adopt_held(name)
             cached = self._collections.get(name)
             if cached is None:
-                coll = self.library.collection(name, self.shard)
-                coll.check_model(self.model)
+                coll = self._open_checked(name)
                 self._install(coll, self._resident_for(coll), now)
                 return coll
             coll, checked = cached
@@ -302,6 +301,12 @@ class SearchEngine:
             else:
                 self._collections[name] = (coll, now)
             return fresh
+
+    def _open_checked(self, name: str) -> Collection:
+        """``name`` opened afresh (this engine's shard of it) and checked against the model."""
+        coll = self.library.collection(name, self.shard)
+        coll.check_model(self.model)
+        return coll
 
     def _install(self, coll: Collection, resident: ResidentMaps | ResidentCodes | None, now: float) -> None:
         self._collections[coll.name] = (coll, now)
@@ -335,9 +340,15 @@ class SearchEngine:
         resident = self._resident.get(old.name)
         if resident is None or resident.generation != old.generation:
             return self._resident_for(fresh) if old.size == 0 else None
+        return self._grown(resident, fresh, old.size)
+
+    def _grown(self, resident: ResidentMaps | ResidentCodes, fresh: Collection,
+               held_size: int) -> ResidentMaps | ResidentCodes | None:
+        """``resident`` (the first ``held_size`` images of ``fresh``, in id order) with the rest of
+        ``fresh``'s images appended; None when that would not fit the budget."""
         if not self._fits(fresh.name, type(resident).bytes_for(fresh)):
             return None
-        return resident.appended(fresh, fresh.ids()[old.size :])
+        return resident.appended(fresh, fresh.ids()[held_size:])
 
     def _reopen_in_background(self, name: str) -> None:
         """Open ``name`` afresh (catalog rows, stage 1, resident maps) in a thread; collection() swaps it in."""
@@ -345,8 +356,7 @@ class SearchEngine:
 
         def reopen() -> None:
             try:
-                coll = self.library.collection(name, self.shard)
-                coll.check_model(self.model)
+                coll = self._open_checked(name)
                 with self._lock:
                     room = self._room_for(name)
                 result: tuple[Collection, ResidentMaps | ResidentCodes | None] | Exception = (
@@ -376,8 +386,7 @@ class SearchEngine:
         with self._lock:
             for name in names:
                 if name not in self._collections:
-                    coll = self.library.collection(name, self.shard)
-                    coll.check_model(self.model)
+                    coll = self._open_checked(name)
                     self._install(coll, None, time.monotonic())
                     opened.append(coll)
         if opened:
@@ -414,7 +423,8 @@ class SearchEngine:
     def _adopt_held(self, name: str) -> None:
         """Install what the background holder made for ``name`` (under the lock). Its snapshot may be
         older than the open one: images appended since are appended to it too; after any other change
-        it is dropped (the reopen that follows such a change holds anew)."""
+        it is dropped (the reopen that follows such a change holds anew), as it is when the grown
+        snapshot would not fit the budget."""
         made = self._held_ready.pop(name, None)
         cached = self._collections.get(name)
         if made is None or cached is None:
@@ -426,7 +436,9 @@ class SearchEngine:
         if current.generation != snapshot.generation:
             if not np.array_equal(current.ids()[: snapshot.size], snapshot.ids()):
                 return
-            resident = resident.appended(current, current.ids()[snapshot.size :])
+            resident = self._grown(resident, current, snapshot.size)
+            if resident is None:
+                return
         self._resident[name] = resident
 
     def resident_bytes(self) -> dict[str, int]:

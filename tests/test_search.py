@@ -247,13 +247,21 @@ def test_the_default_k_grows_with_the_collection(checkpoint, data_dir, engine, v
         SearchLimits(candidates_share=1.5)
 
 
-# codes: ranked exactly (see the next test for why); what is checked of them is their append
-@pytest.mark.parametrize("resident_maps_mb, rescore", [(4096.0, 4), (0.3, 64)], ids=["maps", "codes"])
+# codes: ranked exactly (see the next test for why); what is checked of them is their append.
+# "past the budget": room for the maps of the 20 images the holder sees, not for the 36 they grow to
+@pytest.mark.parametrize("resident_maps_mb, rescore", [(4096.0, 4), (0.3, 64), (None, 4)],
+                         ids=["maps", "codes", "past the budget"])
 def test_maps_held_in_the_background_answer_as_the_store_and_take_in_images_added_meanwhile(
         checkpoint, model, val, tiny_corpus, tmp_path, monkeypatch, resident_maps_mb, rescore):
     """warm_up(background=True) opens the collection and returns before its maps (or codes) are held;
     queries meanwhile read the store and rank as an engine that reads them all; images indexed while
-    the holder works are appended to what it holds once it is done."""
+    the holder works are appended to what it holds once it is done, unless that would not fit the
+    budget (then nothing is held and the store answers)."""
+    rows, cols = model.image_grid
+    map_bytes = rows * cols * model.embed_dim * 2  # bfloat16
+    past_budget = resident_maps_mb is None
+    if past_budget:
+        resident_maps_mb = 21 * map_bytes / 2**20
     monkeypatch.setattr("search.engine.COLLECTION_REFRESH_SECONDS", 0.0)
     paths = image_paths(val, load_manifest(tiny_corpus / "train.json"))
     data = [val.audio_path(e).read_bytes() for e in val.entries[:3]]
@@ -282,9 +290,11 @@ def test_maps_held_in_the_background_answer_as_the_store_and_take_in_images_adde
             release.set()
             assert engine.wait_held(timeout=60)
             size = engine.collection("live").size
-            rows, cols = model.image_grid
-            per_image = rows * cols * model.embed_dim * 2 if resident_maps_mb > 1 else CODE_BYTES
-            assert engine.resident_bytes()["live"] >= size * per_image  # the added images are held too
+            if past_budget:
+                assert engine.resident_bytes() == {}
+            else:
+                per_image = map_bytes if resident_maps_mb > 1 else CODE_BYTES
+                assert engine.resident_bytes()["live"] >= size * per_image  # the added images are held too
             for query in data:
                 got = engine.search(query, "live", top_k=5, candidates=len(paths))
                 want = reference.search(query, "live", top_k=5, candidates=len(paths))
