@@ -223,6 +223,7 @@ class SearchEngine:
         # name -> (snapshot, what of it to hold) made by the background holder (warm_up(background=True))
         self._held_ready: dict[str, tuple[Collection, ResidentMaps | ResidentCodes | None]] = {}
         self._holder: threading.Thread | None = None
+        self._closing = threading.Event()  # set by close(): the holder stops before its next collection
         self._lock = threading.Lock()
 
     @classmethod
@@ -243,6 +244,12 @@ class SearchEngine:
         return cls(model, Library.open(data_dir, db_url), device=device, limits=limits, vad=vad, shard=shard)
 
     def close(self) -> None:
+        """Close the library, once the background holder is done with the collection it is reading: a
+        process that exits while that thread still runs torch code aborts (``serve`` on a taken port
+        exited -6 instead of 3)."""
+        self._closing.set()
+        if self._holder is not None:
+            self._holder.join()
         self.library.close()
 
     @property
@@ -397,6 +404,8 @@ class SearchEngine:
     def _hold(self, snapshots: list[Collection]) -> None:
         """The background holder: what of each snapshot to hold, handed to collection() to adopt."""
         for coll in snapshots:
+            if self._closing.is_set():
+                return
             with self._lock:
                 room = self._room_for(coll.name)
             try:

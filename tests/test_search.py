@@ -306,6 +306,39 @@ def test_maps_held_in_the_background_answer_as_the_store_and_take_in_images_adde
             reference.close()
 
 
+def test_close_waits_for_the_background_holder(checkpoint, model, val, tiny_corpus, tmp_path, monkeypatch):
+    """close() lets the holder finish the collection it reads before the library closes: a process that
+    exited while the holder still ran torch code aborted (`serve` on a taken port exited -6, not 3)."""
+    paths = image_paths(val, load_manifest(tiny_corpus / "train.json"))
+    release = threading.Event()
+    outcome = []
+    real_held_for = search.engine.held_for
+
+    def slow_held_for(*args, **kwargs):
+        assert release.wait(60)
+        try:
+            outcome.append(real_held_for(*args, **kwargs))
+        except Exception as error:
+            outcome.append(error)
+            raise
+
+    with Library.open(tmp_path / "lib", create=True) as writer:
+        writer.index("live", [str(p) for p in paths[:8]], model, progress=False)
+    engine = SearchEngine.open(checkpoint, tmp_path / "lib", device="cpu")
+    monkeypatch.setattr("search.engine.held_for", slow_held_for)
+    try:
+        assert engine.warm_up(background=True) == ["live"]
+        closer = threading.Thread(target=engine.close)
+        closer.start()
+        closer.join(0.3)
+        assert closer.is_alive()  # waiting for the holder
+    finally:
+        release.set()
+    closer.join(60)
+    assert not closer.is_alive()
+    assert len(outcome) == 1 and outcome[0] is not None and not isinstance(outcome[0], Exception)
+
+
 # codes: a codec learnt from 20 maps of this random-weight model codes the 16 added later too coarsely
 # to choose among them (docs/search.md, "drift"); here the codes' append is checked, not their ranking
 @pytest.mark.parametrize("resident_maps_mb, rescore", [(4096.0, 4), (0.3, 64)], ids=["maps", "codes"])
