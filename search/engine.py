@@ -224,6 +224,7 @@ class SearchEngine:
         self._held_ready: dict[str, tuple[Collection, ResidentMaps | ResidentCodes | None]] = {}
         self._holder: threading.Thread | None = None
         self._closing = threading.Event()  # set by close(): the holder stops before its next collection
+        self._reopeners: list[threading.Thread] = []  # background reopens (close() waits for them too)
         self._lock = threading.Lock()
 
     @classmethod
@@ -244,12 +245,13 @@ class SearchEngine:
         return cls(model, Library.open(data_dir, db_url), device=device, limits=limits, vad=vad, shard=shard)
 
     def close(self) -> None:
-        """Close the library, once the background holder is done with the collection it is reading: a
-        process that exits while that thread still runs torch code aborts (``serve`` on a taken port
-        exited -6 instead of 3)."""
+        """Close the library, once the background holder is done with the collection it is reading and
+        background reopens are done: a process that exits while such a thread still runs torch code
+        aborts (``serve`` on a taken port exited -6 instead of 3)."""
         self._closing.set()
-        if self._holder is not None:
-            self._holder.join()
+        for thread in [self._holder, *self._reopeners]:
+            if thread is not None:
+                thread.join()
         self.library.close()
 
     @property
@@ -374,7 +376,9 @@ class SearchEngine:
                 self._reopened[name] = result
                 self._reopening.discard(name)
 
-        threading.Thread(target=reopen, name=f"matchmap-reopen-{name}", daemon=True).start()
+        thread = threading.Thread(target=reopen, name=f"matchmap-reopen-{name}", daemon=True)
+        self._reopeners = [t for t in self._reopeners if t.is_alive()] + [thread]
+        thread.start()
 
     def warm_up(self, background: bool = False) -> list[str]:
         """Open every collection this model can search (catalog rows, stage 1) and load what of its maps
