@@ -9,7 +9,14 @@ margin), so pauses inside the speech keep their timing.
 
 WebRTC's VAD (webrtcvad-wheels) was tried first: 50x cheaper, but after a caption it took 3 s of
 trailing -40 dBFS white noise for speech; Silero found the caption within 0.02 s at noise levels up
-to -20 dBFS. It costs about 7 ms per second of audio on one core (bench/bench_robustness.py).
+to -20 dBFS.
+
+Silero's own loop (``get_speech_timestamps``) calls the model once per 32 ms frame, about 7 ms per
+second of audio on one core. Only the model's LSTM carries anything from frame to frame: here the
+spectrogram and convolutions run over every frame at once and the LSTM in one ``torch.lstm`` call
+(``speech_probabilities``), with the package's own weights and its own thresholding
+(``get_speech_timestamps_from_probs``). The spans are the same as its loop's (tests/test_vad.py;
+probabilities within 1e-4) at a fraction of the time (bench/bench_vad.py; figures in docs/search.md).
 """
 
 from __future__ import annotations
@@ -23,29 +30,55 @@ from encoders import trim_silence
 
 MARGIN_SECONDS = 0.25  # kept on each side, as trim_silence does (the training captions have 0.09-0.31 s)
 VAD_RATES = (8000, 16000)  # the rates Silero VAD takes
-_models = threading.local()  # the model keeps state across chunks: one per thread
+FRAME_SAMPLES = {16000: 512, 8000: 256}  # Silero's frame (32 ms) at each rate
+CONTEXT_SAMPLES = {16000: 64, 8000: 32}  # the end of the previous frame, which the model sees before each frame
+_loaded = threading.Lock()
+_model = None  # the package's TorchScript model; only its stateless parts and weights are used here
 
 
-def _model():
-    if not hasattr(_models, "vad"):
-        from silero_vad import load_silero_vad
+def _silero():
+    global _model
+    with _loaded:
+        if _model is None:
+            from silero_vad import load_silero_vad
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-            _models.vad = load_silero_vad()
-    return _models.vad
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+                _model = load_silero_vad()
+    return _model
+
+
+def speech_probabilities(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """(N,) float waveform at ``sample_rate`` (8 or 16 kHz) -> (frames,) Silero's speech probability of
+    each 32 ms frame, as its streaming loop computes them (the last frame zero-padded), in one pass."""
+    if sample_rate not in VAD_RATES:
+        raise ValueError(f"the VAD takes audio at {VAD_RATES} Hz, got {sample_rate}")
+    net = _silero()._model if sample_rate == 16000 else _silero()._model_8k
+    size, context = FRAME_SAMPLES[sample_rate], CONTEXT_SAMPLES[sample_rate]
+    samples = waveform.detach().to("cpu", torch.float32).reshape(-1)
+    count = max(1, -(-samples.numel() // size))
+    frames = torch.nn.functional.pad(samples, (0, count * size - samples.numel())).view(count, size)
+    before = torch.cat([frames.new_zeros(1, context), frames[:-1, -context:]])
+    with torch.inference_mode():
+        features = net.encoder(net.run_extractors(torch.cat([before, frames], 1))).squeeze(-1)  # (frames, 128)
+        cell = net.decoder.rnn  # an LSTMCell, run over the frames as a one-layer LSTM
+        zeros = features.new_zeros(1, 1, cell.weight_hh.shape[1])
+        hidden = torch.lstm(features.unsqueeze(1), (zeros, zeros),
+                            [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh],
+                            True, 1, 0.0, False, False, False)[0]  # biases, layers, dropout, train, bidir, batch_first
+        return net.decoder.decoder(hidden.squeeze(1).unsqueeze(-1)).squeeze(1).mean(1)
 
 
 def speech_spans(waveform: torch.Tensor, sample_rate: int) -> list[tuple[int, int]]:
     """(N,) float waveform at ``sample_rate`` (8 or 16 kHz) -> [start, stop) samples of each stretch
-    of speech, in order; empty when there is none."""
-    if sample_rate not in VAD_RATES:
-        raise ValueError(f"the VAD takes audio at {VAD_RATES} Hz, got {sample_rate}")
-    from silero_vad import get_speech_timestamps
+    of speech, in order; empty when there is none. Silero's default thresholds and durations."""
+    from silero_vad.utils_vad import get_speech_timestamps_from_probs
 
-    samples = waveform.detach().to("cpu", torch.float32)
-    with torch.inference_mode():
-        stamps = get_speech_timestamps(samples, _model(), sampling_rate=sample_rate)
+    if waveform.numel() == 0:
+        return []
+    probabilities = speech_probabilities(waveform, sample_rate).tolist()
+    stamps = get_speech_timestamps_from_probs(probabilities, sampling_rate=sample_rate,
+                                              audio_length_samples=waveform.numel())
     return [(int(s["start"]), int(s["end"])) for s in stamps]
 
 

@@ -1,0 +1,59 @@
+"""search.vad computes Silero's speech probabilities in one pass; they must be what the package's own
+frame-by-frame loop computes, so the spans (and every query's cut) stay the same."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+from silero_vad import get_speech_timestamps
+
+from search import vad
+from training.manifest import load_manifest
+
+
+def streaming(waveform: torch.Tensor, sample_rate: int) -> tuple[list[float], list[tuple[int, int]]]:
+    """The package's reference: its model called once per frame, state carried by the model."""
+    model = vad._silero()
+    size = vad.FRAME_SAMPLES[sample_rate]
+    model.reset_states()
+    probabilities = []
+    with torch.inference_mode():
+        for start in range(0, waveform.numel(), size):
+            frame = torch.nn.functional.pad(waveform[start : start + size], (0, max(0, start + size - waveform.numel())))
+            probabilities.append(model(frame, sample_rate).item())
+        spans = get_speech_timestamps(waveform, model, sampling_rate=sample_rate)
+    return probabilities, [(s["start"], s["end"]) for s in spans]
+
+
+def captions(tiny_corpus, count: int) -> list[torch.Tensor]:
+    val = load_manifest(tiny_corpus / "val.json")
+    out = []
+    for entry in val.entries[:count]:
+        samples, rate = sf.read(val.audio_path(entry), dtype="float32")
+        assert rate == 16000
+        out.append(torch.from_numpy(samples))
+    return out
+
+
+@pytest.mark.parametrize("sample_rate", [16000, 8000])
+def test_one_pass_probabilities_and_spans_are_the_streaming_loops(tiny_corpus, sample_rate):
+    rng = np.random.default_rng(0)
+    waves = captions(tiny_corpus, 4)
+    noise = torch.from_numpy(rng.normal(0, 0.01, 16000 * 2).astype(np.float32))  # faint noise, then a caption
+    waves += [torch.cat([noise, waves[0], noise[:7000]]), torch.zeros(16000), waves[1][:300]]
+    for wave in waves:
+        if sample_rate != 16000:
+            wave = torchaudio.functional.resample(wave, 16000, sample_rate)
+        want_probabilities, want_spans = streaming(wave, sample_rate)
+        got = vad.speech_probabilities(wave, sample_rate)
+        assert got.shape == (len(want_probabilities),)
+        np.testing.assert_allclose(got.numpy(), want_probabilities, atol=1e-4)
+        assert vad.speech_spans(wave, sample_rate) == want_spans
+    assert any(streaming(w, 16000)[1] for w in captions(tiny_corpus, 4))  # the captions do hold speech
+    assert vad.speech_spans(torch.zeros(16000), 16000) == [] and vad.speech_spans(torch.zeros(0), 16000) == []
+
+
+def test_other_rates_are_refused_by_name():
+    with pytest.raises(ValueError, match="22050"):
+        vad.speech_probabilities(torch.zeros(22050), 22050)
