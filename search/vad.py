@@ -44,6 +44,7 @@ def _silero():
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+                warnings.simplefilter("ignore", DeprecationWarning)  # the package's importlib.resources.path
                 _model = load_silero_vad()
     return _model
 
