@@ -54,7 +54,8 @@ def speech_probabilities(waveform: torch.Tensor, sample_rate: int) -> torch.Tens
     each 32 ms frame, as its streaming loop computes them (the last frame zero-padded), in one pass."""
     if sample_rate not in VAD_RATES:
         raise ValueError(f"the VAD takes audio at {VAD_RATES} Hz, got {sample_rate}")
-    net = _silero()._model if sample_rate == 16000 else _silero()._model_8k
+    silero = _silero()
+    net = silero._model if sample_rate == 16000 else silero._model_8k
     size, context = FRAME_SAMPLES[sample_rate], CONTEXT_SAMPLES[sample_rate]
     samples = waveform.detach().to("cpu", torch.float32).reshape(-1)
     count = max(1, -(-samples.numel() // size))
@@ -75,9 +76,9 @@ def speech_spans(waveform: torch.Tensor, sample_rate: int) -> list[tuple[int, in
     of speech, in order; empty when there is none. Silero's default thresholds and durations."""
     from silero_vad.utils_vad import get_speech_timestamps_from_probs
 
+    probabilities = speech_probabilities(waveform, sample_rate).tolist()  # checks the rate, even of no audio
     if waveform.numel() == 0:
         return []
-    probabilities = speech_probabilities(waveform, sample_rate).tolist()
     stamps = get_speech_timestamps_from_probs(probabilities, sampling_rate=sample_rate,
                                               audio_length_samples=waveform.numel())
     return [(int(s["start"]), int(s["end"])) for s in stamps]

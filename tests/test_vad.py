@@ -57,3 +57,5 @@ def test_one_pass_probabilities_and_spans_are_the_streaming_loops(tiny_corpus, s
 def test_other_rates_are_refused_by_name():
     with pytest.raises(ValueError, match="22050"):
         vad.speech_probabilities(torch.zeros(22050), 22050)
+    with pytest.raises(ValueError, match="22050"):
+        vad.speech_spans(torch.zeros(0), 22050)  # even with no audio to look at
