@@ -306,9 +306,11 @@ def test_maps_held_in_the_background_answer_as_the_store_and_take_in_images_adde
             reference.close()
 
 
-def test_close_waits_for_the_background_holder(checkpoint, model, val, tiny_corpus, tmp_path, monkeypatch):
-    """close() lets the holder finish the collection it reads before the library closes: a process that
-    exited while the holder still ran torch code aborted (`serve` on a taken port exited -6, not 3)."""
+@pytest.mark.parametrize("thread", ["holder", "reopen"])
+def test_close_waits_for_the_background_holder(checkpoint, model, val, tiny_corpus, tmp_path, monkeypatch, thread):
+    """close() lets the holder (or a background reopen) finish the collection it reads before the library
+    closes: a process that exited while the holder still ran torch code aborted (`serve` on a taken port
+    exited -6, not 3)."""
     paths = image_paths(val, load_manifest(tiny_corpus / "train.json"))
     release = threading.Event()
     outcome = []
@@ -325,9 +327,17 @@ def test_close_waits_for_the_background_holder(checkpoint, model, val, tiny_corp
     with Library.open(tmp_path / "lib", create=True) as writer:
         writer.index("live", [str(p) for p in paths[:8]], model, progress=False)
     engine = SearchEngine.open(checkpoint, tmp_path / "lib", device="cpu")
+    if thread == "reopen":
+        engine.collection("live")
+        with Library.open(tmp_path / "lib") as writer:
+            writer.collection("live").remove_images([int(engine.collection("live").ids()[0])])
+        monkeypatch.setattr("search.engine.COLLECTION_REFRESH_SECONDS", 0.0)
     monkeypatch.setattr("search.engine.held_for", slow_held_for)
     try:
-        assert engine.warm_up(background=True) == ["live"]
+        if thread == "holder":
+            assert engine.warm_up(background=True) == ["live"]
+        else:
+            engine.collection("live")  # not only additions: reopened in the background
         closer = threading.Thread(target=engine.close)
         closer.start()
         closer.join(0.3)
