@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -41,8 +42,9 @@ def add(library: Library, model, count: int, first: int) -> None:
     library.add_embedded("c", model, [scene_like_maps(model, count, first)], progress=False)
 
 
-def expected_codes(coll, codec) -> np.ndarray:
-    return np.concatenate([codec.encode(maps) for _, maps in coll.iter_feature_maps()])
+def expected_records(coll, encode) -> np.ndarray:
+    """What ``encode`` (a codec's encode, centroids' assign) makes of every map of ``coll``, in id order."""
+    return np.concatenate([encode(maps) for _, maps in coll.iter_feature_maps()])
 
 
 def test_indexing_writes_codes_that_open_reads_without_reading_a_map(tmp_path, model, monkeypatch):
@@ -54,34 +56,49 @@ def test_indexing_writes_codes_that_open_reads_without_reading_a_map(tmp_path, m
         assert meta is not None and meta["trained_on"] == 40 and files.rows(meta) == 40
         assert files.bytes_on_disk() > 40 * CODE_BYTES
         codec = files.codec(meta)
-        want = expected_codes(coll, codec)
+        want = expected_records(coll, codec.encode)
 
         def no_map_reads(*args, **kwargs):
             raise AssertionError("opening read a feature map although every image has written codes")
+
+        assert meta["regions"] == 64 and 1 < meta["centroids"] <= 1024
+        want_ids = expected_records(coll, files.centroids(meta).assign)
+        assert len(np.unique(want_ids)) > 1
 
         monkeypatch.setattr(FeatureStore, "read_maps", no_map_reads)
         codec_read, codes = library.collection("c").region_codes()
         np.testing.assert_array_equal(codes, want)  # in id order, as ResidentCodes holds them
         assert codes.shape == (40, CODE_BYTES)
+        centroids, region_ids = library.collection("c").held_region_centroid_ids()
+        np.testing.assert_array_equal(region_ids, want_ids)  # in id order, as positions_of counts
+        np.testing.assert_array_equal(centroids.centroids, files.centroids(meta).centroids)
 
 
-def test_a_torn_tail_is_coded_in_memory_at_open_and_completed_by_the_next_index_run(tmp_path, model):
+@pytest.mark.parametrize("part", ["codes", "region_ids"])
+def test_a_torn_tail_is_coded_in_memory_at_open_and_completed_by_the_next_index_run(tmp_path, model, part):
+    """A crash while appending leaves 20 whole records and part of one in one file (the codes, or the
+    region ids written after them): the missing slots are made in memory at open, the next run completes them."""
+    def made(coll, meta):  # every map's records of this part, as the set's codec or centroids make them
+        return expected_records(coll, files.codec(meta).encode if part == "codes" else files.centroids(meta).assign)
+
+    def read_at_open(coll):
+        return coll.region_codes()[1] if part == "codes" else coll.region_centroid_ids()[1]
+
     with Library.open(tmp_path, create=True) as library:
         add(library, model, 30, 0)
         coll = library.collection("c")
         files = CodeFile(coll.store.folder)
         meta = files.meta()
-        want = expected_codes(coll, files.codec(meta))
-        path = coll.store.folder / f"codes-{meta['tag']}.u8"
-        with open(path, "r+b") as f:  # a crash while appending: 20 whole records and part of one
-            f.truncate(20 * CODE_BYTES + 100)
+        want = made(coll, meta)
+        path, record, _, _ = files._part(meta, part)
+        with open(path, "r+b") as f:
+            f.truncate(20 * record + 7)
         assert files.rows(meta) == 20
-        np.testing.assert_array_equal(library.collection("c").region_codes()[1], want)
-        add(library, model, 5, 1000)  # grows by less than double: same codec, the tail and the new slots coded
+        np.testing.assert_array_equal(read_at_open(library.collection("c")), want)
+        add(library, model, 5, 1000)  # grows by less than double: same set, the tail and the new slots coded
         after = files.meta()
         assert after["tag"] == meta["tag"] and files.rows(after) == 35
-        coll = library.collection("c")
-        np.testing.assert_array_equal(files.read(after, np.arange(35)), expected_codes(coll, files.codec(after)))
+        np.testing.assert_array_equal(files.read(after, np.arange(35), part), made(library.collection("c"), after))
 
 
 def test_the_codec_is_trained_again_when_the_collection_doubles_and_old_files_go(tmp_path, model):
@@ -94,10 +111,11 @@ def test_the_codec_is_trained_again_when_the_collection_doubles_and_old_files_go
         add(library, model, 15, 900)  # 45 >= 2 x 20: trained again on maps spread over all 45
         second = CodeFile(folder).meta()
         assert second["tag"] != first["tag"] and second["trained_on"] == 45
-        assert sorted(p.name for p in folder.glob("code*")) == sorted(
-            ["codes.json", f"codec-{second['tag']}.npz", f"codes-{second['tag']}.u8"])
+        assert sorted(p.name for p in folder.glob("*") if p.name.startswith(("code", "centroids", "regions"))) == sorted(
+            ["codes.json", f"codec-{second['tag']}.npz", f"codes-{second['tag']}.u8",
+             f"centroids-{second['tag']}.npz", f"regions-{second['tag']}.u16"]), "the old set's files go"
         coll = library.collection("c")
-        np.testing.assert_array_equal(coll.region_codes()[1], expected_codes(coll, CodeFile(folder).codec(second)))
+        np.testing.assert_array_equal(coll.region_codes()[1], expected_records(coll, CodeFile(folder).codec(second).encode))
 
 
 def test_compaction_writes_codes_for_the_new_store(tmp_path, model):
@@ -112,7 +130,7 @@ def test_compaction_writes_codes_for_the_new_store(tmp_path, model):
         files = CodeFile(coll.store.folder)
         meta = files.meta()
         assert meta is not None and files.rows(meta) == coll.size == 8
-        np.testing.assert_array_equal(coll.region_codes()[1], expected_codes(coll, files.codec(meta)))
+        np.testing.assert_array_equal(coll.region_codes()[1], expected_records(coll, files.codec(meta).encode))
 
 
 def test_a_collection_without_written_codes_is_coded_at_open(tmp_path, model):
@@ -122,7 +140,7 @@ def test_a_collection_without_written_codes_is_coded_at_open(tmp_path, model):
         for path in coll.store.folder.glob("code*"):
             path.unlink()  # as a collection indexed before codes existed
         codec, codes = library.collection("c").region_codes()
-        np.testing.assert_array_equal(codes, expected_codes(coll, codec))
+        np.testing.assert_array_equal(codes, expected_records(coll, codec.encode))
         assert not list(coll.store.folder.glob("code*")), "a reader writes nothing"
 
 
@@ -140,7 +158,7 @@ def test_codes_follow_each_image_to_its_slot_across_holes(tmp_path, model):
         coll = library.collection("c")
         assert coll.size == 16
         files = CodeFile(coll.store.folder)
-        np.testing.assert_array_equal(coll.region_codes()[1], expected_codes(coll, files.codec(files.meta())))
+        np.testing.assert_array_equal(coll.region_codes()[1], expected_records(coll, files.codec(files.meta()).encode))
 
 
 @pytest.mark.parametrize("which", ["one run", "a run with holes", "sparse", "shuffled", "one slot"])
@@ -150,9 +168,11 @@ def test_codes_are_read_for_any_slots_in_the_order_asked(tmp_path, monkeypatch, 
     monkeypatch.setattr(code_store, "READ_WINDOW_ROWS", 64)  # several windows, dense and sparse ones
     rows = 1000
     records = np.random.default_rng(3).integers(0, 256, (rows, CODE_BYTES), dtype=np.uint8)
+    region_ids = np.random.default_rng(5).integers(0, 1024, (rows, 64), dtype=np.uint16)
     files = CodeFile(tmp_path)
-    meta = {"tag": "t", "trained_on": rows, "code_bytes": CODE_BYTES}
-    files._codes_path("t").write_bytes(records.tobytes())
+    meta = {"tag": "t", "trained_on": rows, "code_bytes": CODE_BYTES, "centroids": 1024, "regions": 64}
+    files._part(meta, "codes")[0].write_bytes(records.tobytes())
+    files._part(meta, "region_ids")[0].write_bytes(region_ids.tobytes())
     rng = np.random.default_rng(4)
     slots = {"one run": np.arange(100, 900),
              "a run with holes": np.setdiff1d(np.arange(rows), rng.choice(rows, 150, replace=False)),
@@ -160,5 +180,43 @@ def test_codes_are_read_for_any_slots_in_the_order_asked(tmp_path, monkeypatch, 
              "shuffled": rng.permutation(rows)[:700],
              "one slot": np.array([999])}[which]
     assert np.array_equal(files.read(meta, slots), records[slots])
+    assert np.array_equal(files.read(meta, slots, "region_ids"), region_ids[slots])
     with pytest.raises(ValueError, match="codes cover slots 0..999"):
         files.read(meta, np.array([5, rows]))
+
+
+def test_a_set_written_before_centroids_keeps_serving_codes_and_the_next_run_adds_them(tmp_path, model):
+    with Library.open(tmp_path, create=True) as library:
+        add(library, model, 20, 0)
+        folder = library.collection("c").store.folder
+        files = CodeFile(folder)
+        meta = files.meta()
+        for path in [*folder.glob("centroids-*"), *folder.glob("regions-*")]:
+            path.unlink()
+        old = {k: meta[k] for k in ("tag", "trained_on", "code_bytes")}  # as the previous version wrote it
+        (folder / "codes.json").write_text(json.dumps(old))
+        coll = library.collection("c")
+        assert coll.region_centroid_ids() is None and coll.held_region_centroid_ids() is None
+        np.testing.assert_array_equal(coll.region_codes()[1], expected_records(coll, files.codec(old).encode))
+        add(library, model, 2, 700)  # the next index run writes a whole new set, with centroids
+        meta = files.meta()
+        assert meta["tag"] != old["tag"] and "centroids" in meta and files.rows(meta) == 22
+        coll = library.collection("c")
+        np.testing.assert_array_equal(coll.held_region_centroid_ids()[1],
+                                      expected_records(coll, files.centroids(meta).assign))
+
+
+def test_an_appended_snapshot_extends_the_held_region_ids(tmp_path, model):
+    with Library.open(tmp_path, create=True) as library:
+        add(library, model, 20, 0)
+        reader = Library.open(tmp_path)
+        coll = reader.collection("c")
+        centroids, held = coll.held_region_centroid_ids()
+        add(library, model, 6, 300)
+        fresh = coll.appended()
+        assert fresh is not None and fresh is not coll and fresh.size == 26
+        got_centroids, region_ids = fresh.held_region_centroid_ids()
+        assert got_centroids is centroids  # the snapshot's own centroids, not the new set's
+        np.testing.assert_array_equal(region_ids[:20], held)
+        np.testing.assert_array_equal(region_ids[20:], centroids.assign(fresh.feature_maps(fresh.ids()[20:])))
+        reader.close()

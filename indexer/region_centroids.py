@@ -1,0 +1,98 @@
+"""Region centroids: every region of an image as the id of its nearest of C centroids (PLAID's
+centroid interaction), so stage 1 can pick, among many candidates, those whose MISA is likely high.
+
+Stage 1's pooled vectors are one vector per image and caption: an inner product of two averages,
+where MISA keeps, for each frame, the image's *best* region. Their top K misses some of MISA's top
+10 (docs/search.md). The centroid interaction keeps MISA's form on a coarse version of the map: a
+query's frames meet the C centroids once (T x C products), and an image's approximate MISA is, for
+each frame, the best score among its R regions' centroids, averaged over the frames. That costs a
+gather of R x T numbers per candidate, no product, and R ids of 2 bytes per image on disk and in
+memory. ``search.centroid_prune`` blends it with the pooled score to keep K of a wider stage-1 list.
+
+Centroids are learnt by k-means (faiss) on the region vectors of maps spread over the collection,
+beside the transform codec, by ``indexer.code_store`` at indexing time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from torch import Tensor
+
+CENTROIDS = 1024  # per collection: at K=100 of 400 on 10,000 scenes, 256 kept 0.954 of MISA's top 10, 1024 0.963
+VECTORS_PER_CENTROID = 16  # fewer training vectors than this per centroid: fewer centroids
+KMEANS_ITERATIONS = 20
+ASSIGN_BATCH = 65536  # region vectors assigned at a time
+
+
+@dataclass
+class RegionCentroids:
+    """C centroids (C, D) float32 of region vectors; ``ids`` of an image are uint16 (R,)."""
+
+    centroids: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.centroids.ndim != 2 or not 1 <= len(self.centroids) <= 65536:
+            raise ValueError(f"region centroids must be (C, D) with 1 <= C <= 65536, got {self.centroids.shape}")
+        self.centroids = np.ascontiguousarray(self.centroids, dtype=np.float32)
+
+    @classmethod
+    def train(cls, maps: np.ndarray, count: int = CENTROIDS, seed: int = 0) -> RegionCentroids:
+        """k-means over the region vectors of ``maps`` (N, R, D): ``count`` centroids, fewer when there
+        are under VECTORS_PER_CENTROID vectors per centroid (at least one)."""
+        vectors = np.ascontiguousarray(np.asarray(maps, dtype=np.float32).reshape(-1, maps.shape[-1]))
+        if len(vectors) == 0:
+            raise ValueError("region centroids need at least one map to train on")
+        count = max(1, min(count, len(vectors) // VECTORS_PER_CENTROID))
+        if count == 1:
+            return cls(vectors.mean(axis=0, keepdims=True))
+        kmeans = faiss.Kmeans(vectors.shape[1], count, niter=KMEANS_ITERATIONS, seed=seed, verbose=False,
+                              min_points_per_centroid=VECTORS_PER_CENTROID)
+        kmeans.train(vectors)
+        return cls(kmeans.centroids)
+
+    @property
+    def count(self) -> int:
+        return len(self.centroids)
+
+    def assign(self, maps: np.ndarray) -> np.ndarray:
+        """maps (N, R, D) -> (N, R) uint16: each region's nearest centroid (squared L2)."""
+        n, r, d = maps.shape
+        if d != self.centroids.shape[1]:
+            raise ValueError(f"maps have {d} dims, the centroids {self.centroids.shape[1]}")
+        index = faiss.IndexFlatL2(d)
+        index.add(self.centroids)
+        vectors = np.asarray(maps, dtype=np.float32).reshape(n * r, d)
+        out = np.empty(n * r, np.uint16)
+        for start in range(0, len(vectors), ASSIGN_BATCH):
+            _, nearest = index.search(np.ascontiguousarray(vectors[start : start + ASSIGN_BATCH]), 1)
+            out[start : start + ASSIGN_BATCH] = nearest[:, 0]
+        return out.reshape(n, r)
+
+    def interaction(self, audio: Tensor, lengths: Tensor, region_ids: Tensor) -> Tensor:
+        """Approximate MISA of each caption ``audio[b]`` (B, T, D) over its first ``lengths[b]`` frames
+        against the images whose region ids are ``region_ids[b]`` (B, K, R) long -> (B, K) float32:
+        for each frame the best of the image's regions' centroid scores, averaged over the frames."""
+        centroids = torch.from_numpy(self.centroids).to(audio.device)
+        out = torch.empty(region_ids.shape[:2], device=audio.device)
+        for b in range(len(region_ids)):
+            length = int(lengths[b])
+            # (C, T): each centroid's score with each true frame, rows contiguous for the gather
+            frame_scores = (centroids @ audio[b, :length].float().T).contiguous()
+            k, r = region_ids.shape[1:]
+            best = frame_scores.index_select(0, region_ids[b].reshape(-1)).view(k, r, length).amax(dim=1)
+            out[b] = best.mean(dim=1)
+        return out
+
+    def save(self, path: str | Path) -> None:
+        with open(path, "wb") as f:  # np.savez would append .npz to a name without it
+            np.savez(f, centroids=self.centroids)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RegionCentroids:
+        with np.load(path) as f:
+            return cls(f["centroids"])
