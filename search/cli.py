@@ -24,6 +24,7 @@ from search import (
     DEFAULT_PORT,
     MAX_CANDIDATES,
     MAX_EXHAUSTIVE_CANDIDATES,
+    STAGE1_WIDEN,
 )
 from search.client import Heatmap, SearchClient, SearchHits, SearchServiceError, ServerUnreachable
 
@@ -74,6 +75,10 @@ EXIT_CANNOT_LISTEN = 3  # serve
               help="Stage-1 candidates re-ranked by MISA when a query does not say, at least (see docs/search.md for "
                    f"agreement with exhaustive MISA and cost per value). A query may ask for up to {MAX_CANDIDATES}, "
                    f"or up to {MAX_EXHAUSTIVE_CANDIDATES} (every image) on a collection of at most that many.")
+@click.option("--stage1-widen", type=click.IntRange(min=1), default=STAGE1_WIDEN, show_default=True,
+              help="Stage 1 takes this many times K candidates from the pooled vectors and keeps the K whose "
+                   "pooled score plus centroid interaction (each region as its nearest centroid) is best: "
+                   "MISA's top 10 is then held at a smaller K (docs/search.md). 1: the pooled vectors' top K.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, help="Most queries encoded in one forward pass.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64,
               help="Calls holding work at once (decoding, queued, scoring); more get RESOURCE_EXHAUSTED at once.")
@@ -129,6 +134,7 @@ def serve(
     max_message_mb: float,
     default_candidates: int,
     candidates_share: float,
+    stage1_widen: int,
     max_batch: int,
     max_queue: int,
     max_concurrent_rpcs: int,
@@ -171,6 +177,7 @@ def serve(
             max_audio_seconds=max_audio_seconds,
             default_candidates=default_candidates,
             candidates_share=candidates_share,
+            stage1_widen=stage1_widen,
             max_candidates=max(default_candidates, SearchLimits.max_candidates),
             max_exhaustive_candidates=max(default_candidates, SearchLimits.max_exhaustive_candidates),
             resident_maps_mb=resident_maps_mb,

@@ -30,8 +30,15 @@ from torch import Tensor
 from encoders import create_model, load_image, trim_silence
 from encoders.matchmap import paired_misa
 from indexer import Collection, CollectionInfo, ImageRecord, Library, Shard
-from search import DEFAULT_CANDIDATES, DEFAULT_CANDIDATES_SHARE, MAX_CANDIDATES, MAX_EXHAUSTIVE_CANDIDATES
+from search import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_CANDIDATES_SHARE,
+    MAX_CANDIDATES,
+    MAX_EXHAUSTIVE_CANDIDATES,
+    STAGE1_WIDEN,
+)
 from search.audio import check_sample_rate, decode_audio
+from search.centroid_prune import prune_by_centroids
 from search.errors import ImageNotFound, InvalidQuery
 from search.localization import LiveHighlighter, Localization, encode_whole_image, localize
 from search.resident import ResidentCodes, ResidentMaps, held_for, misa_caption_by_caption
@@ -92,6 +99,9 @@ class SearchLimits:
     # million images each re-scored map is a store read (about 4 ms cold).
     exact_rescore_at_least: int = 32
     exact_rescore_factor: int = 3
+    # Stage 1 takes stage1_widen x K candidates from FAISS and keeps K of them by the centroid interaction
+    # (search.centroid_prune), where the collection has region centroids; 1 = FAISS's top K as they are.
+    stage1_widen: int = STAGE1_WIDEN
 
     def __post_init__(self) -> None:
         if not self.max_audio_seconds > 0:
@@ -100,6 +110,8 @@ class SearchLimits:
             raise ValueError(f"need 1 <= default_top_k <= max_top_k, got {self.default_top_k}, {self.max_top_k}")
         if self.exact_rescore_at_least < 1 or self.exact_rescore_factor < 1:
             raise ValueError("exact_rescore_at_least and exact_rescore_factor must be >= 1")
+        if self.stage1_widen < 1:
+            raise ValueError(f"stage1_widen must be >= 1, got {self.stage1_widen}")
         if not 0 <= self.candidates_share <= 1:
             raise ValueError(f"candidates_share must lie in 0..1, got {self.candidates_share}")
         if not self.resident_maps_mb >= 0:
@@ -366,6 +378,7 @@ class SearchEngine:
         def reopen() -> None:
             try:
                 coll = self._open_checked(name)
+                coll.held_region_centroid_ids()  # read here, not by the first query after the swap
                 with self._lock:
                     room = self._room_for(name)
                 result: tuple[Collection, ResidentMaps | ResidentCodes | None] | Exception = (
@@ -391,7 +404,7 @@ class SearchEngine:
         names = [info.name for info, searchable in self.list_collections() if searchable]
         if not background:
             for name in names:
-                self.collection(name)
+                self.collection(name).held_region_centroid_ids()
             return names
         opened = []
         with self._lock:
@@ -413,6 +426,7 @@ class SearchEngine:
             with self._lock:
                 room = self._room_for(coll.name)
             try:
+                coll.held_region_centroid_ids()
                 resident = held_for(coll, lambda nbytes, room=room: nbytes <= room, self.device)
             except Exception as error:  # noqa: BLE001 - queries go on reading the store (and say what is wrong)
                 log.warning("collection %r: its maps are not held in memory: %s", coll.name, error)
@@ -620,7 +634,12 @@ class SearchEngine:
         try:
             coll = self.collection(name)
             stage1_started = time.perf_counter()
-            stage1_scores, stage1_ids = coll.search_stage1(np.ascontiguousarray(pooled[members]), candidates)
+            wide = self._stage1_width(coll, candidates)
+            stage1_scores, stage1_ids = coll.search_stage1(np.ascontiguousarray(pooled[members]), wide)
+            if wide > candidates:
+                longest = int(lengths[members].max())
+                stage1_scores, stage1_ids = prune_by_centroids(coll, audio[members, :longest], lengths[members],
+                                                               stage1_scores, stage1_ids, candidates)
             stage1_ms = _ms_since(stage1_started)
         except (LookupError, ValueError) as error:
             return [error] * len(members)
@@ -628,6 +647,15 @@ class SearchEngine:
                                                                             stage1_ms, outcome[2])
                 for outcome in self._rerank_isolated(coll, audio, lengths, members, stage1_ids, stage1_scores,
                                                      queries)]
+
+    def _stage1_width(self, coll: Collection, candidates: int) -> int:
+        """How many candidates stage 1 takes from FAISS for K = ``candidates`` (see SearchLimits.stage1_widen):
+        K itself when that is every image, when widening is off, or when ``coll`` has no region centroids
+        (or another thread is still reading them: queries do not wait for that)."""
+        widen = self.limits.stage1_widen
+        if widen <= 1 or candidates >= coll.size or coll.held_region_centroid_ids(wait=False) is None:
+            return candidates
+        return min(coll.size, widen * candidates)
 
     def _rerank_isolated(self, coll: Collection, audio: Tensor, lengths: Tensor, members: list[int],
                          ids: np.ndarray, stage1_scores: np.ndarray, queries: Sequence[SearchQuery]) -> list:

@@ -7,7 +7,8 @@ same gRPC API, health, reflection, auth, web page), whose engine (``ShardedEngin
 query once and fans out to the shards through Serve deployment handles, in two rounds:
 
 1. stage 1: every shard returns its best K by stage-1 score; the front keeps the best K of them
-   all: exactly the K a single machine's stage 1 would pick;
+   all: exactly the K a single machine's stage 1 would pick with ``--stage1-widen 1`` (the centroid
+   interaction that widens a single machine's stage 1 is not done on shards yet);
 2. stage 2: every shard re-scores by MISA those of the K that it holds and returns its best top_k;
    the front merges them by score.
 
@@ -150,6 +151,10 @@ class ShardedCollection:
     folder: Path
     resident_bytes: int = 0  # feature maps the shards hold in memory
 
+    def held_region_centroid_ids(self, wait: bool = True) -> None:
+        """None: the front holds no region centroid ids (stage 1 on shards is not widened)."""
+        return None
+
 
 class ShardedEngine(SearchEngine):
     """The front's engine: the model (query encoding, localization, highlighting) and the catalog
@@ -157,8 +162,10 @@ class ShardedEngine(SearchEngine):
 
     def __init__(self, model, library, handles: Sequence[Any], *, device: str = "auto",
                  limits: SearchLimits | None = None, vad: bool = True, retry_seconds: float = RETRY_SECONDS):
-        super().__init__(model, library, device=device, limits=replace(limits or SearchLimits(), resident_maps_mb=0),
-                         vad=vad)
+        # Stage 1 is not widened on shards: the centroid interaction would need a third round (each shard
+        # scoring its own of the front's merged candidates), which is not built; the shards' K is FAISS's.
+        super().__init__(model, library, device=device,
+                         limits=replace(limits or SearchLimits(), resident_maps_mb=0, stage1_widen=1), vad=vad)
         self.handles = list(handles)
         self.retry_seconds = retry_seconds
         self.retries = 0  # shard calls asked again after a failure (a dead replica), for operators and tests
