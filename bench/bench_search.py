@@ -366,6 +366,7 @@ def agreement_curve(engine: SearchEngine, images: list[Path] | None, audio_bytes
             "identical_top10": identical / len(prepared),
             "top1_agreement": top1 / len(prepared),
             "stage1_recall_of_exact_top10": float(stage1_recall),
+            "stage1_p50_ms": statistics.median(r.timings_ms["stage1"] for r in results),
             "stage2_p50_ms": statistics.median(r.timings_ms["stage2"] for r in results),
         })
     return rows, recall
@@ -558,13 +559,14 @@ def print_codec_rows(figures: dict, ks: list[int]) -> None:
 
 def print_agreement(label: str, rows: list[dict], default_k: int, size: int) -> None:
     print(f"{label}:")
-    print(f"{'K':>6}  {'overlap@10':>10}  {'identical':>9}  {'top-1':>6}  {'stage-1 recall':>14}  {'stage-2 p50 ms':>14}")
+    print(f"{'K':>6}  {'overlap@10':>10}  {'identical':>9}  {'top-1':>6}  {'FAISS top-K recall':>18}  "
+          f"{'stage-1 p50 ms':>14}  {'stage-2 p50 ms':>14}")
     for row in rows:
         mark = "  <- default" if row["K"] == min(default_k, size) else ""
         print(
             f"{row['K']:>6}  {row['top10_overlap']:>10.3f}  {row['identical_top10']:>9.3f}  "
-            f"{row['top1_agreement']:>6.3f}  {row['stage1_recall_of_exact_top10']:>14.3f}  "
-            f"{row['stage2_p50_ms']:>14.2f}{mark}"
+            f"{row['top1_agreement']:>6.3f}  {row['stage1_recall_of_exact_top10']:>18.3f}  "
+            f"{row.get('stage1_p50_ms', float('nan')):>14.2f}  {row['stage2_p50_ms']:>14.2f}{mark}"
         )
 
 
@@ -616,6 +618,9 @@ def main() -> None:
                         help="side by side: the first model is served by this checkout's code (e.g. a git worktree "
                              "of the previous commit), the second by this one's, and again with serve --no-vad")
     parser.add_argument("--skip-agreement", action="store_true", help="no agreement curves")
+    parser.add_argument("--widen-side-by-side", action="store_true",
+                        help="agreement curves of the model with stage 1 as before (--stage1-widen 1: FAISS's top K) "
+                             "and widened (the default: the centroid interaction keeps K of more), in this run")
     parser.add_argument("--agreement-only", action="store_true",
                         help="only the agreement curves (no load runs, batching or arithmetic)")
     parser.add_argument("--plot", type=Path, default=None, help="draw the agreement curves into this PNG")
@@ -730,6 +735,9 @@ def main() -> None:
         ks = sorted(set(args.k_curve + [default_k]))
         n_agree = min(len(queries), args.agreement_queries)
         models = [(engine.model_version, engine, COLLECTION)]
+        if args.widen_side_by_side:
+            plain = SearchEngine.open(checkpoint, work / "library", device=args.device, limits=SearchLimits(stage1_widen=1))
+            models.insert(0, (plain.model_version, plain, COLLECTION))
         if args.compare_checkpoint is not None:
             seconds, _ = build_collection(work, args.compare_checkpoint, images[: args.images], COLLECTION + "-compare")
             print(f"compare collection indexed in {seconds:.1f} s")
@@ -737,7 +745,7 @@ def main() -> None:
             models.append((other.model_version, other, COLLECTION + "-compare"))
         curves, recalls = {}, {}
         for version, model_engine, name in models:
-            label = f"{version} (stage 1: {model_engine.model.stage1_pooling})"
+            label = f"{version} (stage 1: {model_engine.model.stage1_pooling}, widen {model_engine.limits.stage1_widen})"
             rows, recall = agreement_curve(model_engine, images[: args.images], queries[: args.agreement_queries], ks,
                                            collection=name, own_images=own_images)
             curves[label], recalls[label] = rows, recall

@@ -11,11 +11,17 @@ DEFAULT_HTTP_PORT = 8080  # the search page and JSON API (search.web)
 # DEFAULT_CANDIDATES_SHARE x the collection's images), at most MAX_CANDIDATES (`serve --candidates`,
 # `--candidates-share`). Near-alike scenes crowd MISA's top 10 as a collection grows, so stage 1 must pass
 # on more of them to hold it. Measured with the shipped model's distilled stage-1 heads (spoken captions
-# of unheard voices; bench/bench_search.py, docs/search.md): on 10,000 scene images K=400 holds 0.988 of
-# the exhaustive MISA top-10 (masked means, a model without heads: 0.963); on 100,000, K=400 holds 0.882
-# and K=1,000 0.972.
-DEFAULT_CANDIDATES = 400
+# of unheard voices; bench/bench_search.py, docs/search.md). On 10,000 scene images, with stage 1 widened
+# (STAGE1_WIDEN), K=200 holds 0.992 of the exhaustive MISA top-10 and K=100 0.963; FAISS's own top K held
+# 0.987 at the previous default of 400 and 0.955 at 200. On 100,000 (FAISS's top K, before widening),
+# K=400 held 0.882 and K=1,000 0.972.
+DEFAULT_CANDIDATES = 200
 DEFAULT_CANDIDATES_SHARE = 0.01
+# Stage 1 takes this many times K candidates from FAISS's pooled vectors and keeps the K that the sum of the
+# pooled score and the centroid interaction ranks first (search.centroid_prune; `serve --stage1-widen`).
+# On 10,000 scene images, K=100 of 4 x 100 held 0.963 of the exhaustive MISA top 10, FAISS's own top 100
+# 0.875 (docs/search.md).
+STAGE1_WIDEN = 4
 # The most candidates one query may ask for: a bound on a query's stage-2 time and memory.
 MAX_CANDIDATES = 4000
 # ... except on a collection of at most this many images, where a query may ask for up to this many,
