@@ -25,18 +25,35 @@ def standardized(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return (scores - mean) / np.maximum(spread, 1e-12)
 
 
-def prune_by_centroids(coll, audio: Tensor, lengths: Tensor, scores: np.ndarray, ids: np.ndarray,
-                       keep: int) -> tuple[np.ndarray, np.ndarray]:
-    """Of each query's stage-1 candidates ``ids`` (B, K') with pooled ``scores`` (-1 pads), the ``keep``
-    best by pooled score + centroid interaction, both standardized -> (scores, ids) (B, keep), pads last.
-    ``coll`` must hold region centroid ids (``Collection.held_region_centroid_ids``); ``audio`` (B, T, D)
-    and ``lengths`` (B,) are the queries' audio maps."""
-    centroids, region_ids = coll.held_region_centroid_ids()
+def centroid_scores(coll, audio: Tensor, lengths: Tensor, ids: np.ndarray) -> np.ndarray | None:
+    """The centroid interaction of each query ``audio[b]`` (B, T, D; ``lengths`` (B,)) with its candidates
+    ``ids`` (B, K') of ``coll`` (-1: none) -> (B, K') float64, NaN where there is no candidate; None when
+    ``coll`` holds no region centroid ids (``Collection.held_region_centroid_ids``)."""
+    held = coll.held_region_centroid_ids()
+    if held is None:
+        return None
+    centroids, region_ids = held
     valid = ids >= 0
     positions = np.zeros_like(ids)
     positions[valid] = coll.positions_of(ids[valid])
     gathered = torch.from_numpy(region_ids[positions].astype(np.int64)).to(audio.device)  # (B, K', R)
     approx = centroids.interaction(audio, lengths, gathered).cpu().numpy().astype(np.float64)
-    blend = standardized(np.asarray(scores, np.float64), valid) + standardized(approx, valid)
+    return np.where(valid, approx, np.nan)
+
+
+def keep_best(scores: np.ndarray, ids: np.ndarray, approx: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Of each query's candidates ``ids`` (B, K') with pooled ``scores`` and centroid scores ``approx``
+    (-1 pads), the ``keep`` best by the sum of the two, each standardized over the row's candidates
+    -> (scores, ids) (B, keep), pads last."""
+    valid = ids >= 0
+    blend = standardized(np.asarray(scores, np.float64), valid) + standardized(np.nan_to_num(approx), valid)
     order = np.argsort(-np.where(valid, blend, -np.inf), axis=1, kind="stable")[:, :keep]
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def prune_by_centroids(coll, audio: Tensor, lengths: Tensor, scores: np.ndarray, ids: np.ndarray,
+                       keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Of each query's stage-1 candidates ``ids`` (B, K') with pooled ``scores`` (-1 pads), the ``keep``
+    best by :func:`keep_best`; ``coll`` must hold region centroid ids. ``audio`` (B, T, D) and ``lengths``
+    (B,) are the queries' audio maps."""
+    return keep_best(scores, ids, centroid_scores(coll, audio, lengths, ids), keep)

@@ -4,11 +4,13 @@ Each shard (one Serve deployment per shard, ``CollectionShard``) opens the colle
 ``indexer.Shard(i, N)``: the images whose id is i modulo N, with their own stage-1 index and feature
 maps, so each node holds 1/N of the maps. The front is the ordinary ``matchmap serve`` process (the
 same gRPC API, health, reflection, auth, web page), whose engine (``ShardedEngine``) encodes each
-query once and fans out to the shards through Serve deployment handles, in two rounds:
+query once and fans out to the shards through Serve deployment handles, in two rounds (three when stage 1
+is widened):
 
-1. stage 1: every shard returns its best K by stage-1 score; the front keeps the best K of them
-   all: exactly the K a single machine's stage 1 would pick with ``--stage1-widen 1`` (the centroid
-   interaction that widens a single machine's stage 1 is not done on shards yet);
+1. stage 1: every shard returns its best W = ``stage1_widen`` x K by stage-1 score; the front keeps
+   the best W of them all, and (where the collection has region centroids) asks every shard for the
+   centroid interaction of those it holds, and keeps the K best by the same blend as a single
+   machine (``search.centroid_prune.keep_best``): exactly the K a single machine's stage 1 would pick;
 2. stage 2: every shard re-scores by MISA those of the K that it holds and returns its best top_k;
    the front merges them by score.
 
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 
 from indexer import CollectionNotFound, ModelMismatchError, Shard
+from search.centroid_prune import centroid_scores, keep_best
 from search.engine import (
     COLLECTION_REFRESH_SECONDS,
     GroupAnswer,
@@ -122,6 +125,16 @@ class CollectionShard:
             return {"scores": scores, "ids": ids, "size": coll.size}
         return self._answer(run)
 
+    def centroid_scores(self, name: str, audio: np.ndarray, lengths: np.ndarray, ids: np.ndarray) -> dict:
+        """The centroid interaction of each query with those of its candidates ``ids`` (-1: another shard's)
+        this shard holds ({"scores": None} when the collection has no region centroids)."""
+        def run() -> dict:
+            coll = self.engine.collection(name)
+            with torch.inference_mode():
+                scores = centroid_scores(coll, torch.from_numpy(audio), torch.from_numpy(lengths), ids)
+            return {"scores": scores}
+        return self._answer(run)
+
     def rerank(self, name: str, audio: np.ndarray, lengths: np.ndarray, ids: np.ndarray, stage1_scores: np.ndarray,
                top_ks: list[int]) -> dict:
         def run() -> dict:
@@ -152,7 +165,7 @@ class ShardedCollection:
     resident_bytes: int = 0  # feature maps the shards hold in memory
 
     def held_region_centroid_ids(self, wait: bool = True) -> None:
-        """None: the front holds no region centroid ids (stage 1 on shards is not widened)."""
+        """None: the front holds no region centroid ids (the shards hold theirs)."""
         return None
 
 
@@ -162,10 +175,8 @@ class ShardedEngine(SearchEngine):
 
     def __init__(self, model, library, handles: Sequence[Any], *, device: str = "auto",
                  limits: SearchLimits | None = None, vad: bool = True, retry_seconds: float = RETRY_SECONDS):
-        # Stage 1 is not widened on shards: the centroid interaction would need a third round (each shard
-        # scoring its own of the front's merged candidates), which is not built; the shards' K is FAISS's.
-        super().__init__(model, library, device=device,
-                         limits=replace(limits or SearchLimits(), resident_maps_mb=0, stage1_widen=1), vad=vad)
+        super().__init__(model, library, device=device, limits=replace(limits or SearchLimits(), resident_maps_mb=0),
+                         vad=vad)
         self.handles = list(handles)
         self.retry_seconds = retry_seconds
         self.retries = 0  # shard calls asked again after a failure (a dead replica), for operators and tests
@@ -239,12 +250,16 @@ class ShardedEngine(SearchEngine):
     def _on_shards(self, name: str, k: int, audio: np.ndarray, lengths: np.ndarray, pooled: np.ndarray,
                    top_ks: list[int]) -> list[GroupAnswer]:
         started = time.perf_counter()
-        replies = self._ask("stage1", [(name, pooled, k)] * self.shards)
+        wide = max(1, self.limits.stage1_widen) * k
+        replies = self._ask("stage1", [(name, pooled, wide)] * self.shards)
         size = sum(r["size"] for r in replies)
         scores = np.concatenate([r["scores"] for r in replies], axis=1)
         ids = np.concatenate([r["ids"] for r in replies], axis=1)
-        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # the K a single stage 1 would pick (-1 pads last)
+        wide = min(wide, size) if k < size else k  # as SearchEngine._stage1_width: K = every image is not widened
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :wide]  # a single stage 1's W (-1 pads last)
         scores, ids = np.take_along_axis(scores, best, axis=1), np.take_along_axis(ids, best, axis=1)
+        if wide > k:
+            scores, ids = self._widened(name, audio, lengths, scores, ids, k)
         scored = (ids >= 0).sum(axis=1)
         stage1_ms = _ms_since(started)
 
@@ -270,6 +285,22 @@ class ShardedEngine(SearchEngine):
             merged = sorted((Hit(**h) for shard in hits_by_shard for h in shard[b]), key=lambda h: -h.score)
             answers.append(GroupAnswer(merged[:top_k], int(scored[b]), size, stage1_ms, stage2_ms))
         return answers
+
+    def _widened(self, name: str, audio: np.ndarray, lengths: np.ndarray, scores: np.ndarray, ids: np.ndarray,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The K of the merged stage-1 list ``ids`` (B, W) a single machine keeps: each shard scores its own
+        candidates by the centroid interaction; FAISS's top K where a shard has no region centroids."""
+        longest = int(lengths.max())
+        calls = [(name, audio[:, :longest], lengths, np.where(ids % self.shards == s, ids, -1))
+                 for s in range(self.shards)]
+        parts = [r["scores"] for r in self._ask("centroid_scores", calls)]
+        if any(p is None for p in parts):
+            return scores[:, :k], ids[:, :k]
+        approx = np.full(ids.shape, np.nan)
+        for s, part in enumerate(parts):
+            mine = (ids >= 0) & (ids % self.shards == s)
+            approx[mine] = part[mine]
+        return keep_best(scores, ids, approx, k)
 
     def indexed_image(self, collection: str, image_id: str | int):  # type: ignore[override]
         reply = self._image(collection, image_id)

@@ -23,7 +23,7 @@ from conftest import SCENES as COLLECTION
 from test_serve_lifecycle import free_port
 
 from search.client import SearchClient
-from search.engine import SearchEngine, SearchLimits
+from search.engine import SearchEngine
 from search.server import ServerThread
 
 pytest.importorskip("ray")
@@ -33,8 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def single(checkpoint, scenes_data_dir):
-    """The reference: the same collection served by one ordinary process (stage 1 not widened: shards do not widen)."""
-    engine = SearchEngine.open(checkpoint, scenes_data_dir, device="cpu", limits=SearchLimits(stage1_widen=1))
+    """The reference: the same collection served by one ordinary process."""
+    engine = SearchEngine.open(checkpoint, scenes_data_dir, device="cpu")
     with ServerThread(engine) as running, SearchClient(running.target) as client:
         yield client
     engine.close()

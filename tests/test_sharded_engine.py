@@ -65,8 +65,7 @@ def sharded_engine(checkpoint, scenes_data_dir, handles, **options) -> ShardedEn
 
 def test_three_shards_answer_as_one_engine_and_a_failing_shard_is_asked_again(checkpoint, scenes_data_dir, scene_files, shards):
     # exact_rescore_at_least=4: K above it takes the bfloat16 pass, whose picks the merge must keep too
-    single = SearchEngine.open(checkpoint, scenes_data_dir, device="cpu",
-                               limits=SearchLimits(exact_rescore_at_least=4, stage1_widen=1))  # shards do not widen
+    single = SearchEngine.open(checkpoint, scenes_data_dir, device="cpu", limits=SearchLimits(exact_rescore_at_least=4))
     handles = [StandInHandle(s) for s in shards]
     front = sharded_engine(checkpoint, scenes_data_dir, handles)
     size = front.collection(COLLECTION).size
