@@ -22,10 +22,12 @@ from __future__ import annotations
 import fcntl
 import functools
 import itertools
+import logging
 import os
 import shutil
 import threading
 import uuid
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -77,6 +79,7 @@ class DataDirNotFound(FileNotFoundError):
         return str(self.args[0])
 
 
+log = logging.getLogger(__name__)
 _UNREAD = object()  # Collection._region_ids before its first read
 
 
@@ -458,7 +461,13 @@ class Collection:
             return None
         try:
             if self._region_ids is _UNREAD:
-                self._region_ids = self.region_centroid_ids()
+                try:
+                    self._region_ids = self.region_centroid_ids()
+                except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:  # they only speed stage 1 up
+                    log.warning("collection %r: its region centroids could not be read (%s: %s); stage 1 "
+                                "goes without them until the next index run writes them again",
+                                self.name, type(error).__name__, error)
+                    self._region_ids = None
             return self._region_ids  # type: ignore[return-value]
         finally:
             self._region_ids_lock.release()

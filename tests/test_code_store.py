@@ -220,3 +220,16 @@ def test_an_appended_snapshot_extends_the_held_region_ids(tmp_path, model):
         np.testing.assert_array_equal(region_ids[:20], held)
         np.testing.assert_array_equal(region_ids[20:], centroids.assign(fresh.feature_maps(fresh.ids()[20:])))
         reader.close()
+
+
+def test_unreadable_centroids_leave_stage1_unwidened_and_say_so(tmp_path, model, caplog):
+    with Library.open(tmp_path, create=True) as library:
+        add(library, model, 12, 0)
+        folder = library.collection("c").store.folder
+        for path in folder.glob("centroids-*.npz"):
+            path.write_bytes(b"not an npz file")
+        coll = library.collection("c")
+        assert coll.held_region_centroid_ids() is None
+        assert "region centroids could not be read" in caplog.text
+        np.testing.assert_array_equal(coll.region_codes()[1], expected_records(coll, CodeFile(folder).codec(
+            CodeFile(folder).meta()).encode))  # the codes still serve
