@@ -1,0 +1,89 @@
+"""Where a training step's time goes: data, each branch's forward, the all-pairs scores, backward, the
+optimizer. One batch at a time in this process (no DataLoader workers), so each part is timed alone.
+
+    python bench/bench_train_step.py --manifest /work/exp/obj18k/train.json --checkpoint /work/exp/pre20k/model.pt
+
+Run it on a quiet machine: beside another process on the same cores, OpenMP threads wait on each
+other, and small operations (the optimizer, the data pipeline) slow down far more than the
+convolutions (docs/model.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from encoders import create_model  # noqa: E402
+from encoders.matchmap import score_matrix  # noqa: E402
+from training.augment import AugmentConfig  # noqa: E402
+from training.data import CaptionedImages, collate  # noqa: E402
+from training.losses import make_loss  # noqa: E402
+from training.manifest import load_manifest  # noqa: E402
+from training.train import PairObjective  # noqa: E402
+
+PARTS = ("data", "image forward", "audio forward", "scores", "backward", "optimizer")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", type=Path, required=True, help="a training manifest (Places JSON)")
+    parser.add_argument("--checkpoint", default="tiny", help="a checkpoint or a config name")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps (after one warm-up step)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--augment", default="speed,noise,vtlp,specaugment")
+    args = parser.parse_args()
+    command = "python bench/bench_train_step.py " + " ".join(sys.argv[1:])
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    manifest = load_manifest(args.manifest)
+    manifest = dataclasses.replace(manifest, entries=manifest.entries[: args.batch_size * (args.steps + 1)])
+    model = create_model(args.checkpoint)
+    data = CaptionedImages(manifest, model, train=True, augment=AugmentConfig.from_names(args.augment), progress=False)
+    objective = PairObjective(model, make_loss("infonce"), 0.5).train()
+    optimizer = torch.optim.AdamW(objective.parameters(), 1e-4)
+    batches = iter(DataLoader(data, batch_size=args.batch_size, shuffle=True, collate_fn=collate))
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; torch threads "
+          f"{args.threads}; {sum(p.numel() for p in model.parameters()):,} parameters")
+    times: dict[str, list[float]] = {part: [] for part in PARTS}
+    for step in range(args.steps + 1):
+        marks = [time.perf_counter()]
+        batch = next(batches)
+        marks.append(time.perf_counter())
+        images = model.encode_images(batch.images)
+        marks.append(time.perf_counter())
+        audio, lengths = model.encode_audio(batch.logmel, batch.lengths)
+        marks.append(time.perf_counter())
+        scores = score_matrix(audio, lengths, images, kinds=("misa", "sisa"))
+        loss = objective.loss(scores["misa"]) + 0.5 * objective.sisa_loss(scores["sisa"])
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        marks.append(time.perf_counter())
+        if step > 0:  # the first step warms up allocators and kernels
+            for part, start, end in zip(PARTS, marks, marks[1:], strict=False):
+                times[part].append(end - start)
+        print(f"  step {step}: audio {tuple(audio.shape)}, log-mel {tuple(batch.logmel.shape)}", flush=True)
+    medians = {part: statistics.median(t) for part, t in times.items()}
+    compute = sum(v for k, v in medians.items() if k != "data")
+    print(f"median seconds per step of {args.batch_size} ({args.steps} steps):")
+    for part, value in medians.items():
+        print(f"  {part:<14} {value:6.3f}" + ("" if part == "data" else f"  ({100 * value / compute:4.1f} % of compute)"))
+    print(f"  compute {compute:.3f} s: {args.batch_size / compute:.1f} samples/s with data in a worker, "
+          f"{args.batch_size / (compute + medians['data']):.1f} without")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}; reproduce: {command}")
+
+
+if __name__ == "__main__":
+    main()
