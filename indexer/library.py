@@ -476,15 +476,12 @@ class Collection:
                       encode: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """``part`` of the codes of ``slots``, in order: read where the indexer wrote them, made by
         ``encode`` (maps -> records) from the store's maps elsewhere."""
-        rows = files.rows(meta) if meta is not None else 0
-        written = slots < rows
-        if written.all() and len(slots):  # the usual case: no copy through a mask
+        written = slots < (files.rows(meta) if meta is not None else 0)
+        if meta is not None and written.all():  # the usual case: no copy through a mask
             return files.read(meta, slots, part)
         missing = np.flatnonzero(~written)
         made = [encode(self.store.read_maps(slots[missing[start : start + code_store.CODE_BATCH]]))
                 for start in range(0, len(missing), code_store.CODE_BATCH)]
-        if not made:
-            return files.read(meta, slots, part) if meta is not None else np.zeros((0, 0), np.uint8)
         records = np.empty((len(slots), made[0].shape[1]), made[0].dtype)
         records[missing] = np.concatenate(made)
         if written.any():

@@ -79,11 +79,11 @@ class RegionCentroids:
         for each frame the best of the image's regions' centroid scores, averaged over the frames."""
         centroids = torch.from_numpy(self.centroids).to(audio.device)
         out = torch.empty(region_ids.shape[:2], device=audio.device)
+        k, r = region_ids.shape[1:]
         for b in range(len(region_ids)):
             length = int(lengths[b])
             # (C, T): each centroid's score with each true frame, rows contiguous for the gather
             frame_scores = (centroids @ audio[b, :length].float().T).contiguous()
-            k, r = region_ids.shape[1:]
             best = frame_scores.index_select(0, region_ids[b].reshape(-1)).view(k, r, length).amax(dim=1)
             out[b] = best.mean(dim=1)
         return out

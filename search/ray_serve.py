@@ -250,7 +250,7 @@ class ShardedEngine(SearchEngine):
     def _on_shards(self, name: str, k: int, audio: np.ndarray, lengths: np.ndarray, pooled: np.ndarray,
                    top_ks: list[int]) -> list[GroupAnswer]:
         started = time.perf_counter()
-        wide = max(1, self.limits.stage1_widen) * k
+        wide = self.limits.stage1_widen * k
         replies = self._ask("stage1", [(name, pooled, wide)] * self.shards)
         size = sum(r["size"] for r in replies)
         scores = np.concatenate([r["scores"] for r in replies], axis=1)
