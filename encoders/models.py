@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import vgg
 
@@ -27,13 +28,18 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # x: (B, C, L), mask: (B, L) bool
-        valid = mask.unsqueeze(1).to(x.dtype)
-        x = x * valid
+        return self.forward_parts([x], [mask])[0]
+
+    def forward_parts(self, xs: list[Tensor], masks: list[Tensor]) -> list[Tensor]:
+        """One batch given as parts of different lengths (``xs[i]``: (B_i, C, L_i), ``masks[i]``: (B_i, L_i));
+        the training statistics span every part, so the result is the same as for the padded whole."""
+        valids = [mask.unsqueeze(1).to(x.dtype) for x, mask in zip(xs, masks, strict=True)]
+        xs = [x * valid for x, valid in zip(xs, valids, strict=True)]
         if self.training:
             # One pass of sums over the valid positions (padding is zero): E[x] and E[x^2] - E[x]^2.
-            count = valid.sum()
-            mean = x.sum(dim=(0, 2)) / count
-            var = ((x * x).sum(dim=(0, 2)) / count - mean * mean).clamp_min(0)
+            count = sum(valid.sum() for valid in valids)
+            mean = sum(x.sum(dim=(0, 2)) for x in xs) / count
+            var = (sum((x * x).sum(dim=(0, 2)) for x in xs) / count - mean * mean).clamp_min(0)
             if self.track_running_stats:
                 with torch.no_grad():
                     self.num_batches_tracked += 1
@@ -52,7 +58,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         if self.affine:
             shift = shift + self.bias
         # affine map as one fused op, then zero the padding again
-        return torch.addcmul(shift[:, None], x, scale[:, None]) * valid
+        return [torch.addcmul(shift[:, None], x, scale[:, None]) * valid for x, valid in zip(xs, valids, strict=True)]
 
 
 def masked_instance_norm(x: Tensor, mask: Tensor, eps: float = 1e-5) -> Tensor:
@@ -66,6 +72,21 @@ def masked_instance_norm(x: Tensor, mask: Tensor, eps: float = 1e-5) -> Tensor:
     centered = (x - mean) * valid
     var = (centered * centered).sum(dim=2, keepdim=True) / count
     return centered * torch.rsqrt(var + eps)
+
+
+def length_groups(lengths: Tensor, groups: int) -> list[Tensor] | None:
+    """The indices of a batch's captions in ``groups`` groups of similar length (equal counts, shortest
+    first), or None where one group it is (``groups`` <= 1, or under 2 captions a group).
+
+    A random training batch of the objects world pads its audio to about 2.1x its true frames (its
+    longest caption is about twice the mean); as 4 groups, each padded to its own longest, 1.24x. Unlike
+    length-bucketed batches (``training.data.LengthBucketBatchSampler``), the batch, and so every
+    caption's negatives, stays the same.
+    """
+    groups = min(groups, len(lengths) // 2)
+    if groups <= 1:
+        return None
+    return list(torch.tensor_split(torch.argsort(lengths, stable=True), groups))
 
 
 def pooled_length(lengths: Tensor, pools: int) -> Tensor:
@@ -101,33 +122,53 @@ class AudioBranch(nn.Module):
         self.pool = nn.MaxPool1d(kernel_size=3, stride=2, padding=1)
         self.context = nn.Linear(embed_dim, embed_dim) if cfg.global_context else None
 
-    def forward(self, logmel: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        b, n_mels, t = logmel.shape
-        mask = frame_mask(lengths, t)  # (B, T)
-        x = self.input_norm(
-            logmel.reshape(b, 1, n_mels * t), mask.unsqueeze(1).expand(b, n_mels, t).reshape(b, n_mels * t)
-        ).reshape(b, n_mels, t)
-        keep = mask.unsqueeze(1).to(x.dtype)
-        x = torch.relu(self.mel_conv(x)) * keep
+    def forward(self, logmel: Tensor, lengths: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]:
+        """``groups`` > 1 runs the captions as that many groups of similar length, each cut to its own
+        longest caption: less padding to convolve, the same result (see :func:`length_groups`)."""
+        parts = length_groups(lengths, groups)
+        if parts is None:
+            (x,), (out_lengths,) = self._forward_parts([logmel], [lengths])
+            return x, out_lengths
+        xs, part_lengths = self._forward_parts(
+            [logmel[index, :, : int(lengths[index].max())] for index in parts], [lengths[index] for index in parts]
+        )
+        longest = max(x.shape[-1] for x in xs)
+        inverse = torch.argsort(torch.cat(parts))  # row of each caption in the parts' concatenation
+        x = torch.cat([F.pad(x, (0, longest - x.shape[-1])) for x in xs])[inverse]
+        return x, torch.cat(part_lengths)[inverse]
+
+    def _forward_parts(self, xs: list[Tensor], lengths: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The branch over a batch given as parts (``xs[i]``: (B_i, n_mels, T_i)), layer by layer, with
+        BatchNorm's statistics over every part at once; a part is a whole batch when there is one."""
+        masks = [frame_mask(length, x.shape[-1]) for x, length in zip(xs, lengths, strict=True)]
+        keeps = [mask.unsqueeze(1).to(x.dtype) for x, mask in zip(xs, masks, strict=True)]
+        flat = self.input_norm.forward_parts(
+            [x.reshape(len(x), 1, -1) for x in xs],
+            [mask.unsqueeze(1).expand(len(x), x.shape[1], x.shape[2]).reshape(len(x), -1)
+             for x, mask in zip(xs, masks, strict=True)],
+        )
+        xs = [torch.relu(self.mel_conv(f.reshape(x.shape))) * keep for f, x, keep in zip(flat, xs, keeps, strict=True)]
         for i, conv in enumerate(self.convs):
-            x = conv(x)
+            xs = [conv(x) for x in xs]
             if i < self.cfg.instance_norm_layers:
-                x = masked_instance_norm(x, mask)
+                xs = [masked_instance_norm(x, mask) for x, mask in zip(xs, masks, strict=True)]
             # Zeros past the end make each conv see exactly what its own zero padding would show it.
-            x = torch.relu(self.norms[i](x, mask) if self.norms is not None else x * keep)
+            xs = self.norms[i].forward_parts(xs, masks) if self.norms is not None else [
+                x * keep for x, keep in zip(xs, keeps, strict=True)]
+            xs = [torch.relu(x) for x in xs]
             if i < self.cfg.pools:
                 # Inputs are >= 0 after ReLU, so zero padding acts like the pool's own -inf padding.
-                x = self.pool(x)
-                lengths = pooled_length(lengths, 1)
-                mask = frame_mask(lengths, x.shape[-1])
-                keep = mask.unsqueeze(1).to(x.dtype)
-                x = x * keep
+                xs = [self.pool(x) for x in xs]
+                lengths = [pooled_length(length, 1) for length in lengths]
+                masks = [frame_mask(length, x.shape[-1]) for x, length in zip(xs, lengths, strict=True)]
+                keeps = [mask.unsqueeze(1).to(x.dtype) for x, mask in zip(xs, masks, strict=True)]
+                xs = [x * keep for x, keep in zip(xs, keeps, strict=True)]
         if self.context is not None:
             # Mean over the caption's own frames only (x is already zero past them), so padding changes
             # nothing. Not pool_audio: its length checks read values, which meta-tensor shape runs lack.
-            mean = x.sum(dim=2) / lengths.clamp_min(1).unsqueeze(1).to(x.dtype)
-            x = (x + self.context(mean).unsqueeze(2)) * keep
-        return x, lengths
+            means = [x.sum(dim=2) / length.clamp_min(1).unsqueeze(1).to(x.dtype) for x, length in zip(xs, lengths, strict=True)]
+            xs = [(x + self.context(mean).unsqueeze(2)) * keep for x, mean, keep in zip(xs, means, keeps, strict=True)]
+        return xs, lengths
 
 
 def _vgg16_trunk() -> nn.Sequential:
@@ -267,11 +308,13 @@ class MatchmapModel(nn.Module):
             raise ValueError(f"images must be (B, 3, S, S), got {tuple(images.shape)}")
         return self.image_net(images).permute(0, 2, 3, 1).contiguous()
 
-    def encode_audio(self, logmel: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    def encode_audio(self, logmel: Tensor, lengths: Tensor, length_groups: int = 1) -> tuple[Tensor, Tensor]:
         """logmel: (B, n_mels, T) float, lengths: (B,) long true frames -> ((B, T', D), (B,) long T' lengths).
 
         Frames past the longest true length are dropped before the network (they cannot change the
         result), so T' = output_lengths(max(lengths)). Output frames past a caption's own length are 0.
+        ``length_groups`` > 1 runs the batch as groups of similar caption length (less padding to
+        convolve, the same result up to float rounding; :func:`length_groups`).
         """
         n_mels = self.config.audio.n_mels
         if logmel.dim() != 3 or logmel.shape[1] != n_mels:
@@ -283,7 +326,7 @@ class MatchmapModel(nn.Module):
         if b and (int(lengths.min()) < 1 or int(lengths.max()) > t):
             raise ValueError(f"lengths must lie in 1..{t} (the log-mel's frames), got {lengths.tolist()}")
         longest = int(lengths.max()) if b else t
-        features, out_lengths = self.audio_net(logmel[:, :, :longest], lengths)
+        features, out_lengths = self.audio_net(logmel[:, :, :longest], lengths, groups=length_groups)
         return features.transpose(1, 2).contiguous(), out_lengths
 
 

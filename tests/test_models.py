@@ -226,6 +226,41 @@ def test_backward_reaches_every_parameter(model):
     model.eval()
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_length_groups_give_the_padded_batchs_maps_gradients_and_statistics(mode):
+    """Captions run as groups of similar length (encoders.models.length_groups) give the padded batch's
+    maps, lengths, gradients and BatchNorm running statistics: the statistics span every group."""
+    cfg = small("tiny")
+    lengths = torch.tensor([41, SMALL_FRAMES, 17, 90, 64, 33, 120, 58, 25])  # unsorted, odd count
+    logmel = _logmel(len(lengths), SMALL_FRAMES, cfg.audio.n_mels, seed=3)
+    results = []
+    for groups in (1, 4):
+        torch.manual_seed(0)
+        model = MatchmapModel(cfg).train(mode == "train")
+        audio, out_lengths = model.encode_audio(logmel, lengths, length_groups=groups)
+        weights = torch.randn(audio.shape, generator=torch.Generator().manual_seed(5))
+        (audio * weights).sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.audio_net.named_parameters()}
+        stats = {name: b.clone() for name, b in model.audio_net.named_buffers()}
+        results.append((audio.detach(), out_lengths, grads, stats))
+    (padded, padded_lengths, padded_grads, padded_stats), (grouped, grouped_lengths, grouped_grads, grouped_stats) = results
+    assert torch.equal(grouped_lengths, padded_lengths) and grouped.shape == padded.shape
+    torch.testing.assert_close(grouped, padded, rtol=1e-4, atol=1e-5)
+    for name, grad in padded_grads.items():  # summed over many frames: rounding is relative to the whole
+        assert (grouped_grads[name] - grad).norm() <= 1e-5 * grad.norm(), name
+    for name, stat in padded_stats.items():
+        torch.testing.assert_close(grouped_stats[name].float(), stat.float(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_length_groups_split_by_length_with_equal_counts():
+    from encoders.models import length_groups
+
+    parts = length_groups(torch.tensor([5, 1, 4, 2, 3, 6, 0, 7]), 4)
+    assert [p.tolist() for p in parts] == [[6, 1], [3, 4], [2, 0], [5, 7]]
+    assert length_groups(torch.tensor([3, 1, 2]), 4) is None  # under 2 captions a group: one group
+    assert length_groups(torch.tensor([3, 1, 2, 4]), 1) is None
+
+
 def test_encode_rejects_malformed_inputs(model):
     n_mels = model.config.audio.n_mels
     with pytest.raises(ValueError, match=rf"\(B, {n_mels}, T\)"):

@@ -154,7 +154,7 @@ class _FixedMaps(torch.nn.Module):
     def encode_images(self, images):
         return self.image_maps
 
-    def encode_audio(self, logmel, lengths):
+    def encode_audio(self, logmel, lengths, length_groups=1):
         return self.audio, self.lengths
 
 

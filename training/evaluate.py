@@ -17,6 +17,9 @@ from training.manifest import Manifest
 
 KINDS = ("MISA", "SISA", "SIMA")
 KS = (1, 5, 10)
+# captions of a batch encoded as this many groups of similar length (encoders.models.length_groups):
+# the same maps, a fraction of the padding
+EVAL_LENGTH_GROUPS = 4
 
 
 @dataclass
@@ -38,7 +41,7 @@ def embed_pairs(model, dataset: CaptionedImages, *, batch_size: int = 64, device
     for batch in tqdm(loader, desc="embedding", unit="batch", disable=not progress, leave=False):
         batch = batch.to(device)
         image_maps.append(model.encode_images(batch.images).float().cpu())
-        audio, out_lengths = model.encode_audio(batch.logmel, batch.lengths)
+        audio, out_lengths = model.encode_audio(batch.logmel, batch.lengths, length_groups=EVAL_LENGTH_GROUPS)
         audio_maps.append(audio.float().cpu())
         lengths.append(out_lengths.cpu())
     longest = max(a.shape[1] for a in audio_maps)

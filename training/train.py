@@ -64,6 +64,9 @@ class TrainConfig:
     # tags every training image, and the audio branch learns to predict those tags from the speech
     tagger: str | None = None
     tag_weight: float = 1.0
+    # the audio branch runs each batch as this many groups of similar caption length: the same loss and
+    # gradients as the padded batch (BatchNorm statistics span the groups), far less padding to convolve
+    audio_length_groups: int = 4
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -79,7 +82,7 @@ class PairObjective(nn.Module):
     """
 
     def __init__(self, model: nn.Module, loss: nn.Module, sisa_weight: float, tag_head: nn.Module | None = None,
-                 tag_weight: float = 0.0) -> None:
+                 tag_weight: float = 0.0, audio_length_groups: int = 1) -> None:
         super().__init__()
         self.model = model
         self.loss = loss
@@ -88,6 +91,7 @@ class PairObjective(nn.Module):
         self.sisa_weight = sisa_weight
         self.tag_head = tag_head  # training.visual_tags.SpeechTagHead, or None
         self.tag_weight = tag_weight
+        self.audio_length_groups = audio_length_groups  # encoders.models.length_groups
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -107,7 +111,7 @@ class PairObjective(nn.Module):
     def _encode(self, images: torch.Tensor, logmel: torch.Tensor, lengths: torch.Tensor):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.image_frozen):
             image_maps = self.model.encode_images(images)
-        audio, out_lengths = self.model.encode_audio(logmel, lengths)
+        audio, out_lengths = self.model.encode_audio(logmel, lengths, length_groups=self.audio_length_groups)
         return image_maps, audio, out_lengths
 
     def scores(self, images: torch.Tensor, logmel: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -228,7 +232,8 @@ def train(cfg: TrainConfig, train_manifest: Manifest, val_manifest: Manifest, ou
             tqdm.write(f"tagged {len(representatives)} training images with {cfg.tagger} "
                        f"(mean entropy {entropy_bits(image_tags):.2f} bits over {tagger.categories} categories)")
         del tagger
-    objective = PairObjective(model, loss_fn, cfg.sisa_weight, tag_head, cfg.tag_weight).to(device)
+    objective = PairObjective(model, loss_fn, cfg.sisa_weight, tag_head, cfg.tag_weight,
+                              cfg.audio_length_groups).to(device)
 
     val_set = CaptionedImages(val_manifest, model, train=False, progress=progress and main_process) if main_process else None
     if cfg.bucket_by_length:
