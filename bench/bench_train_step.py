@@ -4,7 +4,7 @@ optimizer. One batch at a time in this process (no DataLoader workers), so each 
     python bench/bench_train_step.py --manifest /work/exp/obj18k/train.json --checkpoint /work/exp/pre20k/model.pt
 
 ``--length-groups 1 4`` times each batch once per setting of the audio branch's length groups
-(``encoders.models.length_groups``; 1 is the padded batch), side by side on the same batches and weights,
+(``encoders.models.length_sorted_split``; 1 is the padded batch), side by side on the same batches and weights,
 and prints the ratios.
 
 Run it on a quiet machine: beside another process on the same cores, OpenMP threads wait on each
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from encoders import create_model  # noqa: E402
 from encoders.matchmap import score_matrix  # noqa: E402
-from encoders.models import length_groups  # noqa: E402
+from encoders.models import length_sorted_split  # noqa: E402
 from training.augment import AugmentConfig  # noqa: E402
 from training.data import CaptionedImages, collate  # noqa: E402
 from training.losses import make_loss  # noqa: E402
@@ -86,7 +86,7 @@ def main() -> None:
             if step > 0:  # the first step warms up allocators and kernels
                 for part, start, end in zip(PARTS, marks, marks[1:], strict=False):
                     times[g][part].append(end - start)
-            parts = length_groups(batch.lengths, g) or [torch.arange(len(batch.lengths))]
+            parts = length_sorted_split(batch.lengths, g) or [torch.arange(len(batch.lengths))]
             padding[g].append(sum(len(p) * int(batch.lengths[p].max()) for p in parts) / int(batch.lengths.sum()))
         for g in settings[:-1]:
             if step > 0:

@@ -74,9 +74,11 @@ def masked_instance_norm(x: Tensor, mask: Tensor, eps: float = 1e-5) -> Tensor:
     return centered * torch.rsqrt(var + eps)
 
 
-def length_groups(lengths: Tensor, groups: int) -> list[Tensor] | None:
+def length_sorted_split(lengths: Tensor, groups: int) -> list[Tensor] | None:
     """The indices of a batch's captions in ``groups`` groups of similar length (equal counts, shortest
-    first), or None where one group it is (``groups`` <= 1, or under 2 captions a group).
+    first), or None where one group it is (``groups`` <= 1, or under 2 captions a group). For a batch
+    whose groups share BatchNorm's training statistics (:meth:`AudioBranch.forward`); the search engine's
+    queries, independent at inference, are grouped by a padding budget instead (``search.engine.length_groups``).
 
     A random training batch of the objects world pads its audio to about 2.1x its true frames (its
     longest caption is about twice the mean); as 4 groups, each padded to its own longest, 1.24x. Unlike
@@ -124,8 +126,8 @@ class AudioBranch(nn.Module):
 
     def forward(self, logmel: Tensor, lengths: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]:
         """``groups`` > 1 runs the captions as that many groups of similar length, each cut to its own
-        longest caption: less padding to convolve, the same result (see :func:`length_groups`)."""
-        parts = length_groups(lengths, groups)
+        longest caption: less padding to convolve, the same result (see :func:`length_sorted_split`)."""
+        parts = length_sorted_split(lengths, groups)
         if parts is None:
             (x,), (out_lengths,) = self._forward_parts([logmel], [lengths])
             return x, out_lengths
@@ -314,7 +316,7 @@ class MatchmapModel(nn.Module):
         Frames past the longest true length are dropped before the network (they cannot change the
         result), so T' = output_lengths(max(lengths)). Output frames past a caption's own length are 0.
         ``length_groups`` > 1 runs the batch as groups of similar caption length (less padding to
-        convolve, the same result up to float rounding; :func:`length_groups`).
+        convolve, the same result up to float rounding; :func:`length_sorted_split`).
         """
         n_mels = self.config.audio.n_mels
         if logmel.dim() != 3 or logmel.shape[1] != n_mels:

@@ -228,7 +228,7 @@ def test_backward_reaches_every_parameter(model):
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_length_groups_give_the_padded_batchs_maps_gradients_and_statistics(mode):
-    """Captions run as groups of similar length (encoders.models.length_groups) give the padded batch's
+    """Captions run as groups of similar length (encoders.models.length_sorted_split) give the padded batch's
     maps, lengths, gradients and BatchNorm running statistics: the statistics span every group."""
     cfg = small("tiny")
     lengths = torch.tensor([41, SMALL_FRAMES, 17, 90, 64, 33, 120, 58, 25])  # unsorted, odd count
@@ -253,12 +253,12 @@ def test_length_groups_give_the_padded_batchs_maps_gradients_and_statistics(mode
 
 
 def test_length_groups_split_by_length_with_equal_counts():
-    from encoders.models import length_groups
+    from encoders.models import length_sorted_split
 
-    parts = length_groups(torch.tensor([5, 1, 4, 2, 3, 6, 0, 7]), 4)
+    parts = length_sorted_split(torch.tensor([5, 1, 4, 2, 3, 6, 0, 7]), 4)
     assert [p.tolist() for p in parts] == [[6, 1], [3, 4], [2, 0], [5, 7]]
-    assert length_groups(torch.tensor([3, 1, 2]), 4) is None  # under 2 captions a group: one group
-    assert length_groups(torch.tensor([3, 1, 2, 4]), 1) is None
+    assert length_sorted_split(torch.tensor([3, 1, 2]), 4) is None  # under 2 captions a group: one group
+    assert length_sorted_split(torch.tensor([3, 1, 2, 4]), 1) is None
 
 
 def test_encode_rejects_malformed_inputs(model):

@@ -17,7 +17,7 @@ from training.manifest import Manifest
 
 KINDS = ("MISA", "SISA", "SIMA")
 KS = (1, 5, 10)
-# captions of a batch encoded as this many groups of similar length (encoders.models.length_groups):
+# captions of a batch encoded as this many groups of similar length (encoders.models.length_sorted_split):
 # the same maps, a fraction of the padding
 EVAL_LENGTH_GROUPS = 4
 

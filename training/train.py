@@ -91,7 +91,7 @@ class PairObjective(nn.Module):
         self.sisa_weight = sisa_weight
         self.tag_head = tag_head  # training.visual_tags.SpeechTagHead, or None
         self.tag_weight = tag_weight
-        self.audio_length_groups = audio_length_groups  # encoders.models.length_groups
+        self.audio_length_groups = audio_length_groups  # encoders.models.length_sorted_split
 
     @property
     def kinds(self) -> tuple[str, ...]:
