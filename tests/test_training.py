@@ -379,6 +379,23 @@ def test_train_on_two_manifests_sees_both_corpora_each_epoch(tiny_corpus, tmp_pa
     assert steps == [pairs[0] // 8, (pairs[0] + pairs[1]) // 8]
 
 
+
+def test_audio_length_groups_only_change_speed(tiny_corpus, tmp_path):
+    """`train --audio-length-groups` runs each batch's captions as groups of similar length: the same
+    seed gives the same step losses as one padded batch (BatchNorm statistics span the groups)."""
+    from matchmap.cli import main
+
+    base = ["train", "--train", str(tiny_corpus / "train.json"), "--val", str(tiny_corpus / "val.json"),
+            "--epochs", "1", "--batch-size", "8", "--augment", "none", "-q"]
+    losses = []
+    for groups in ("1", "4"):
+        result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / groups), "--audio-length-groups", groups])
+        assert result.exit_code == 0, result.output
+        losses.append(json.loads((tmp_path / groups / "metrics.jsonl").read_text().splitlines()[0])["step_losses"])
+    assert len(losses[0]) > 1 and losses[1] == pytest.approx(losses[0], abs=2e-4)
+    bad = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "bad"), "--audio-length-groups", "0"])
+    assert bad.exit_code == 2 and "--audio-length-groups" in bad.output
+
 def test_eval_reports_a_missing_checkpoint_clearly(tiny_corpus, tmp_path):
     from matchmap.cli import main
 
