@@ -247,7 +247,7 @@ def test_length_groups_give_the_padded_batchs_maps_gradients_and_statistics(mode
     assert torch.equal(grouped_lengths, padded_lengths) and grouped.shape == padded.shape
     torch.testing.assert_close(grouped, padded, rtol=1e-4, atol=1e-5)
     for name, grad in padded_grads.items():  # summed over many frames: rounding is relative to the whole
-        assert (grouped_grads[name] - grad).norm() <= 1e-5 * grad.norm(), name
+        assert (grouped_grads[name] - grad).norm() <= 1e-4 * grad.norm(), name
     for name, stat in padded_stats.items():
         torch.testing.assert_close(grouped_stats[name].float(), stat.float(), rtol=1e-4, atol=1e-6, msg=name)
 

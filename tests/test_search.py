@@ -786,7 +786,7 @@ def test_query_command_prints_a_table_or_json_and_exits_by_outcome(server, capti
     second = val.audio_path(val.entries[1])
     as_json = runner.invoke(query, [*args, "--json", str(caption_wav), str(second)])  # the only collection
     assert as_json.exit_code == 0, as_json.output
-    answer = json.loads(as_json.output)
+    answer = json.loads(as_json.stdout)  # stdout alone: the in-process server may log to stderr meanwhile
     assert answer["collection"] == COLLECTION and len(answer["queries"]) == 2
     assert [h["rank"] for h in answer["queries"][0]["hits"]] == [1, 2, 3]
     assert answer["queries"][1]["timings_ms"]["total"] > 0
@@ -795,7 +795,7 @@ def test_query_command_prints_a_table_or_json_and_exits_by_outcome(server, capti
     not_audio.write_text("this is not audio")
     partly = runner.invoke(query, [*args, "--json", str(caption_wav), str(not_audio)])
     assert partly.exit_code == 1
-    errors = [q for q in json.loads(partly.output)["queries"] if "error" in q]
+    errors = [q for q in json.loads(partly.stdout)["queries"] if "error" in q]
     assert errors == [{"audio": str(not_audio), "error": {"code": "INVALID_ARGUMENT", "message": errors[0]["error"]["message"]}}]
 
     assert runner.invoke(query, [*args, str(tmp_path / "missing.wav")]).exit_code == 2

@@ -47,7 +47,7 @@ def test_the_objective_adds_the_weighted_tag_loss_and_its_gradient_reaches_the_a
     audio = torch.nn.Parameter(torch.randn(4, 5, 8))
     lengths = torch.tensor([5, 3, 4, 5])
     maps.encode_images = lambda images: image_maps
-    maps.encode_audio = lambda logmel, lens: (audio, lengths)
+    maps.encode_audio = lambda logmel, lens, length_groups=1: (audio, lengths)
     head = SpeechTagHead(8, 6)
     targets = torch.softmax(torch.randn(4, 6), dim=1)
     loss = SymmetricInfoNCELoss()
