@@ -1,27 +1,27 @@
 #!/usr/bin/env bash
-# The objects-world model's recipe (issue 19), as one script that can be stopped and run again:
-# every step skips what is already done, and training resumes exactly from its last checkpoint.
+# The objects-world model's recipe (issue 19): the chain that made the best model so far, as one script
+# that can be stopped and run again. Every step skips what is already done, and each training run
+# resumes exactly from its last checkpoint (run the script again after a budget stop).
 #
-#   WORK=/work/exp EPOCHS=4 MAX_MINUTES=110 bash scripts/objects_recipe.sh
+#   WORK=/work/exp MAX_MINUTES=110 bash scripts/objects_recipe.sh
 #
 # PRECISION=bf16 pays only on CPUs with AVX512-BF16 or AMX (and GPUs); on AVX2-only CPUs fp32 is 16x
-# faster (bench/bench_precision.py), hence the default.
+# faster (bench/bench_precision.py), hence the default. Training needs about 19-21 GB of memory.
 #
 # Steps and their measured times on this machine's 2 cores (docs/model.md, "Learning the objects world"):
-#   1. the corpus: 6,000 scenes, 20,962 captions by espeak-ng and Festival voices (10.5 min)
-#   2. a fresh validation split: 1,000 scenes by voices training never hears (2 min), and flite splits
-#   3. image-branch pretraining on the generator's labels, 20,000 scenes (22.6 min idle)
-#   4. training from the pretrained image branch on the objects world (fp32 on AVX2: about 10.5 min per
-#      epoch with 1 data worker); stops after the epoch that crosses MAX_MINUTES; run again to resume
-#   5. both worlds: 6,000 shapes-world pairs (3 min) join the objects corpus and training goes on from
-#      step 4's best model for EPOCHS2 epochs (about 14 min each on AVX2), so the shapes world is not
-#      forgotten (session 11: after 4 + 6 epochs, docs/model.md)
-#   6. evaluation: MISA recall on the fresh split and on flite speech, both worlds
+#   1. validation splits by voices training never hears: objects (1,000 scenes), shapes (1,000), flite
+#   2. image-branch pretraining on the generator's labels, 20,000 scenes (43.7 min)
+#   3. the corpus: 18,000 scenes, 63,049 captions by espeak-ng and Festival voices (27 min), and
+#      6,000 shapes-world pairs (3 min), so that the shipped world is not forgotten
+#   4. one epoch of the objects corpus from the pretrained image branch (985 steps, 24.5 min)
+#   5. four epochs of both worlds on a fresh cosine (4,312 steps; 1 h 54 min for 3 epochs, a budget
+#      stop, then 41 min for the 4th after resuming)
+#   6. three epochs more on a fresh cosine at half the learning rate, the shapes world given twice
+#      (3,516 steps, 1 h 36 min)
+#   7. evaluation: MISA recall on the fresh split and on flite speech, both worlds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/work/exp}
-EPOCHS=${EPOCHS:-4}
-EPOCHS2=${EPOCHS2:-6}
 MAX_MINUTES=${MAX_MINUTES:-110}
 PRECISION=${PRECISION:-fp32}
 M=.venv/bin/matchmap
@@ -29,9 +29,17 @@ mkdir -p "$WORK"
 # finished DIR EPOCHS: the run in DIR has written its summary after EPOCHS epochs (a budget stop writes one too)
 finished() { [ -f "$1/summary.json" ] && .venv/bin/python -c \
     "import json, sys; sys.exit(json.load(open(sys.argv[1]))['epochs'] < int(sys.argv[2]))" "$1/summary.json" "$2"; }
+# run DIR EPOCHS ARGS...: matchmap train into DIR until it has EPOCHS epochs, resuming its last.pt
+run() {
+    local dir=$1 epochs=$2
+    shift 2
+    finished "$dir" "$epochs" && return 0
+    local resume=(); [ -f "$dir/last.pt" ] && resume=(--resume "$dir/last.pt")
+    $M train --out "$dir" --epochs "$epochs" --precision "$PRECISION" --workers 1 --max-minutes "$MAX_MINUTES" \
+        -q "$@" "${resume[@]}"
+    finished "$dir" "$epochs" || { echo "$dir stopped at its budget: run this script again to resume it"; exit 0; }
+}
 
-[ -f "$WORK/obj6k/val.json" ] ||
-    $M synth "$WORK/obj6k" --world objects --pairs 6000 --val-pairs 500 --engines espeak,festival --seed 3 -q
 [ -f "$WORK/fresh1k/val.json" ] ||
     $M synth "$WORK/fresh1k" --world objects --pairs 1 --val-pairs 1000 --engines espeak,festival --seed 1019 -q
 [ -f "$WORK/objects-flite/val.json" ] ||
@@ -46,36 +54,29 @@ if ! finished "$WORK/pre20k" 10; then
     $M pretrain-images --out "$WORK/pre20k" --scenes 20000 --val-scenes 500 --epochs 10 --workers 2 -q "${resume[@]}"
 fi
 
-RUN="$WORK/run$EPOCHS"
-if ! finished "$RUN" "$EPOCHS"; then
-    resume=(); [ -f "$RUN/last.pt" ] && resume=(--resume "$RUN/last.pt")
-    $M train --checkpoint "$WORK/pre20k/model.pt" --train "$WORK/obj6k/train.json" --val "$WORK/obj6k/val.json" \
-        --out "$RUN" --epochs "$EPOCHS" --precision "$PRECISION" --workers 1 --eval-every 3 \
-        --max-minutes "$MAX_MINUTES" -q "${resume[@]}"
-fi
-
+[ -f "$WORK/obj18k/val.json" ] ||
+    $M synth "$WORK/obj18k" --world objects --pairs 18000 --val-pairs 500 --engines espeak,festival --seed 33 -q
 [ -f "$WORK/shapes6k/train.json" ] ||
     $M synth "$WORK/shapes6k" --pairs 6000 --val-pairs 0 --engines espeak,festival --seed 3 -q
-if [ ! -f "$WORK/bothval.json" ]; then  # selection on both worlds: the objects val and 500 shapes-val pairs
+if [ ! -f "$WORK/bothval18.json" ]; then  # selection on both worlds: the objects val and 500 shapes-val pairs
     .venv/bin/python - "$WORK" <<'PY'
 import dataclasses, sys
 from training.manifest import combine_manifests, load_manifest, write_manifest
 work = sys.argv[1]
 shapes = load_manifest(f"{work}/shapes-val/val.json")
-write_manifest(combine_manifests([load_manifest(f"{work}/obj6k/val.json"),
-                                  dataclasses.replace(shapes, entries=shapes.entries[:500])]), f"{work}/bothval.json")
+write_manifest(combine_manifests([load_manifest(f"{work}/obj18k/val.json"),
+                                  dataclasses.replace(shapes, entries=shapes.entries[:500])]), f"{work}/bothval18.json")
 PY
 fi
-BOTH="$WORK/both$EPOCHS2"
-if ! finished "$BOTH" "$EPOCHS2"; then
-    resume=(); [ -f "$BOTH/last.pt" ] && resume=(--resume "$BOTH/last.pt")
-    $M train --checkpoint "$RUN/best.pt" --train "$WORK/obj6k/train.json" --train "$WORK/shapes6k/train.json" \
-        --val "$WORK/bothval.json" --out "$BOTH" --epochs "$EPOCHS2" --precision "$PRECISION" --workers 1 \
-        --eval-every 3 --max-minutes "$MAX_MINUTES" -q "${resume[@]}"
-fi
-RUN=$BOTH
+
+OBJ=(--train "$WORK/obj18k/train.json")
+SHAPES=(--train "$WORK/shapes6k/train.json")
+run "$WORK/more" 1 --checkpoint "$WORK/pre20k/model.pt" "${OBJ[@]}" --val "$WORK/obj18k/val.json"
+run "$WORK/long" 4 --checkpoint "$WORK/more/best.pt" "${OBJ[@]}" "${SHAPES[@]}" --val "$WORK/bothval18.json"
+run "$WORK/long2" 3 --checkpoint "$WORK/long/best.pt" "${OBJ[@]}" "${SHAPES[@]}" "${SHAPES[@]}" \
+    --val "$WORK/bothval18.json" --lr 5e-4 --seed 1
 
 for split in fresh1k objects-flite shapes-val shapes-flite; do
     echo "== $split"
-    $M eval --checkpoint "$RUN/best.pt" "$WORK/$split/val.json"
+    $M eval --checkpoint "$WORK/long2/best.pt" "$WORK/$split/val.json"
 done
