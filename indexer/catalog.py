@@ -17,6 +17,7 @@ must both be reported, but the same picture is indexed only once.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -134,13 +135,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 BASELINE_REVISION = "0001"  # the schema of catalogs made before migrations existed
+log = logging.getLogger(__name__)
 
 
 def upgrade_catalog(engine: Engine) -> None:
     """Bring the catalog's schema to the newest migration, in place (tables created on an empty database)."""
     from alembic import command
     from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
 
+    # Alembic logs its plugins and DDL mode at INFO on every open; only an actual upgrade is news (below).
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:
@@ -148,7 +153,11 @@ def upgrade_catalog(engine: Engine) -> None:
         tables = set(inspect(connection).get_table_names())
         if "collections" in tables and "alembic_version" not in tables:
             command.stamp(config, BASELINE_REVISION)  # made before migrations: it has the baseline schema
+        before = MigrationContext.configure(connection).get_current_revision()
         command.upgrade(config, "head")
+        after = MigrationContext.configure(connection).get_current_revision()
+    if before is not None and before != after:
+        log.info("catalog schema upgraded in place from revision %s to %s", before, after)
 
 
 def open_catalog(db_url: str) -> tuple[Engine, sessionmaker[Session]]:

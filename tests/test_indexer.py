@@ -7,6 +7,7 @@ skipped only when the variable is absent, and a set but unreachable server fails
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -353,7 +354,8 @@ def test_stage1_file_is_derived_and_rebuilt_when_missing_or_torn(library, model,
     assert ranked_uris(library.collection("photos"), queries, 10) == expected
 
 
-def test_a_catalog_made_before_migrations_is_upgraded_in_place_and_keeps_its_rows(tmp_path, db_url, model, images):
+def test_a_catalog_made_before_migrations_is_upgraded_in_place_and_keeps_its_rows(tmp_path, db_url, model, images,
+                                                                                   caplog):
     """A catalog with the schema of before Alembic (revision 0001, no alembic_version table), as the
     code of then left it, opens under today's code: stamped 0001, upgraded to the newest revision in
     place, with every collection, image row and search result it had."""
@@ -380,9 +382,14 @@ def test_a_catalog_made_before_migrations_is_upgraded_in_place_and_keeps_its_row
     with engine.connect() as connection:
         assert "ix_images_live_slots" not in {i["name"] for i in inspect(connection).get_indexes("images")}
 
+    caplog.set_level(logging.INFO)
     with Library.open(data, db_url) as library:
         [info] = library.list_collections()
         assert (info.name, info.images) == ("old", 6)
+        # one line says so, and Alembic's per-open chatter (plugins, DDL mode) stays out of the log
+        assert [r.getMessage() for r in caplog.records if "upgraded" in r.getMessage()] == [
+            f"catalog schema upgraded in place from revision 0001 to {newest_revision()}"]
+        assert not [r for r in caplog.records if r.name.startswith("alembic") and r.levelno < logging.WARNING]
         after = library.collection("old")
         assert (sorted(all_ids(after).tolist()), [r.uri for r in after.images(all_ids(after))],
                 ranked_uris(after, np.ones((2, after.embed_dim), np.float32), 4)) == expected
@@ -391,8 +398,14 @@ def test_a_catalog_made_before_migrations_is_upgraded_in_place_and_keeps_its_row
     with engine.connect() as connection:
         assert "ix_images_live_slots" in {i["name"] for i in inspect(connection).get_indexes("images")}
         heads = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-    assert heads == [sorted(p.name for p in (MIGRATIONS / "versions").glob("0*.py"))[-1].split("_")[0]]
+    assert heads == [newest_revision()]
     engine.dispose()
+
+
+def newest_revision() -> str:
+    from indexer.catalog import MIGRATIONS
+
+    return sorted(p.name for p in (MIGRATIONS / "versions").glob("0*.py"))[-1].split("_")[0]
 
 
 def test_remove_collection(library, model, images):
