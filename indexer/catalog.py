@@ -140,12 +140,13 @@ log = logging.getLogger(__name__)
 
 def upgrade_catalog(engine: Engine) -> None:
     """Bring the catalog's schema to the newest migration, in place (tables created on an empty database)."""
+    # Alembic logs its plugins (when imported) and DDL mode (on every open) at INFO; only an actual
+    # upgrade is news (below).
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     from alembic import command
     from alembic.config import Config
     from alembic.runtime.migration import MigrationContext
 
-    # Alembic logs its plugins and DDL mode at INFO on every open; only an actual upgrade is news (below).
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:

@@ -78,6 +78,7 @@ def test_serve_on_a_taken_port_says_so_in_one_line_and_exits_3(checkpoint, data_
                               env=dict(os.environ, MATCHMAP_TOKEN=""))
     assert done.returncode == 3, done.stderr
     assert "Traceback" not in done.stderr
+    assert "alembic" not in done.stderr  # no library chatter from opening the catalog
     problem = [line for line in done.stderr.splitlines() if "matchmap serve" in line]
     assert len(problem) == 1 and f"127.0.0.1:{port}" in problem[0] and "in use" in problem[0], done.stderr
 
