@@ -68,7 +68,7 @@ def main() -> None:
         started = time.perf_counter()
         batch = next(batches)
         data_seconds = time.perf_counter() - started
-        for g in settings:  # the same batch and weights for each setting; the optimizer steps after the last
+        for g in settings:  # the same batch and weights for each setting; one optimizer step after the last
             marks = [time.perf_counter() - data_seconds, time.perf_counter()]
             images = model.encode_images(batch.images)
             marks.append(time.perf_counter())
@@ -79,18 +79,19 @@ def main() -> None:
             marks.append(time.perf_counter())
             loss.backward()
             marks.append(time.perf_counter())
-            if g == settings[-1]:  # one optimizer step per batch, its time counted for every setting
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            marks.append(time.perf_counter())
+            if g != settings[-1]:
+                optimizer.zero_grad(set_to_none=True)
             if step > 0:  # the first step warms up allocators and kernels
-                for part, start, end in zip(PARTS, marks, marks[1:], strict=False):
+                for part, start, end in zip(PARTS, marks, marks[1:], strict=False):  # all but the optimizer
                     times[g][part].append(end - start)
             parts = length_sorted_split(batch.lengths, g) or [torch.arange(len(batch.lengths))]
             padding[g].append(sum(len(p) * int(batch.lengths[p].max()) for p in parts) / int(batch.lengths.sum()))
-        for g in settings[:-1]:
-            if step > 0:
-                times[g]["optimizer"][-1] = times[settings[-1]]["optimizer"][-1]
+        started = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step > 0:  # counted for every setting
+            for g in settings:
+                times[g]["optimizer"].append(time.perf_counter() - started)
         print(f"  step {step}: audio {tuple(audio.shape)}, log-mel {tuple(batch.logmel.shape)}", flush=True)
     baseline = None
     for g in settings:

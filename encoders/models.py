@@ -21,6 +21,11 @@ from encoders.matchmap import frame_mask, pool_audio, pool_images
 from encoders.pooling import Stage1Pooling
 
 
+def _keeps(xs: list[Tensor], masks: list[Tensor]) -> list[Tensor]:
+    """Each part's mask (B_i, L_i) as a (B_i, 1, L_i) multiplier of its features' dtype."""
+    return [mask.unsqueeze(1).to(x.dtype) for x, mask in zip(xs, masks, strict=True)]
+
+
 class MaskedBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm over (B, C, L) whose training statistics use only positions where mask is True.
 
@@ -33,7 +38,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     def forward_parts(self, xs: list[Tensor], masks: list[Tensor]) -> list[Tensor]:
         """One batch given as parts of different lengths (``xs[i]``: (B_i, C, L_i), ``masks[i]``: (B_i, L_i));
         the training statistics span every part, so the result is the same as for the padded whole."""
-        valids = [mask.unsqueeze(1).to(x.dtype) for x, mask in zip(xs, masks, strict=True)]
+        valids = _keeps(xs, masks)
         xs = [x * valid for x, valid in zip(xs, valids, strict=True)]
         if self.training:
             # One pass of sums over the valid positions (padding is zero): E[x] and E[x^2] - E[x]^2.
@@ -143,7 +148,7 @@ class AudioBranch(nn.Module):
         """The branch over a batch given as parts (``xs[i]``: (B_i, n_mels, T_i)), layer by layer, with
         BatchNorm's statistics over every part at once; a part is a whole batch when there is one."""
         masks = [frame_mask(length, x.shape[-1]) for x, length in zip(xs, lengths, strict=True)]
-        keeps = [mask.unsqueeze(1).to(x.dtype) for x, mask in zip(xs, masks, strict=True)]
+        keeps = _keeps(xs, masks)
         flat = self.input_norm.forward_parts(
             [x.reshape(len(x), 1, -1) for x in xs],
             [mask.unsqueeze(1).expand(len(x), x.shape[1], x.shape[2]).reshape(len(x), -1)
@@ -163,7 +168,7 @@ class AudioBranch(nn.Module):
                 xs = [self.pool(x) for x in xs]
                 lengths = [pooled_length(length, 1) for length in lengths]
                 masks = [frame_mask(length, x.shape[-1]) for x, length in zip(xs, lengths, strict=True)]
-                keeps = [mask.unsqueeze(1).to(x.dtype) for x, mask in zip(xs, masks, strict=True)]
+                keeps = _keeps(xs, masks)
                 xs = [x * keep for x, keep in zip(xs, keeps, strict=True)]
         if self.context is not None:
             # Mean over the caption's own frames only (x is already zero past them), so padding changes

@@ -136,13 +136,13 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 MIGRATIONS = Path(__file__).parent / "migrations"
 BASELINE_REVISION = "0001"  # the schema of catalogs made before migrations existed
 log = logging.getLogger(__name__)
+# Alembic logs its plugins (when imported) and its DDL mode (on every open) at INFO; only an actual
+# upgrade is news (upgrade_catalog logs it).
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def upgrade_catalog(engine: Engine) -> None:
     """Bring the catalog's schema to the newest migration, in place (tables created on an empty database)."""
-    # Alembic logs its plugins (when imported) and DDL mode (on every open) at INFO; only an actual
-    # upgrade is news (below).
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     from alembic import command
     from alembic.config import Config
     from alembic.runtime.migration import MigrationContext

@@ -27,6 +27,7 @@ from encoders.models import (
     MatchmapModel,
     count_parameters,
     image_grid_size,
+    length_sorted_split,
     masked_instance_norm,
 )
 from matchmap.cli import main as cli_main
@@ -253,8 +254,6 @@ def test_length_groups_give_the_padded_batchs_maps_gradients_and_statistics(mode
 
 
 def test_length_groups_split_by_length_with_equal_counts():
-    from encoders.models import length_sorted_split
-
     parts = length_sorted_split(torch.tensor([5, 1, 4, 2, 3, 6, 0, 7]), 4)
     assert [p.tolist() for p in parts] == [[6, 1], [3, 4], [2, 0], [5, 7]]
     assert length_sorted_split(torch.tensor([3, 1, 2]), 4) is None  # under 2 captions a group: one group
