@@ -26,6 +26,7 @@ from torch import Tensor
 from torchvision.transforms import v2 as T
 
 from encoders.matchmap import matchmap
+from encoders.models import QUERY_FRAME_MULTIPLE
 
 SPAN_REDUCTIONS = ("max", "mean")
 
@@ -222,14 +223,15 @@ def encode_whole_image(model, image: Image.Image) -> Tensor:
 @torch.inference_mode()
 def encode_audio_maps(model, waveforms: Sequence[Tensor], sample_rate: int | None = None) -> list[Tensor]:
     """waveforms: B x (N_b,) float at ``sample_rate`` (default: the model's) -> B x (T_b, D) audio maps
-    of true frames, encoded in one padded batch (padding never changes a caption's frames)."""
+    of true frames, encoded in one padded batch (padding never changes a caption's frames), padded to
+    a multiple of QUERY_FRAME_MULTIPLE frames so that queries of every length reuse a few shapes."""
     if not waveforms:
         raise ValueError("encode_audio_maps needs at least one waveform")
     logmels = [model.audio_frontend.logmel(w, sample_rate) for w in waveforms]  # (n_mels, F_b) each
     lengths = torch.tensor([m.shape[1] for m in logmels])
     batch = torch.stack([F.pad(m, (0, int(lengths.max()) - m.shape[1])) for m in logmels])
     device = model_device(model)
-    audio, out_lengths = model.encode_audio(batch.to(device), lengths.to(device))
+    audio, out_lengths = model.encode_audio(batch.to(device), lengths.to(device), frame_multiple=QUERY_FRAME_MULTIPLE)
     return [audio[i, : int(n)] for i, n in enumerate(out_lengths)]
 
 

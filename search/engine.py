@@ -29,6 +29,7 @@ from torch import Tensor
 
 from encoders import create_model, load_image, trim_silence
 from encoders.matchmap import paired_misa
+from encoders.models import QUERY_FRAME_MULTIPLE
 from indexer import Collection, CollectionInfo, ImageRecord, Library, Shard
 from search import (
     DEFAULT_CANDIDATES,
@@ -580,7 +581,8 @@ class SearchEngine:
             for row, i in enumerate(group):
                 batch[row, :, : lengths[i]] = logmels[i]
             group_lengths = torch.tensor([lengths[i] for i in group], device=self.device)
-            encoded, _ = self.model.encode_audio(batch.to(self.device), group_lengths)
+            encoded, _ = self.model.encode_audio(batch.to(self.device), group_lengths,
+                                                 frame_multiple=QUERY_FRAME_MULTIPLE)
             audio[group, : encoded.shape[1]] = encoded
         return audio, out_lengths
 

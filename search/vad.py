@@ -17,6 +17,11 @@ spectrogram and convolutions run over every frame at once and the LSTM in one ``
 (``speech_probabilities``), with the package's own weights and its own thresholding
 (``get_speech_timestamps_from_probs``). The spans are the same as its loop's (tests/test_vad.py;
 probabilities within 1e-4) at a fraction of the time (bench/bench_vad.py; figures in docs/search.md).
+
+Every query has its own length, and oneDNN makes a new convolution and LSTM primitive for every new
+input shape (about 4 ms each here): so the frames are zero-padded to a multiple of ``FRAME_MULTIPLE``
+and the padding's probabilities dropped. The LSTM runs forward in time, so frames after the last
+real one change nothing before it; a server then meets a few dozen shapes in its life, not one per query.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ MARGIN_SECONDS = 0.25  # kept on each side, as trim_silence does (the training c
 VAD_RATES = (8000, 16000)  # the rates Silero VAD takes
 FRAME_SAMPLES = {16000: 512, 8000: 256}  # Silero's frame (32 ms) at each rate
 CONTEXT_SAMPLES = {16000: 64, 8000: 32}  # the end of the previous frame, which the model sees before each frame
+FRAME_MULTIPLE = 16  # frames (0.5 s) the network's input is padded to a multiple of, so shapes repeat
 _loaded = threading.Lock()
 _model = None  # the package's TorchScript model; only its stateless parts and weights are used here
 
@@ -59,7 +65,8 @@ def speech_probabilities(waveform: torch.Tensor, sample_rate: int) -> torch.Tens
     size, context = FRAME_SAMPLES[sample_rate], CONTEXT_SAMPLES[sample_rate]
     samples = waveform.detach().to("cpu", torch.float32).reshape(-1)
     count = max(1, -(-samples.numel() // size))
-    frames = torch.nn.functional.pad(samples, (0, count * size - samples.numel())).view(count, size)
+    padded = -(-count // FRAME_MULTIPLE) * FRAME_MULTIPLE  # a shape seen before (see the module's notes)
+    frames = torch.nn.functional.pad(samples, (0, padded * size - samples.numel())).view(padded, size)
     before = torch.cat([frames.new_zeros(1, context), frames[:-1, -context:]])
     with torch.inference_mode():
         features = net.encoder(net.run_extractors(torch.cat([before, frames], 1))).squeeze(-1)  # (frames, 128)
@@ -68,7 +75,7 @@ def speech_probabilities(waveform: torch.Tensor, sample_rate: int) -> torch.Tens
         hidden = torch.lstm(features.unsqueeze(1), (zeros, zeros),
                             [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh],
                             True, 1, 0.0, False, False, False)[0]  # biases, layers, dropout, train, bidir, batch_first
-        return net.decoder.decoder(hidden.squeeze(1).unsqueeze(-1)).squeeze(1).mean(1)
+        return net.decoder.decoder(hidden.squeeze(1).unsqueeze(-1)).squeeze(1).mean(1)[:count]
 
 
 def speech_spans(waveform: torch.Tensor, sample_rate: int) -> list[tuple[int, int]]:

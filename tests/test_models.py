@@ -146,6 +146,25 @@ def test_padding_never_leaks_into_a_captions_frames_or_scores(model, mode):
     model.eval()
 
 
+def test_padding_to_a_frame_multiple_feeds_few_shapes_and_changes_no_frame(model):
+    """Queries come in every length; with ``frame_multiple`` the branch sees a multiple of it (a few
+    shapes, whose oneDNN primitives are made once), and each caption's frames and T' are unchanged."""
+    n_mels = model.config.audio.n_mels
+    seen: list[int] = []
+    hook = model.audio_net.register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[-1]))
+    try:
+        with torch.no_grad():
+            for length in range(41, SMALL_FRAMES, 7):
+                logmel = _logmel(1, length, n_mels, seed=length)
+                exact, exact_lengths = model.encode_audio(logmel, torch.tensor([length]))
+                padded, padded_lengths = model.encode_audio(logmel, torch.tensor([length]), frame_multiple=32)
+                assert padded.shape == exact.shape and torch.equal(padded_lengths, exact_lengths)
+                torch.testing.assert_close(padded, exact, rtol=1e-4, atol=1e-5)
+    finally:
+        hook.remove()
+    assert len(set(seen[0::2])) == 17 and set(seen[1::2]) == {64, 96, 128, 160}
+
+
 @pytest.mark.parametrize("global_context", [False, True])
 def test_global_context_lets_far_away_input_reach_a_region_and_a_frame(global_context):
     """With global_context a region (frame) sees what lies beyond its receptive field; without, it does not."""

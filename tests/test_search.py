@@ -441,6 +441,28 @@ def test_concurrent_queries_are_batched_and_answered_as_if_alone(client, server,
     assert server.server._servicer.batcher.batches - batches_before < len(wavs)
 
 
+def test_queries_of_every_length_are_encoded_in_a_few_shapes_as_if_unpadded(engine):
+    """oneDNN makes convolution primitives per input shape (8 ms each on these cores): the engine pads a
+    query's log-mel to a multiple of QUERY_FRAME_MULTIPLE frames, and its frames stay its own."""
+    from encoders.models import QUERY_FRAME_MULTIPLE
+
+    model = engine.model
+    seen: list[int] = []
+    hook = model.audio_net.register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[-1]))
+    generator = torch.Generator().manual_seed(0)
+    logmels = [torch.randn(model.config.audio.n_mels, n, generator=generator) for n in range(150, 450, 13)]
+    try:
+        encoded = [engine.encode([logmel]) for logmel in logmels]
+    finally:
+        hook.remove()
+    assert sorted(set(seen)) == list(range(160, 481, QUERY_FRAME_MULTIPLE))  # 11 shapes for 24 lengths
+    with torch.inference_mode():
+        for logmel, (audio, lengths) in zip(logmels, encoded, strict=True):
+            exact, exact_lengths = model.encode_audio(logmel[None], torch.tensor([logmel.shape[1]]))
+            assert torch.equal(lengths.cpu(), exact_lengths)
+            torch.testing.assert_close(audio, exact, rtol=1e-4, atol=1e-5)
+
+
 def test_list_collections_and_health(client, engine):
     listing = client.list_collections()
     assert listing.model_version == engine.model_version and listing.model_name == "tiny"

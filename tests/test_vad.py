@@ -59,3 +59,17 @@ def test_other_rates_are_refused_by_name():
         vad.speech_probabilities(torch.zeros(22050), 22050)
     with pytest.raises(ValueError, match="22050"):
         vad.speech_spans(torch.zeros(0), 22050)  # even with no audio to look at
+
+
+def test_queries_of_every_length_reach_the_network_in_a_few_shapes(monkeypatch, tiny_corpus):
+    """oneDNN makes primitives per input shape: 22 query lengths must reach the LSTM as a few frame
+    counts (multiples of FRAME_MULTIPLE), with each query's probabilities those of its own frames."""
+    seen: list[int] = []
+    lstm = torch.lstm
+    monkeypatch.setattr(vad.torch, "lstm", lambda x, *rest: seen.append(x.shape[0]) or lstm(x, *rest))
+    caption = captions(tiny_corpus, 1)[0]
+    lengths = range(16000, 48000, 1500)
+    for n in lengths:
+        wave = torch.nn.functional.pad(caption, (0, max(0, n - caption.numel())))[:n]
+        assert vad.speech_probabilities(wave, 16000).shape == (-(-n // vad.FRAME_SAMPLES[16000]),)
+    assert len(set(seen)) <= 5 < len(set(lengths)) and all(s % vad.FRAME_MULTIPLE == 0 for s in seen)
