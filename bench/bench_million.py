@@ -2,8 +2,9 @@
 
 The collection is made by ``bench/scaled_collection.py`` (real encoded scenes of a `matchmap synth`
 corpus and drawn scenes, grown to a million with augmented copies of their maps; see there). This bench
-serves it through a real `matchmap serve` process at two K in one run (the default 400 and 4,000, the
-default before stage-1 heads), reporting for each: start-up seconds (process start to listening, the
+serves it through a real `matchmap serve` process at each K of --ks in one run (0: the server's default),
+after, with --previous-tree, another checkout's server of the same images (the engine an issue measured,
+as the reference of the ratios), reporting for each: start-up seconds (process start to listening, the
 collection opened), p50/p95 at concurrency 1, queries/s at concurrency 8, the server's resident set
 after the load, and the collection's bytes on disk per image (catalog included). Then, in process, the
 two-stage top-10 against the exhaustive MISA top-10 over every image (float32, every map read), for the
@@ -45,6 +46,13 @@ def main() -> None:
                         help="also serve at these K with --resident-maps-mb 0 (nothing held in memory: stage 2 "
                              "reads every candidate's map from the store, the engine before region codes)")
     parser.add_argument("--no-vad-at", type=int, nargs="*", default=[], help="also serve at these K with --no-vad")
+    parser.add_argument("--previous-tree", type=Path, default=None,
+                        help="first, as the reference of the ratios: this checkout's code (e.g. a git worktree of "
+                             "the engine an issue measured) serving --previous-collection with --previous-checkpoint")
+    parser.add_argument("--previous-checkpoint", type=Path, default=None, help="with --previous-tree: its model")
+    parser.add_argument("--previous-collection", default=None,
+                        help="with --previous-tree: the collection that model indexed (the same images)")
+    parser.add_argument("--previous-k", type=int, default=0, help="with --previous-tree: its K (0: its default)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     command = "python bench/bench_million.py " + " ".join(sys.argv[1:])
@@ -68,6 +76,12 @@ def main() -> None:
 
     setups = [{"label": f"K={k}", "checkpoint": args.checkpoint, "collection": args.collection, "candidates": k}
               for k in args.ks]
+    if args.previous_tree is not None:
+        if args.previous_checkpoint is None or args.previous_collection is None:
+            parser.error("--previous-tree needs --previous-checkpoint and --previous-collection")
+        setups.insert(0, {"label": f"previous code, K={args.previous_k or 'its default'}",
+                          "checkpoint": args.previous_checkpoint.resolve(), "collection": args.previous_collection,
+                          "candidates": args.previous_k, "tree": args.previous_tree.resolve()})
     setups += [{"label": f"K={k}, store reads", "checkpoint": args.checkpoint, "collection": args.collection,
                 "candidates": k, "serve_args": ("--resident-maps-mb", "0")} for k in args.store_reads_at]
     setups += [{"label": f"K={k}, no VAD", "checkpoint": args.checkpoint, "collection": args.collection,
