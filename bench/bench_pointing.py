@@ -9,6 +9,10 @@ exact expectation: box area / image area) and the image centre. Overall and per 
         --manifest /work/data/corpus/val.json --examples docs/img/pointing_examples.png
 
 Writes the JSON summary to --out (default bench/out/pointing.json) and prints tables.
+
+``--scales 1.0 1.5`` first plays the game at each localization scale (the whole image resized to that
+many times the model's resize_size; ``encoders.grounding.LOCALIZATION_SCALE`` is the service's), side by
+side on the same mentions, overall and per object size; the full report then uses the service's scale.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+import encoders.grounding
 from encoders import create_model, load_audio, load_image
 from encoders.grounding import (
     encode_audio_map,
@@ -87,6 +92,26 @@ def example_picture(model, manifest: Manifest, trials: list[PointingTrial], coun
     return image_grid(tiles, columns=6)
 
 
+def compare_scales(model, manifest: Manifest, args) -> None:
+    """The pointing game at each of ``args.scales``, one after another on the same mentions."""
+    service = encoders.grounding.LOCALIZATION_SCALE
+    print(f"localization scale side by side (the service's: {service}); "
+          "reproduce: python bench/bench_pointing.py " + (f"--checkpoint {args.checkpoint} " if args.checkpoint else "")
+          + f"--manifest {args.manifest} " + (f"--limit {args.limit} " if args.limit else "")
+          + f"--scales {' '.join(map(str, args.scales))}")
+    try:
+        for scale in args.scales:
+            encoders.grounding.LOCALIZATION_SCALE = scale
+            grid = tuple(encoders.grounding.encode_whole_image(model, Image.new("RGB", (64, 64))).shape[:2])
+            summary = pointing_game(model, manifest, reduce=args.reduce, batch_size=args.batch_size,
+                                    limit=args.limit, progress=False).summary
+            sizes = ", ".join(f"{k} {v['model']:.3f}" for k, v in summary["by_size"].items())
+            print(f"  scale {scale:<5} ({encoders.grounding.localization_side(model)} px, grid {grid[0]} x {grid[1]}): "
+                  f"model {summary['accuracy']['model']:.3f} over {summary['mentions']} mentions; by size: {sizes}")
+    finally:
+        encoders.grounding.LOCALIZATION_SCALE = service
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="model checkpoint (default: the shipped model)")
@@ -98,11 +123,15 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out/pointing.json")
     parser.add_argument("--examples", default=None, help="PNG of example mentions to write")
     parser.add_argument("--example-count", type=int, default=12)
+    parser.add_argument("--scales", type=float, nargs="+", default=None,
+                        help="first compare these localization scales side by side (see the notes above)")
     args = parser.parse_args()
 
     torch.set_grad_enabled(False)
     model = create_model(args.checkpoint)
     manifest = load_manifest(args.manifest)
+    if args.scales:
+        compare_scales(model, manifest, args)
     started = time.perf_counter()
     report = pointing_game(model, manifest, reduce=args.reduce, batch_size=args.batch_size, limit=args.limit)
     elapsed = time.perf_counter() - started
