@@ -14,9 +14,10 @@ DEFAULT_HTTP_PORT = 8080  # the search page and JSON API (search.web)
 # of unheard voices; bench/bench_search.py, docs/search.md). On 10,000 scene images, with stage 1 widened
 # (STAGE1_WIDEN), K=200 holds 0.992 of the exhaustive MISA top-10 and K=100 0.963; FAISS's own top K held
 # 0.987 at the previous default of 400 and 0.955 at 200. On 100,000 (FAISS's top K, before widening),
-# K=400 held 0.882 and K=1,000 0.972.
+# K=400 held 0.882 and K=1,000 0.972; widened (session 17, bench/bench_million.py), K=200 held 0.847,
+# K=400 0.958 and K=1,000 0.985, so the share is 0.5 % (K=500 there), where it was 1 %.
 DEFAULT_CANDIDATES = 200
-DEFAULT_CANDIDATES_SHARE = 0.01
+DEFAULT_CANDIDATES_SHARE = 0.005
 # Stage 1 takes this many times K candidates from FAISS's pooled vectors and keeps the K that the sum of the
 # pooled score and the centroid interaction ranks first (search.centroid_prune; `serve --stage1-widen`).
 # On 10,000 scene images, K=100 of 4 x 100 held 0.963 of the exhaustive MISA top 10, FAISS's own top 100
