@@ -9,6 +9,9 @@ Two parts, on real spoken captions (a `matchmap synth` corpus's val captions) an
    the second has seen them all.
 2. The engine's own stage timings (decoding + VAD + log-mel, encoding, stage 1, stage 2), medians over
    the captions, as the server reports them per query.
+3. A fresh server's first queries: in two new processes, one per arm, the captions' decoding + VAD +
+   log-mel + encoding, each the first of its length, without and with ``warm_query_shapes`` at start
+   (which ``warm_up`` runs); and what the warm-up costs.
 
     python bench/bench_query_path.py --library /work/exp/b10k/library --corpus /work/exp/c10
 """
@@ -19,6 +22,7 @@ import argparse
 import functools
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -83,6 +87,38 @@ def stages_part(engine: SearchEngine, queries: list[bytes], collection: str) -> 
           + ", ".join(f"{k} {v:.1f} ms" for k, v in medians.items()))
 
 
+def first_queries_part(args: argparse.Namespace) -> None:
+    for arm in ("cold", "warm"):
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--first-queries", arm],
+                             check=True, capture_output=True, text=True).stdout
+        print(out.strip())
+
+
+def first_queries(args: argparse.Namespace) -> None:
+    """One arm of part 3, in its own process (oneDNN's primitives are made once per process)."""
+    engine = SearchEngine.open(args.checkpoint, args.library, device="cpu")
+    try:
+        warm_s = None
+        if args.first_queries == "warm":
+            started = time.perf_counter()
+            audio_shapes, vad_shapes = engine.warm_query_shapes()
+            warm_s = time.perf_counter() - started
+        _, queries, _ = corpus_inputs(args.corpus)
+        times = []
+        for query in queries[: args.queries]:
+            started = time.perf_counter()
+            engine.encode([engine.prepare_audio(query).logmel])
+            times.append(1000 * (time.perf_counter() - started))
+        times.sort()
+        line = (f"  fresh server, {args.first_queries}: first {len(times)} queries' decode+VAD+encode median "
+                f"{statistics.median(times):5.2f} ms, p95 {times[int(0.95 * (len(times) - 1))]:5.2f} ms")
+        if warm_s is not None:
+            line += f" (warm-up {warm_s:.2f} s: {audio_shapes} audio-branch and {vad_shapes} VAD shapes)"
+        print(line)
+    finally:
+        engine.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--library", type=Path, required=True, help="a library bench_search.py built")
@@ -90,18 +126,22 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=Path("encoders/default_model/tiny.pt"))
     parser.add_argument("--collection", default=COLLECTION)
     parser.add_argument("--queries", type=int, default=80)
+    parser.add_argument("--first-queries", choices=("cold", "warm"), help=argparse.SUPPRESS)  # part 3's arms
     args = parser.parse_args()
+    if args.first_queries:
+        return first_queries(args)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch threads "
           f"{torch.get_num_threads()}; reproduce: python bench/bench_query_path.py {' '.join(sys.argv[1:])}")
     engine = SearchEngine.open(args.checkpoint, args.library, device="cpu")
     try:
+        _, queries, _ = corpus_inputs(args.corpus)
+        shapes_part(engine, queries[: args.queries])  # before warm_up, which meets the padded shapes
         engine.warm_up()
         engine.wait_held()
-        _, queries, _ = corpus_inputs(args.corpus)
-        shapes_part(engine, queries[: args.queries])
         stages_part(engine, queries[args.queries : 2 * args.queries], args.collection)
     finally:
         engine.close()
+    first_queries_part(args)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -43,7 +43,9 @@ from search.centroid_prune import prune_by_centroids
 from search.errors import ImageNotFound, InvalidQuery
 from search.localization import LiveHighlighter, Localization, encode_whole_image, localize
 from search.resident import ResidentCodes, ResidentMaps, held_for, misa_caption_by_caption
-from search.vad import keep_speech
+from search.vad import FRAME_MULTIPLE as VAD_FRAME_MULTIPLE
+from search.vad import FRAME_SAMPLES as VAD_FRAME_SAMPLES
+from search.vad import keep_speech, speech_probabilities
 
 log = logging.getLogger("matchmap.engine")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -404,9 +406,13 @@ class SearchEngine:
         meanwhile. :meth:`wait_held` waits for the holder."""
         names = [info.name for info, searchable in self.list_collections() if searchable]
         if not background:
+            self.warm_query_shapes()
             for name in names:
                 self.collection(name).held_region_centroid_ids()
             return names
+        shapes = threading.Thread(target=self.warm_query_shapes, name="matchmap-shapes", daemon=True)
+        self._reopeners.append(shapes)  # close() waits for it as for a reopen
+        shapes.start()
         opened = []
         with self._lock:
             for name in names:
@@ -418,6 +424,33 @@ class SearchEngine:
             self._holder = threading.Thread(target=self._hold, args=(opened,), name="matchmap-hold", daemon=True)
             self._holder.start()
         return names
+
+    @torch.inference_mode()
+    def warm_query_shapes(self) -> tuple[int, int]:
+        """Run the audio branch on every padded length a query can have (multiples of QUERY_FRAME_MULTIPLE
+        up to the model's max_frames) and the VAD on every padded length of audio the server takes (up
+        to ``limits.max_audio_seconds``), once each on noise, so that no query pays for oneDNN's new
+        primitives (about 4-8 ms per new shape; docs/search.md, "Queries in a few shapes"). Queries
+        that arrive together are encoded as one batch, whose shapes are not warmed. Returns how many
+        shapes each network met; stops early when the engine closes."""
+        audio = self.model.config.audio
+        generator = torch.Generator().manual_seed(0)
+        audio_shapes = 0
+        for frames in range(QUERY_FRAME_MULTIPLE, audio.max_frames + QUERY_FRAME_MULTIPLE, QUERY_FRAME_MULTIPLE):
+            if self._closing.is_set():
+                return audio_shapes, 0
+            self.encode([torch.randn(audio.n_mels, min(frames, audio.max_frames), generator=generator)])
+            audio_shapes += 1
+        vad_shapes = 0
+        if self.vad and self.sample_rate in VAD_FRAME_SAMPLES:
+            samples = VAD_FRAME_SAMPLES[self.sample_rate] * VAD_FRAME_MULTIPLE
+            longest = math.ceil(self.limits.max_audio_seconds * self.sample_rate / samples)
+            for multiple in range(1, longest + 1):
+                if self._closing.is_set():
+                    break
+                speech_probabilities(1e-3 * torch.randn(multiple * samples, generator=generator), self.sample_rate)
+                vad_shapes += 1
+        return audio_shapes, vad_shapes
 
     def _hold(self, snapshots: list[Collection]) -> None:
         """The background holder: what of each snapshot to hold, handed to collection() to adopt."""

@@ -463,6 +463,38 @@ def test_queries_of_every_length_are_encoded_in_a_few_shapes_as_if_unpadded(engi
             torch.testing.assert_close(audio, exact, rtol=1e-4, atol=1e-5)
 
 
+def test_warm_up_meets_every_shape_a_query_can_bring(engine, monkeypatch):
+    """A fresh server would pay 4-8 ms for each new input shape on a query's path: warm_up runs the audio
+    branch on every padded length up to max_frames and the VAD on every padded length of audio the
+    server takes, so queries of any length find their shapes met."""
+    from search import vad
+
+    model = engine.model
+    warmed_audio: list[int] = []
+    warmed_vad: list[int] = []
+    lstm = torch.lstm
+    seen = warmed_audio, warmed_vad
+    hook = model.audio_net.register_forward_pre_hook(lambda _module, args: seen[0].append(args[0].shape[-1]))
+    monkeypatch.setattr(vad.torch, "lstm", lambda x, *rest: seen[1].append(x.shape[0]) or lstm(x, *rest))
+    try:
+        assert engine.warm_query_shapes() == (len(warmed_audio), len(warmed_vad))
+        query_audio: list[int] = []
+        query_vad: list[int] = []
+        seen = query_audio, query_vad
+        generator = torch.Generator().manual_seed(1)
+        max_frames = model.config.audio.max_frames
+        for frames in torch.randint(1, max_frames + 1, (12,), generator=generator).tolist() + [1, max_frames]:
+            engine.encode([torch.randn(model.config.audio.n_mels, frames, generator=generator)])
+        longest = int(engine.limits.max_audio_seconds * engine.sample_rate)
+        for samples in torch.randint(1, longest + 1, (8,), generator=generator).tolist() + [1, longest]:
+            vad.speech_probabilities(torch.zeros(samples), engine.sample_rate)
+    finally:
+        hook.remove()
+    assert set(query_audio) <= set(warmed_audio) and set(query_vad) <= set(warmed_vad)
+    assert len(warmed_audio) == len(set(warmed_audio)) == max_frames // 32  # each shape once
+    assert len(warmed_vad) == len(set(warmed_vad))
+
+
 def test_list_collections_and_health(client, engine):
     listing = client.list_collections()
     assert listing.model_version == engine.model_version and listing.model_name == "tiny"
