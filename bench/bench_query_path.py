@@ -110,8 +110,9 @@ def first_queries(args: argparse.Namespace) -> None:
             engine.encode([engine.prepare_audio(query).logmel])
             times.append(1000 * (time.perf_counter() - started))
         times.sort()
-        line = (f"  fresh server, {args.first_queries}: first {len(times)} queries' decode+VAD+encode median "
-                f"{statistics.median(times):5.2f} ms, p95 {times[int(0.95 * (len(times) - 1))]:5.2f} ms")
+        line = (f"  fresh server, {args.first_queries}: first {len(times)} queries' decode+VAD+encode: mean "
+                f"{statistics.fmean(times):5.2f} ms, median {statistics.median(times):5.2f}, "
+                f"p95 {times[int(0.95 * (len(times) - 1))]:5.2f}, max {times[-1]:5.2f}")
         if warm_s is not None:
             line += f" (warm-up {warm_s:.2f} s: {audio_shapes} audio-branch and {vad_shapes} VAD shapes)"
         print(line)
