@@ -6,7 +6,7 @@
 #   WORK=/work/exp MAX_MINUTES=110 bash scripts/objects_recipe.sh
 #
 # PRECISION=bf16 pays only on CPUs with AVX512-BF16 or AMX (and GPUs); on AVX2-only CPUs fp32 is 16x
-# faster (bench/bench_precision.py), hence the default. Training needs about 19-21 GB of memory.
+# faster (bench/bench_precision.py), hence the default. Training needs about 19-22 GB of memory.
 #
 # Steps and their measured times on this machine's 2 cores (docs/model.md, "Learning the objects world"):
 #   1. validation splits by voices training never hears: objects (1,000 scenes), shapes (1,000), flite
@@ -20,7 +20,9 @@
 #      (3,516 steps, 1 h 36 min)
 #   7. three epochs more on a fresh cosine, the shapes world three times (3,798 steps; 28.5 min per quiet
 #      epoch, so about 1 h 30 min)
-#   8. evaluation: MISA recall on the fresh split and on flite speech, both worlds
+#   8. three epochs more on a fresh cosine at peak 4e-4, the shapes world five times (4,359 steps; about
+#      1 h 45 min on quiet cores, 2 h 16 min here with the cores shared now and then)
+#   9. evaluation: MISA recall on the fresh split and on flite speech, both worlds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/work/exp}
@@ -79,8 +81,10 @@ run "$WORK/long2" 3 --checkpoint "$WORK/long/best.pt" "${OBJ[@]}" "${SHAPES[@]}"
     --val "$WORK/bothval18.json" --lr 5e-4 --seed 1
 run "$WORK/long3" 3 --checkpoint "$WORK/long2/best.pt" "${OBJ[@]}" "${SHAPES[@]}" "${SHAPES[@]}" "${SHAPES[@]}" \
     --val "$WORK/bothval18.json" --lr 5e-4 --seed 2
+run "$WORK/long4" 3 --checkpoint "$WORK/long3/best.pt" "${OBJ[@]}" "${SHAPES[@]}" "${SHAPES[@]}" "${SHAPES[@]}" \
+    "${SHAPES[@]}" "${SHAPES[@]}" --val "$WORK/bothval18.json" --lr 4e-4 --seed 3
 
 for split in fresh1k objects-flite shapes-val shapes-flite; do
     echo "== $split"
-    $M eval --checkpoint "$WORK/long3/best.pt" "$WORK/$split/val.json"
+    $M eval --checkpoint "$WORK/long4/best.pt" "$WORK/$split/val.json"
 done
