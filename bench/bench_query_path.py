@@ -87,7 +87,7 @@ def stages_part(engine: SearchEngine, queries: list[bytes], collection: str) -> 
           + ", ".join(f"{k} {v:.1f} ms" for k, v in medians.items()))
 
 
-def first_queries_part(args: argparse.Namespace) -> None:
+def first_queries_part() -> None:
     for arm in ("cold", "warm"):
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--first-queries", arm],
                              check=True, capture_output=True, text=True).stdout
@@ -142,7 +142,7 @@ def main() -> None:
         stages_part(engine, queries[args.queries : 2 * args.queries], args.collection)
     finally:
         engine.close()
-    first_queries_part(args)
+    first_queries_part()
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -43,9 +43,7 @@ from search.centroid_prune import prune_by_centroids
 from search.errors import ImageNotFound, InvalidQuery
 from search.localization import LiveHighlighter, Localization, encode_whole_image, localize
 from search.resident import ResidentCodes, ResidentMaps, held_for, misa_caption_by_caption
-from search.vad import FRAME_MULTIPLE as VAD_FRAME_MULTIPLE
-from search.vad import FRAME_SAMPLES as VAD_FRAME_SAMPLES
-from search.vad import keep_speech, speech_probabilities
+from search.vad import VAD_RATES, keep_speech, padded_sample_counts, speech_probabilities
 
 log = logging.getLogger("matchmap.engine")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -396,9 +394,10 @@ class SearchEngine:
         self._reopeners = [t for t in self._reopeners if t.is_alive()] + [thread]
         thread.start()
 
-    def warm_up(self, background: bool = False) -> list[str]:
+    def warm_up(self, background: bool = False, query_shapes: bool = True) -> list[str]:
         """Open every collection this model can search (catalog rows, stage 1) and load what of its maps
-        to hold in memory, so first queries are not slow; returns their names.
+        to hold in memory, so first queries are not slow; returns their names. ``query_shapes``: also
+        warm_query_shapes (an engine that never encodes a query, a shard replica, has no use for it).
 
         ``background``: return once the collections are open, and hold their maps (or codes) in a thread:
         until a collection's are held, its queries read candidates' maps from the store (same results,
@@ -406,13 +405,15 @@ class SearchEngine:
         meanwhile. :meth:`wait_held` waits for the holder."""
         names = [info.name for info, searchable in self.list_collections() if searchable]
         if not background:
-            self.warm_query_shapes()
+            if query_shapes:
+                self.warm_query_shapes()
             for name in names:
                 self.collection(name).held_region_centroid_ids()
             return names
-        shapes = threading.Thread(target=self.warm_query_shapes, name="matchmap-shapes", daemon=True)
-        self._reopeners.append(shapes)  # close() waits for it as for a reopen
-        shapes.start()
+        if query_shapes:
+            shapes = threading.Thread(target=self.warm_query_shapes, name="matchmap-shapes", daemon=True)
+            self._reopeners.append(shapes)  # close() waits for it as for a reopen
+            shapes.start()
         opened = []
         with self._lock:
             for name in names:
@@ -442,13 +443,11 @@ class SearchEngine:
             self.encode([torch.randn(audio.n_mels, min(frames, audio.max_frames), generator=generator)])
             audio_shapes += 1
         vad_shapes = 0
-        if self.vad and self.sample_rate in VAD_FRAME_SAMPLES:
-            samples = VAD_FRAME_SAMPLES[self.sample_rate] * VAD_FRAME_MULTIPLE
-            longest = math.ceil(self.limits.max_audio_seconds * self.sample_rate / samples)
-            for multiple in range(1, longest + 1):
+        if self.vad and self.sample_rate in VAD_RATES:
+            for samples in padded_sample_counts(self.limits.max_audio_seconds, self.sample_rate):
                 if self._closing.is_set():
                     break
-                speech_probabilities(1e-3 * torch.randn(multiple * samples, generator=generator), self.sample_rate)
+                speech_probabilities(1e-3 * torch.randn(samples, generator=generator), self.sample_rate)
                 vad_shapes += 1
         return audio_shapes, vad_shapes
 

@@ -101,7 +101,7 @@ class CollectionShard:
         self.shard = Shard(index, count)
         self.engine = SearchEngine.open(spec.checkpoint, spec.data_dir, spec.db_url, device=spec.device,
                                         limits=spec.limits, vad=spec.vad, shard=self.shard)
-        self.engine.warm_up()
+        self.engine.warm_up(query_shapes=False)  # the front encodes queries; a replica scores them
         self._lock = threading.Lock()  # Serve may call a replica from several threads; the engine is not re-entrant
 
     def _answer(self, fn: Callable[[], dict]) -> dict:

@@ -26,6 +26,7 @@ real one change nothing before it; a server then meets a few dozen shapes in its
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 
@@ -76,6 +77,13 @@ def speech_probabilities(waveform: torch.Tensor, sample_rate: int) -> torch.Tens
                             [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh],
                             True, 1, 0.0, False, False, False)[0]  # biases, layers, dropout, train, bidir, batch_first
         return net.decoder.decoder(hidden.squeeze(1).unsqueeze(-1)).squeeze(1).mean(1)[:count]
+
+
+def padded_sample_counts(max_seconds: float, sample_rate: int) -> range:
+    """One length of audio, in samples, for each shape the network meets on audio of up to
+    ``max_seconds`` (frames padded to a multiple of FRAME_MULTIPLE): what a server warms at start."""
+    step = FRAME_SAMPLES[sample_rate] * FRAME_MULTIPLE
+    return range(step, math.ceil(max_seconds * sample_rate / step) * step + 1, step)
 
 
 def speech_spans(waveform: torch.Tensor, sample_rate: int) -> list[tuple[int, int]]:
