@@ -2,8 +2,10 @@
 
 For every object mention of the captions (color word start -> shape word end, from the word timings)
 the whole image is encoded, the mention's heatmap computed (max over its frames of the matchmap),
-and its peak cell centre tested against the object's box. Baselines: a uniform random point (the
-exact expectation: box area / image area) and the image centre. Overall and per shape, color, size.
+and its peak cell centre tested against the object's box, with the service's heatmaps (the span
+contrasted with the rest of the caption, the image's map averaged with its mirror's). Baselines: a
+uniform random point (the exact expectation: box area / image area) and the image centre. Overall
+and per shape, color, size.
 
     .venv/bin/python bench/bench_pointing.py --checkpoint /work/data/runs/tiny-infonce/best.pt \\
         --manifest /work/data/corpus/val.json --examples docs/img/pointing_examples.png
@@ -13,6 +15,8 @@ Writes the JSON summary to --out (default bench/out/pointing.json) and prints ta
 ``--scales 1.0 1.5`` first plays the game at each localization scale (the whole image resized to that
 many times the model's resize_size; ``encoders.grounding.LOCALIZATION_SCALE`` is the service's), side by
 side on the same mentions, overall and per object size; the full report then uses the service's scale.
+``--contrasts 0 0.3`` and ``--mirrors off on`` do the same for the span contrast and the mirrored pass
+(``SPAN_CONTRAST``, ``MIRROR_AVERAGE``), every combination of the three lists in turn.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from PIL import Image, ImageDraw
 import encoders.grounding
 from encoders import create_model, load_audio, load_image
 from encoders.grounding import (
+    MIRROR_AVERAGE,
+    SPAN_CONTRAST,
     encode_audio_map,
     encode_whole_image,
     normalize_heatmap,
@@ -92,22 +98,45 @@ def example_picture(model, manifest: Manifest, trials: list[PointingTrial], coun
     return image_grid(tiles, columns=6)
 
 
-def compare_scales(model, manifest: Manifest, args) -> None:
-    """The pointing game at each of ``args.scales``, one after another on the same mentions."""
+def compare_settings(model, manifest: Manifest, args) -> None:
+    """The pointing game under every combination of ``args.scales``, ``args.contrasts`` and ``args.mirrors``
+    (each defaulting to the service's), one after another on the same mentions."""
     service = encoders.grounding.LOCALIZATION_SCALE
-    print(f"localization scale side by side (the service's: {service}); "
-          "reproduce: python bench/bench_pointing.py " + (f"--checkpoint {args.checkpoint} " if args.checkpoint else "")
-          + f"--manifest {args.manifest} " + (f"--limit {args.limit} " if args.limit else "")
-          + f"--scales {' '.join(map(str, args.scales))}")
+    scales = args.scales or [service]
+    contrasts = args.contrasts if args.contrasts is not None else [SPAN_CONTRAST]
+    mirrors = [m == "on" for m in args.mirrors] if args.mirrors else [MIRROR_AVERAGE]
+    print(f"settings side by side (the service's: scale {service}, contrast {SPAN_CONTRAST}, "
+          f"mirror {'on' if MIRROR_AVERAGE else 'off'}); reproduce: python bench/bench_pointing.py "
+          + (f"--checkpoint {args.checkpoint} " if args.checkpoint else "") + f"--manifest {args.manifest} "
+          + (f"--limit {args.limit} " if args.limit else "")
+          + (f"--scales {' '.join(map(str, args.scales))} " if args.scales else "")
+          + (f"--contrasts {' '.join(map(str, args.contrasts))} " if args.contrasts is not None else "")
+          + (f"--mirrors {' '.join(args.mirrors)}" if args.mirrors else ""))
+    if len(mirrors) > 1:
+        image = load_image(manifest.image_path(manifest.entries[0]))
+        costs = []
+        for mirror in mirrors:
+            encoders.grounding.encode_whole_images(model, [image], mirror=mirror)  # the shape's first pass
+            times = []
+            for _ in range(20):
+                started = time.perf_counter()
+                encoders.grounding.encode_whole_images(model, [image], mirror=mirror)
+                times.append(time.perf_counter() - started)
+            costs.append(f"mirror {'on' if mirror else 'off'} {1000 * sorted(times)[len(times) // 2]:.1f} ms")
+        print("  encoding one whole image at the service's scale (median of 20): " + ", ".join(costs))
     try:
-        for scale in args.scales:
+        for scale in scales:
             encoders.grounding.LOCALIZATION_SCALE = scale
             grid = tuple(encoders.grounding.encode_whole_image(model, Image.new("RGB", (64, 64))).shape[:2])
-            summary = pointing_game(model, manifest, reduce=args.reduce, batch_size=args.batch_size,
-                                    limit=args.limit, progress=False).summary
-            sizes = ", ".join(f"{k} {v['model']:.3f}" for k, v in summary["by_size"].items())
-            print(f"  scale {scale:<5} ({encoders.grounding.localization_side(model)} px, grid {grid[0]} x {grid[1]}): "
-                  f"model {summary['accuracy']['model']:.3f} over {summary['mentions']} mentions; by size: {sizes}")
+            for mirror in mirrors:
+                for contrast in contrasts:
+                    started = time.perf_counter()
+                    summary = pointing_game(model, manifest, reduce=args.reduce, batch_size=args.batch_size,
+                                            limit=args.limit, progress=False, contrast=contrast, mirror=mirror).summary
+                    sizes = ", ".join(f"{k} {v['model']:.3f}" for k, v in summary["by_size"].items())
+                    print(f"  scale {scale:<5} ({encoders.grounding.localization_side(model)} px, grid {grid[0]} x {grid[1]}), "
+                          f"mirror {'on ' if mirror else 'off'}, contrast {contrast:<4}: model {summary['accuracy']['model']:.3f} "
+                          f"over {summary['mentions']} mentions; by size: {sizes} ({time.perf_counter() - started:.0f} s)")
     finally:
         encoders.grounding.LOCALIZATION_SCALE = service
 
@@ -125,13 +154,17 @@ def main() -> None:
     parser.add_argument("--example-count", type=int, default=12)
     parser.add_argument("--scales", type=float, nargs="+", default=None,
                         help="first compare these localization scales side by side (see the notes above)")
+    parser.add_argument("--contrasts", type=float, nargs="+", default=None,
+                        help="... and these span contrasts (encoders.grounding.SPAN_CONTRAST; 0 = the plain matchmap)")
+    parser.add_argument("--mirrors", choices=["on", "off"], nargs="+", default=None,
+                        help="... with and/or without the mirrored pass (encoders.grounding.MIRROR_AVERAGE)")
     args = parser.parse_args()
 
     torch.set_grad_enabled(False)
     model = create_model(args.checkpoint)
     manifest = load_manifest(args.manifest)
-    if args.scales:
-        compare_scales(model, manifest, args)
+    if args.scales or args.contrasts is not None or args.mirrors:
+        compare_settings(model, manifest, args)
     started = time.perf_counter()
     report = pointing_game(model, manifest, reduce=args.reduce, batch_size=args.batch_size, limit=args.limit)
     elapsed = time.perf_counter() - started

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from encoders import create_model, load_image, trim_silence
@@ -431,9 +432,11 @@ class SearchEngine:
         """Run the audio branch on every padded length a query can have (multiples of QUERY_FRAME_MULTIPLE
         up to the model's max_frames) and the VAD on every padded length of audio the server takes (up
         to ``limits.max_audio_seconds``), once each on noise, so that no query pays for oneDNN's new
-        primitives (about 4-8 ms per new shape; docs/search.md, "Queries in a few shapes"). Queries
-        that arrive together are encoded as one batch, whose shapes are not warmed. Returns how many
-        shapes each network met; stops early when the engine closes."""
+        primitives (about 4-8 ms per new shape; docs/search.md, "Queries in a few shapes"); then the
+        image branch once on a sent image (every one is resized to the same square, and encoded with its
+        mirror), so the first Localize or Highlight with image bytes does not pay either. Queries that
+        arrive together are encoded as one batch, whose shapes are not warmed. Returns how many audio
+        and VAD shapes were met; stops early when the engine closes."""
         audio = self.model.config.audio
         generator = torch.Generator().manual_seed(0)
         audio_shapes = 0
@@ -449,6 +452,8 @@ class SearchEngine:
                     break
                 speech_probabilities(1e-3 * torch.randn(samples, generator=generator), self.sample_rate)
                 vad_shapes += 1
+        if not self._closing.is_set():
+            encode_whole_image(self.model, Image.new("RGB", (64, 64), "gray"))
         return audio_shapes, vad_shapes
 
     def _hold(self, snapshots: list[Collection]) -> None:

@@ -12,13 +12,16 @@ from collections import Counter
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from encoders import create_model
 from encoders.grounding import (
     LOCALIZATION_SCALE,
+    MIRROR_AVERAGE,
+    SPAN_CONTRAST,
     SpanOutOfRange,
     encode_whole_image,
+    encode_whole_images,
     frame_grounding,
     heatmap_peak,
     localization_side,
@@ -26,6 +29,7 @@ from encoders.grounding import (
     normalize_heatmap,
     region_center,
     span_frames,
+    span_heatmap,
 )
 from search.cli import localize
 from training.cli import discover
@@ -55,7 +59,8 @@ def test_span_heatmap_is_normalized_and_peaks_at_the_best_region():
     result = localize_audio_map(image_map, audio, FRAME, (0.3, 0.9))
     first, last = span_frames((0.3, 0.9), 12, FRAME)
     assert (first, last) == (1, 6) and (result.start_seconds, result.end_seconds) == pytest.approx((0.16, 0.96))
-    raw = torch.einsum("hwd,td->hwt", image_map, audio[first:last]).amax(dim=2)
+    m = torch.einsum("hwd,td->hwt", image_map, audio)
+    raw = m[:, :, first:last].amax(dim=2) - SPAN_CONTRAST * torch.cat([m[:, :, :first], m[:, :, last:]], 2).amax(dim=2)
     assert result.heatmap.shape == (3, 5) and result.heatmap.dtype == torch.float32
     assert float(result.heatmap.min()) == 0.0 and float(result.heatmap.max()) == 1.0
     assert int(result.heatmap.argmax()) == int(raw.argmax())
@@ -67,6 +72,27 @@ def test_span_heatmap_is_normalized_and_peaks_at_the_best_region():
     assert result.score == pytest.approx(float(scores.mean()))
     mean = localize_audio_map(image_map, audio, FRAME, (0.3, 0.9), reduce="mean")
     assert not torch.equal(mean.heatmap, result.heatmap) and float(mean.heatmap.max()) == 1.0
+
+
+def test_a_span_is_contrasted_with_the_rest_of_its_utterance():
+    """"a car and a cat": the car's region (big, bright) matches "cat" a little better than the cat's region
+    does, but it matches "car" far better still. The span's heatmap less SPAN_CONTRAST x each region's best
+    match elsewhere in the utterance peaks on the cat, where the plain matchmap's peaks on the car."""
+    car, cat = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    image_map = torch.stack([2 * car + 1.1 * cat, cat, torch.zeros(2)])[None]  # (1, 3, 2): car, cat, background
+    audio = torch.stack([car, car, car, cat, cat, cat])  # frames 0-2 say "car", 3-5 "cat"
+    assert 0 < SPAN_CONTRAST < 1
+    torch.testing.assert_close(span_heatmap(image_map, audio, 3, 6, contrast=0.0), torch.tensor([[1.1, 1.0, 0.0]]))
+    contrasted = span_heatmap(image_map, audio, 3, 6)
+    torch.testing.assert_close(contrasted, torch.tensor([[1.1 - 2 * SPAN_CONTRAST, 1.0, 0.0]]))
+    assert int(contrasted.argmax()) == 1
+    assert int(localize_audio_map(image_map, audio, FRAME, (3 * FRAME, 6 * FRAME)).heatmap.argmax()) == 1
+    # a span at the start is contrasted with what follows it; the whole utterance with nothing
+    torch.testing.assert_close(span_heatmap(image_map, audio, 0, 3), torch.tensor([[2 - 1.1 * SPAN_CONTRAST, -SPAN_CONTRAST, 0.0]]))
+    torch.testing.assert_close(span_heatmap(image_map, audio, 0, 6), span_heatmap(image_map, audio, 0, 6, contrast=0.0))
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="contrast"):
+            span_heatmap(image_map, audio, 3, 6, contrast=bad)
 
 
 def test_flat_heatmap_is_all_zero_and_bad_spans_are_refused():
@@ -113,6 +139,22 @@ def test_whole_images_are_localized_on_a_finer_grid_than_they_are_indexed(checkp
     heat = encode_whole_image(model, Image.new("RGB", (300, 200), "white"))
     assert tuple(heat.shape[:2]) == image_grid_size(dataclasses.replace(cfg, input_size=side, resize_size=side))
     assert heat.shape[0] > image_grid_size(dataclasses.replace(cfg, input_size=cfg.resize_size))[0]
+
+
+def test_a_whole_image_is_encoded_with_its_mirror_so_mirroring_it_mirrors_its_map(checkpoint):
+    """MIRROR_AVERAGE: a sent image's map is the mean of its own and its mirror's (mirrored back), so the map
+    of the mirrored image is exactly the map mirrored, which one pass of the network does not give."""
+    model = create_model(checkpoint).eval()
+    image = Image.new("RGB", (240, 180), "lightblue")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((20, 30, 90, 100), fill="red")
+    draw.polygon([(150, 160), (230, 160), (190, 90)], fill="darkgreen")
+    mirrored = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    assert MIRROR_AVERAGE
+    torch.testing.assert_close(encode_whole_image(model, mirrored), encode_whole_image(model, image).flip(1), atol=1e-4, rtol=1e-4)
+    one_pass, one_pass_mirrored = (encode_whole_images(model, [im], mirror=False)[0] for im in (image, mirrored))
+    assert (one_pass_mirrored - one_pass.flip(1)).abs().max() > 1e-2
+    torch.testing.assert_close(encode_whole_image(model, image), (one_pass + one_pass_mirrored.flip(1)) / 2, atol=1e-4, rtol=1e-4)
 
 
 def test_pointing_game_on_maps_whose_answer_is_known():

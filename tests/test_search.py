@@ -466,21 +466,25 @@ def test_queries_of_every_length_are_encoded_in_a_few_shapes_as_if_unpadded(engi
 def test_warm_up_meets_every_shape_a_query_can_bring(engine, monkeypatch):
     """A fresh server would pay 4-8 ms for each new input shape on a query's path: warm_up runs the audio
     branch on every padded length up to max_frames and the VAD on every padded length of audio the
-    server takes, so queries of any length find their shapes met."""
+    server takes, so queries of any length find their shapes met; and the image branch on the one shape
+    every image sent to Localize or Highlight is encoded in."""
     from search import vad
 
     model = engine.model
     warmed_audio: list[int] = []
     warmed_vad: list[int] = []
+    warmed_images: list[tuple[int, ...]] = []
     lstm = torch.lstm
-    seen = warmed_audio, warmed_vad
+    seen = warmed_audio, warmed_vad, warmed_images
     hook = model.audio_net.register_forward_pre_hook(lambda _module, args: seen[0].append(args[0].shape[-1]))
+    image_hook = model.image_net.register_forward_pre_hook(lambda _module, args: seen[2].append(tuple(args[0].shape)))
     monkeypatch.setattr(vad.torch, "lstm", lambda x, *rest: seen[1].append(x.shape[0]) or lstm(x, *rest))
     try:
         assert engine.warm_query_shapes() == (len(warmed_audio), len(warmed_vad))
         query_audio: list[int] = []
         query_vad: list[int] = []
-        seen = query_audio, query_vad
+        query_images: list[tuple[int, ...]] = []
+        seen = query_audio, query_vad, query_images
         generator = torch.Generator().manual_seed(1)
         max_frames = model.config.audio.max_frames
         for frames in torch.randint(1, max_frames + 1, (12,), generator=generator).tolist() + [1, max_frames]:
@@ -488,9 +492,13 @@ def test_warm_up_meets_every_shape_a_query_can_bring(engine, monkeypatch):
         longest = int(engine.limits.max_audio_seconds * engine.sample_rate)
         for samples in torch.randint(1, longest + 1, (8,), generator=generator).tolist() + [1, longest]:
             vad.speech_probabilities(torch.zeros(samples), engine.sample_rate)
+        for size in [(300, 200), (97, 180)]:
+            engine.sent_image_map(_png_bytes(Image.new("RGB", size, "white")))
     finally:
         hook.remove()
+        image_hook.remove()
     assert set(query_audio) <= set(warmed_audio) and set(query_vad) <= set(warmed_vad)
+    assert len(query_images) == 2 and set(query_images) == set(warmed_images)
     assert len(warmed_audio) == len(set(warmed_audio)) == max_frames // 32  # each shape once
     assert len(warmed_vad) == len(set(warmed_vad))
 
@@ -602,9 +610,9 @@ BAD_SEARCHES = {
 }
 
 
-def _png_bytes() -> bytes:
+def _png_bytes(image: Image.Image | None = None) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
+    (image or Image.new("RGB", (32, 32), (200, 30, 30))).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

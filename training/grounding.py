@@ -37,6 +37,8 @@ from tqdm import tqdm
 
 from encoders import load_audio, load_image
 from encoders.grounding import (
+    MIRROR_AVERAGE,
+    SPAN_CONTRAST,
     encode_audio_maps,
     encode_whole_images,
     frame_grounding,
@@ -79,8 +81,10 @@ def embed_for_grounding(
     batch_size: int = 32,
     limit: int | None = None,
     progress: bool = True,
+    mirror: bool = MIRROR_AVERAGE,
 ) -> Iterator[GroundingPair]:
-    """Encode the first ``limit`` (default all) pairs of ``manifest`` on the model's device, in batches."""
+    """Encode the first ``limit`` (default all) pairs of ``manifest`` on the model's device, in batches
+    (mirror: see encoders.grounding.encode_whole_images)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     entries = manifest.entries[:limit] if limit is not None else manifest.entries
@@ -90,7 +94,7 @@ def embed_for_grounding(
             batch = entries[start : start + batch_size]
             images = [load_image(manifest.image_path(e)) for e in batch]
             waveforms = [load_audio(manifest.audio_path(e), rate) for e in batch]
-            image_maps = encode_whole_images(model, images).float().cpu()
+            image_maps = encode_whole_images(model, images, mirror=mirror).float().cpu()
             audio_maps = encode_audio_maps(model, waveforms)
             for i, (image, audio) in enumerate(zip(images, audio_maps, strict=True)):
                 yield GroundingPair(start + i, image_maps[i], audio.float().cpu(), image.width, image.height)
@@ -170,10 +174,11 @@ class PointingTrial:
 
 
 def point_mentions(pair: GroundingPair, entry: Entry, frame_seconds: float,
-                   reduce: str = "max") -> tuple[list[PointingTrial], int]:
+                   reduce: str = "max", contrast: float = SPAN_CONTRAST) -> tuple[list[PointingTrial], int]:
     """Localize every mention of ``entry`` in ``pair``'s maps -> (trials, objects with no mention found).
 
-    reduce: how a region's heat gathers the mention's frames, "max" (the service's heatmap) or "mean"."""
+    reduce: how a region's heat gathers the mention's frames, "max" (the service's heatmap) or "mean";
+    contrast: how much of a region's best match elsewhere in the caption is subtracted (span_heatmap)."""
     mentions, missing = object_mentions(entry)
     trials = []
     frames = pair.audio.shape[0]
@@ -182,7 +187,7 @@ def point_mentions(pair: GroundingPair, entry: Entry, frame_seconds: float,
             missing += 1
             continue
         first, last = span_frames((m.start, m.end), frames, frame_seconds)
-        x, y = heatmap_peak(span_heatmap(pair.image_map, pair.audio, first, last, reduce), pair.box)
+        x, y = heatmap_peak(span_heatmap(pair.image_map, pair.audio, first, last, reduce, contrast), pair.box)
         trials.append(
             PointingTrial(
                 uttid=entry.uttid,
@@ -242,13 +247,14 @@ class PointingReport:
 
 
 def pointing_game(model, manifest: Manifest, *, reduce: str = "max", batch_size: int = 32, limit: int | None = None,
-                  progress: bool = True) -> PointingReport:
+                  progress: bool = True, contrast: float = SPAN_CONTRAST, mirror: bool = MIRROR_AVERAGE) -> PointingReport:
     """Play the pointing game on every object mention of ``manifest`` (first ``limit`` pairs) with ``model``;
-    reduce: "max" or "mean" over each mention's frames (see point_mentions)."""
+    reduce, contrast: see point_mentions; mirror: see encoders.grounding.encode_whole_images. The defaults
+    are the service's heatmaps."""
     trials: list[PointingTrial] = []
     pairs = unmatched = 0
-    for pair in embed_for_grounding(model, manifest, batch_size=batch_size, limit=limit, progress=progress):
-        found, missing = point_mentions(pair, manifest.entries[pair.index], model.audio_frame_seconds, reduce)
+    for pair in embed_for_grounding(model, manifest, batch_size=batch_size, limit=limit, progress=progress, mirror=mirror):
+        found, missing = point_mentions(pair, manifest.entries[pair.index], model.audio_frame_seconds, reduce, contrast)
         trials += found
         unmatched += missing
         pairs += 1
