@@ -114,16 +114,17 @@ def compare_settings(model, manifest: Manifest, args) -> None:
           + (f"--mirrors {' '.join(args.mirrors)}" if args.mirrors else ""))
     if len(mirrors) > 1:
         image = load_image(manifest.image_path(manifest.entries[0]))
-        costs = []
+        times: dict[bool, list[float]] = {mirror: [] for mirror in mirrors}
         for mirror in mirrors:
-            encoders.grounding.encode_whole_images(model, [image], mirror=mirror)  # the shape's first pass
-            times = []
-            for _ in range(20):
+            for _ in range(5):  # the shapes' first passes
+                encoders.grounding.encode_whole_images(model, [image], mirror=mirror)
+        for _ in range(30):  # interleaved, so that a busy moment hits both alike
+            for mirror in mirrors:
                 started = time.perf_counter()
                 encoders.grounding.encode_whole_images(model, [image], mirror=mirror)
-                times.append(time.perf_counter() - started)
-            costs.append(f"mirror {'on' if mirror else 'off'} {1000 * sorted(times)[len(times) // 2]:.1f} ms")
-        print("  encoding one whole image at the service's scale (median of 20): " + ", ".join(costs))
+                times[mirror].append(time.perf_counter() - started)
+        print("  encoding one whole image at the service's scale (median of 30): " + ", ".join(
+            f"mirror {'on' if mirror else 'off'} {1000 * sorted(t)[len(t) // 2]:.1f} ms" for mirror, t in times.items()))
     try:
         for scale in scales:
             encoders.grounding.LOCALIZATION_SCALE = scale

@@ -73,7 +73,7 @@ class Heatmap:
     box: tuple[float, ...]  # [x0, y0, x1, y1] in the source image's pixels
     start_seconds: float
     end_seconds: float
-    heat_min: float  # raw matchmap values that 0 and 1 stand for
+    heat_min: float  # raw heat that 0 and 1 stand for: matchmap values, less the span contrast
     heat_max: float
 
 
