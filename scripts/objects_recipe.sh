@@ -22,7 +22,9 @@
 #      epoch, so about 1 h 30 min)
 #   8. three epochs more on a fresh cosine at peak 4e-4, the shapes world five times (4,359 steps; about
 #      1 h 45 min on quiet cores, 2 h 16 min here with the cores shared now and then)
-#   9. evaluation: MISA recall on the fresh split and on flite speech, both worlds
+#   9. two epochs more on a fresh cosine at peak 3e-4, the shapes world eight times (3,470 steps; 41 min
+#      per quiet epoch, so about 1 h 25 min; 2 h 5 min here with the cores shared in its first epoch)
+#  10. evaluation: MISA recall on the fresh split and on flite speech, both worlds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/work/exp}
@@ -83,8 +85,10 @@ run "$WORK/long3" 3 --checkpoint "$WORK/long2/best.pt" "${OBJ[@]}" "${SHAPES[@]}
     --val "$WORK/bothval18.json" --lr 5e-4 --seed 2
 run "$WORK/long4" 3 --checkpoint "$WORK/long3/best.pt" "${OBJ[@]}" "${SHAPES[@]}" "${SHAPES[@]}" "${SHAPES[@]}" \
     "${SHAPES[@]}" "${SHAPES[@]}" --val "$WORK/bothval18.json" --lr 4e-4 --seed 3
+run "$WORK/long5" 2 --checkpoint "$WORK/long4/best.pt" "${OBJ[@]}" "${SHAPES[@]}" "${SHAPES[@]}" "${SHAPES[@]}" \
+    "${SHAPES[@]}" "${SHAPES[@]}" "${SHAPES[@]}" "${SHAPES[@]}" "${SHAPES[@]}" --val "$WORK/bothval18.json" --lr 3e-4 --seed 4
 
 for split in fresh1k objects-flite shapes-val shapes-flite; do
     echo "== $split"
-    $M eval --checkpoint "$WORK/long4/best.pt" "$WORK/$split/val.json"
+    $M eval --checkpoint "$WORK/long5/best.pt" "$WORK/$split/val.json"
 done
