@@ -135,9 +135,8 @@ def span_heatmap(image_map: Tensor, audio: Tensor, first: int, last: int, reduce
     m = matchmap(image_map.to(audio.dtype), audio)  # (H, W, T)
     inside = m[:, :, first:last]
     heat = inside.amax(dim=2) if reduce == "max" else inside.mean(dim=2)
-    outside = torch.cat([m[:, :, :first], m[:, :, last:]], dim=2)
-    if contrast > 0 and outside.shape[2] > 0:
-        heat = heat - contrast * outside.amax(dim=2)
+    if contrast > 0 and last - first < audio.shape[0]:  # frames outside the span: contrast with them
+        heat = heat - contrast * torch.cat([m[:, :, :first], m[:, :, last:]], dim=2).amax(dim=2)
     return heat
 
 
