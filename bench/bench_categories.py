@@ -162,7 +162,8 @@ def main() -> None:
     print(summary["title"])
     print(f"speech->image MISA R@10 {summary['r10']:.3f} (chance {min(1.0, 10 / images):.3f}); pointing "
           f"{summary['pointing']['model']:.3f} (random point {summary['pointing']['random']:.3f}, centre "
-          f"{summary['pointing']['center']:.3f})")
+          f"{summary['pointing']['center']:.3f}; within 15 px as Zhang et al. count, "
+          f"{summary['pointing']['model_within_15px']:.3f})")
     print(f"\n{'group':<11} {'categories':>10} {'captions':>8} {'R@10':>6} {'mentions':>8} {'pointing':>8} {'random':>7}")
     for group, g in summary["groups"].items():
         fmt = lambda v: f"{v:.3f}" if v is not None else "  -  "  # noqa: E731

@@ -7,6 +7,7 @@ random weights test the commands end to end (their figures mean nothing, their c
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import pytest
@@ -184,15 +185,26 @@ def test_pointing_game_on_maps_whose_answer_is_known():
     assert (circle.center_hit, star.center_hit) == (True, False)  # (128, 128) lies in the circle's box only
     assert circle.random_hit_rate == pytest.approx(130 * 130 / 256**2)
     assert star.random_hit_rate == pytest.approx(60 * 60 / 256**2)
+    assert (circle.miss_px, star.miss_px) == (0.0, pytest.approx(math.hypot(96 - 60, 96 - 60)))
+    # Zhang et al.'s game forgives a peak within 15 px: the same caption over a star whose box ends
+    # 11 px left of and 6 px above the peak (96, 96) misses strictly and hits with their tolerance
+    near_star = SceneObject("blue", "star", "small", (0, 0, 85, 90))
+    near_trials, _ = point_mentions(pair, _entry(words, [red_circle, near_star]), FRAME)
+    assert (near_trials[1].hit, near_trials[1].miss_px) == (False, pytest.approx(math.hypot(11, 6)))
+    near = summarize_pointing(near_trials, pairs=1, unmatched=0)["accuracy"]
+    assert (near["model"], near["model_within_15px"]) == (0.5, 1.0)
 
     summary = summarize_pointing(trials, pairs=1, unmatched=missing)
     assert summary["mentions"] == 2 and summary["unmatched_objects"] == 1
     assert summary["accuracy"]["model"] == 0.5 and summary["accuracy"]["center"] == 0.5
+    assert summary["accuracy"]["model_within_15px"] == 0.5  # the star's peak is 51 px away
     assert summary["accuracy"]["random"] == pytest.approx((130**2 + 60**2) / 2 / 256**2)
     assert summary["by_shape"]["circle"]["model"] == 1.0 and summary["by_shape"]["star"]["model"] == 0.0
     assert summary["by_size"] == {
-        "big": {"mentions": 1, "model": 1.0, "random": pytest.approx(130**2 / 256**2), "center": 1.0},
-        "small": {"mentions": 1, "model": 0.0, "random": pytest.approx(60**2 / 256**2), "center": 0.0},
+        "big": {"mentions": 1, "model": 1.0, "model_within_15px": 1.0, "random": pytest.approx(130**2 / 256**2),
+                "center": 1.0},
+        "small": {"mentions": 1, "model": 0.0, "model_within_15px": 0.0, "random": pytest.approx(60**2 / 256**2),
+                  "center": 0.0},
     }
     with pytest.raises(ValueError, match="no object mentions"):
         summarize_pointing([], pairs=1, unmatched=0)
