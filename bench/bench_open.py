@@ -44,7 +44,12 @@ from indexer.catalog import STATUS_INDEXED, CollectionRow, ImageRow, utcnow
 from indexer.feature_store import StoreLayout
 from indexer.region_codec import RegionCodec
 
-SHIPPED_VERSION = "tiny-b9792a4f6ced"  # encoders/default_model/tiny.pt: a server opens the collection
+
+def shipped_version() -> str:
+    """The version of encoders/default_model/tiny.pt: a server opens the collection only if it matches."""
+    from encoders import create_model
+
+    return create_model().version
 
 
 def build(work: Path, n: int, dim: int = 256) -> None:
@@ -52,7 +57,7 @@ def build(work: Path, n: int, dim: int = 256) -> None:
     with Library.open(work, create=True) as library:
         key = uuid.uuid4().hex
         with library._sessions.begin() as session:
-            row = CollectionRow(name="big", storage_key=key, model_name="tiny", model_version=SHIPPED_VERSION, embed_dim=dim,
+            row = CollectionRow(name="big", storage_key=key, model_name="tiny", model_version=shipped_version(), embed_dim=dim,
                                 grid_rows=8, grid_cols=8, index_policy="flat", flat_threshold=10**9, index_type="flat",
                                 index_params={}, store_layout=StoreLayout(regions=64, dim=dim).to_dict(), next_slot=n,
                                 images_indexed=n, images_failed=0, generation=1)

@@ -56,8 +56,9 @@ def test_widening_stage1_holds_more_of_misas_top10_at_the_same_k(collection):
         after, scored_after = top10_overlap(widened, queries, exact, K)
         print(f"top-10 overlap with exhaustive MISA at K={K}: plain {before:.3f}, widened {after:.3f}")
         assert scored_before == scored_after == {K}, "stage 2 scores K candidates either way"
-        # measured: 0.720 -> 0.853 (830 images, 30 captions by espeak and Festival voices it never heard)
-        assert after >= before + 0.08, (before, after)
+        # measured (830 images, 30 captions by espeak and Festival voices it never heard): 0.720 -> 0.853
+        # with tiny-b9792a4f6ced, 0.830 -> 0.910 with tiny-0b6ddfff39d0 (its heads rank closer to MISA)
+        assert after >= before + 0.05, (before, after)
         assert after >= 0.8, (before, after)
         # an exhaustive request is not widened (nor pruned): it is every image, exactly
         full = [[h.image_id for h in widened.search(wav, "c", top_k=10, candidates=size).hits] for wav in queries]
