@@ -10,9 +10,10 @@ DEMO=.demo
 DATA=$DEMO/data
 PORT=${MATCHMAP_DEMO_PORT:-50561}
 
-if [ ! -f "$DEMO/corpus/val.json" ]; then
-  echo "== 1. a spoken-scenes corpus: 60 images with spoken captions (espeak-ng and Festival voices the model never heard)"
-  $MM synth "$DEMO/corpus" --pairs 1 --val-pairs 60 --seed 2026 --engines espeak,festival --force
+if ! grep -q '"world": "objects"' "$DEMO/corpus/val.json" 2>/dev/null; then
+  echo "== 1. a spoken-scenes corpus: 60 images of everyday things (emoji), each with 2-5 spoken captions"
+  echo "      (espeak-ng and Festival voices the model never heard)"
+  $MM synth "$DEMO/corpus" --world objects --pairs 1 --val-pairs 60 --seed 2026 --engines espeak,festival --force
 fi
 
 echo "== 2. index the corpus images into the collection 'demo' (shipped model, SQLite catalog in $DATA)"
@@ -30,9 +31,9 @@ for _ in $(seq 120); do
   sleep 0.5
 done
 
-echo "== 4. speak: three captions from the corpus are the queries (their voices were never heard in training)"
-wavs=()
-for i in 3 17 42; do wavs+=("$(printf "%s/corpus/audio/val/val_%06d.wav" "$DEMO" "$i")"); done
+echo "== 4. speak: three captions from the corpus are the queries, one naming an animal, one a food, one a vehicle"
+echo "      (their voices were never heard in training)"
+mapfile -t wavs < <($PY scripts/demo_queries.py "$DEMO/corpus/val.json")
 $MM query --server "127.0.0.1:$PORT" --collection demo --top-k 5 --json "${wavs[@]}" > "$DEMO/hits.json"
 $PY scripts/demo_report.py "$DEMO/corpus/val.json" "$DEMO/hits.json" "$DEMO/results.png"
 echo
