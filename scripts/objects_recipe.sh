@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The objects-world model's recipe (issue 19): the chain that made the best model so far, as one script
+# The objects-world model's recipe (issue 19): the chain that made the shipped model, as one script
 # that can be stopped and run again. Every step skips what is already done, and each training run
 # resumes exactly from its last checkpoint (run the script again after a budget stop).
 #
@@ -24,7 +24,11 @@
 #      1 h 45 min on quiet cores, 2 h 16 min here with the cores shared now and then)
 #   9. two epochs more on a fresh cosine at peak 3e-4, the shapes world eight times (3,470 steps; 41 min
 #      per quiet epoch, so about 1 h 25 min; 2 h 5 min here with the cores shared in its first epoch)
-#  10. evaluation: MISA recall on the fresh split and on flite speech, both worlds
+#  10. two epochs more on a fresh cosine at peak 3e-4, the shapes world nine times (3,656 steps; 38-46
+#      samples/s, 1 h 45 min here)
+#  11. stage-1 heads distilled from its MISA rankings on 3,000 objects and 1,500 shapes captions (the
+#      shipped model, encoders/default_model/tiny.pt)
+#  12. evaluation: MISA recall on the fresh split and on flite speech, both worlds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/work/exp}
@@ -87,8 +91,25 @@ run "$WORK/long4" 3 --checkpoint "$WORK/long3/best.pt" "${OBJ[@]}" "${SHAPES[@]}
     "${SHAPES[@]}" "${SHAPES[@]}" --val "$WORK/bothval18.json" --lr 4e-4 --seed 3
 run "$WORK/long5" 2 --checkpoint "$WORK/long4/best.pt" "${OBJ[@]}" "${SHAPES[@]}" "${SHAPES[@]}" "${SHAPES[@]}" \
     "${SHAPES[@]}" "${SHAPES[@]}" "${SHAPES[@]}" "${SHAPES[@]}" "${SHAPES[@]}" --val "$WORK/bothval18.json" --lr 3e-4 --seed 4
+run "$WORK/long6" 2 --checkpoint "$WORK/long5/best.pt" "${OBJ[@]}" "${SHAPES[@]}" "${SHAPES[@]}" "${SHAPES[@]}" \
+    "${SHAPES[@]}" "${SHAPES[@]}" "${SHAPES[@]}" "${SHAPES[@]}" "${SHAPES[@]}" "${SHAPES[@]}" \
+    --val "$WORK/bothval18.json" --lr 3e-4 --seed 5
+
+if [ ! -f "$WORK/long6/stage1.pt" ]; then
+    echo "== stage-1 heads"
+    .venv/bin/python - "$WORK" <<'PY'
+import json, sys
+work = sys.argv[1]
+for name, out, n in (("obj18k", "distill3k", 3000), ("shapes6k", "distill1500", 1500)):
+    manifest = json.load(open(f"{work}/{name}/train.json"))
+    manifest["data"] = manifest["data"][:n]
+    json.dump(manifest, open(f"{work}/{name}/{out}.json", "w"))
+PY
+    $M distill-stage1 --checkpoint "$WORK/long6/best.pt" --train "$WORK/obj18k/distill3k.json" \
+        --train "$WORK/shapes6k/distill1500.json" --out "$WORK/long6/stage1.pt"
+fi
 
 for split in fresh1k objects-flite shapes-val shapes-flite; do
     echo "== $split"
-    $M eval --checkpoint "$WORK/long5/best.pt" "$WORK/$split/val.json"
+    $M eval --checkpoint "$WORK/long6/stage1.pt" "$WORK/$split/val.json"
 done
