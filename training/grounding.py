@@ -185,7 +185,7 @@ class PointingTrial:
     hit: bool
     center_hit: bool
     random_hit_rate: float
-    miss_px: float = 0.0  # how far the peak fell outside the box (0 for a hit)
+    miss_px: float  # how far the peak fell outside the box (0 for a hit)
 
 
 def point_mentions(pair: GroundingPair, entry: Entry, frame_seconds: float,
@@ -203,6 +203,7 @@ def point_mentions(pair: GroundingPair, entry: Entry, frame_seconds: float,
             continue
         first, last = span_frames((m.start, m.end), frames, frame_seconds)
         x, y = heatmap_peak(span_heatmap(pair.image_map, pair.audio, first, last, reduce, contrast), pair.box)
+        hit = point_in_box(x, y, m.object.bbox)
         trials.append(
             PointingTrial(
                 uttid=entry.uttid,
@@ -214,10 +215,10 @@ def point_mentions(pair: GroundingPair, entry: Entry, frame_seconds: float,
                 end_seconds=m.end,
                 peak_x=x,
                 peak_y=y,
-                hit=point_in_box(x, y, m.object.bbox),
+                hit=hit,
                 center_hit=point_in_box(pair.width / 2, pair.height / 2, m.object.bbox),
                 random_hit_rate=random_point_hit_rate(m.object.bbox, pair.width, pair.height),
-                miss_px=0.0 if point_in_box(x, y, m.object.bbox) else distance_to_box(x, y, m.object.bbox),
+                miss_px=0.0 if hit else distance_to_box(x, y, m.object.bbox),
             )
         )
     return trials, missing
