@@ -47,8 +47,12 @@ def _silero():
     global _model
     with _loaded:
         if _model is None:
-            from silero_vad import load_silero_vad
+            threads = torch.get_num_threads()
+            from silero_vad import (
+                load_silero_vad,  # its import sets torch's threads to 1, for the whole process
+            )
 
+            torch.set_num_threads(threads)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
                 warnings.simplefilter("ignore", DeprecationWarning)  # the package's importlib.resources.path

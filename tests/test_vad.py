@@ -1,6 +1,10 @@
 """search.vad computes Silero's speech probabilities in one pass; they must be what the package's own
 frame-by-frame loop computes, so the spans (and every query's cut) stay the same."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -73,3 +77,13 @@ def test_queries_of_every_length_reach_the_network_in_a_few_shapes(monkeypatch, 
         wave = torch.nn.functional.pad(caption, (0, max(0, n - caption.numel())))[:n]
         assert vad.speech_probabilities(wave, 16000).shape == (-(-n // vad.FRAME_SAMPLES[16000]),)
     assert len(set(seen)) <= 5 < len(set(lengths)) and all(s % vad.FRAME_MULTIPLE == 0 for s in seen)
+
+
+def test_loading_the_vad_leaves_torchs_threads_as_they_were():
+    """silero_vad's import sets torch's threads to 1 for the whole process: every query's encoding and
+    scoring then ran on one core of two (docs/search.md, "A hundred thousand images in 20 ms")."""
+    code = ("import torch; torch.set_num_threads(2); from search import vad; "
+            "vad.speech_probabilities(torch.zeros(16000), 16000); print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.split()[-1] == "2"
