@@ -27,6 +27,7 @@ CENTROIDS = 1024  # per collection: at K=100 of 400 on 10,000 scenes, 256 kept 0
 VECTORS_PER_CENTROID = 16  # fewer training vectors than this per centroid: fewer centroids
 KMEANS_ITERATIONS = 20
 ASSIGN_BATCH = 65536  # region vectors assigned at a time
+INTERACTION_CHUNK = 512  # candidates whose (T, chunk, R) frame scores are gathered at once (4 MB at 32 frames)
 
 
 @dataclass
@@ -82,10 +83,15 @@ class RegionCentroids:
         k, r = region_ids.shape[1:]
         for b in range(len(region_ids)):
             length = int(lengths[b])
-            # (C, T): each centroid's score with each true frame, rows contiguous for the gather
-            frame_scores = (centroids @ audio[b, :length].float().T).contiguous()
-            best = frame_scores.index_select(0, region_ids[b].reshape(-1)).view(k, r, length).amax(dim=1)
-            out[b] = best.mean(dim=1)
+            # (T, C): each true frame's score with each centroid. Gathering columns and taking the max
+            # over a contiguous last axis (R) ran 1.75x faster than gathering (C, T) rows and reducing
+            # the middle axis (docs/search.md, "A hundred thousand images in 20 ms").
+            frame_scores = (audio[b, :length].float() @ centroids.T).contiguous()
+            ids = region_ids[b].reshape(-1)
+            for k0 in range(0, k, INTERACTION_CHUNK):
+                block = ids[k0 * r : (k0 + INTERACTION_CHUNK) * r]
+                best = frame_scores.index_select(1, block).view(length, -1, r).amax(dim=2)
+                out[b, k0 : k0 + INTERACTION_CHUNK] = best.mean(dim=0)
         return out
 
     def save(self, path: str | Path) -> None:

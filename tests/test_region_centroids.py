@@ -34,10 +34,13 @@ def test_few_training_vectors_make_fewer_centroids():
         RegionCentroids.train(maps[:0])
 
 
-def test_the_interaction_is_misa_of_the_maps_made_of_their_centroids():
+@pytest.mark.parametrize("chunk", [512, 2])
+def test_the_interaction_is_misa_of_the_maps_made_of_their_centroids(monkeypatch, chunk):
     """For each frame the best region, averaged over the caption's true frames: exactly MISA
     (encoders.matchmap, the one scoring module) of each image's map with every region replaced by its
-    centroid. Frames past a caption's length hold junk that must not count."""
+    centroid. Frames past a caption's length hold junk that must not count. Candidates are gathered a
+    chunk at a time (2: a chunk boundary inside each caption's 5)."""
+    monkeypatch.setattr("indexer.region_centroids.INTERACTION_CHUNK", chunk)
     maps = clustered_maps(30)
     centroids = RegionCentroids.train(maps, count=12)
     rng = np.random.default_rng(1)
