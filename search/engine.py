@@ -43,7 +43,7 @@ from search.audio import check_sample_rate, decode_audio
 from search.centroid_prune import prune_by_centroids
 from search.errors import ImageNotFound, InvalidQuery
 from search.localization import LiveHighlighter, Localization, encode_whole_image, localize
-from search.resident import ResidentCodes, ResidentMaps, held_for, misa_caption_by_caption
+from search.resident import HELD_ENERGY, ResidentCodes, ResidentMaps, held_for, misa_caption_by_caption
 from search.vad import VAD_RATES, keep_speech, padded_sample_counts, speech_probabilities
 
 log = logging.getLogger("matchmap.engine")
@@ -93,6 +93,10 @@ class SearchLimits:
     max_candidates: int = MAX_CANDIDATES
     max_exhaustive_candidates: int = MAX_EXHAUSTIVE_CANDIDATES
     resident_maps_mb: float = 4096.0  # memory for collections' feature maps held in memory (0 = read from the store)
+    # Held maps keep the fewest principal directions of their region vectors that hold this share of
+    # their second moment (search.resident.region_basis; 1 = every dimension). A trained model's audio
+    # frames lie where its image regions do; a model with random weights has no such relation.
+    held_energy: float = HELD_ENERGY
     # Stage 2 scores every candidate in bfloat16 (from resident maps, or else from the store through the
     # page cache), then re-scores exactly (float32, from the store) the best
     # max(exact_rescore_at_least, exact_rescore_factor * top_k), which it ranks. 32 for a top 10: on 10,000
@@ -116,6 +120,8 @@ class SearchLimits:
             raise ValueError(f"stage1_widen must be >= 1, got {self.stage1_widen}")
         if not 0 <= self.candidates_share <= 1:
             raise ValueError(f"candidates_share must lie in 0..1, got {self.candidates_share}")
+        if not 0 < self.held_energy <= 1:
+            raise ValueError(f"held_energy must lie in (0, 1], got {self.held_energy}")
         if not self.resident_maps_mb >= 0:
             raise ValueError(f"resident_maps_mb must be >= 0, got {self.resident_maps_mb}")
         if not 1 <= self.default_candidates <= self.max_candidates <= self.max_exhaustive_candidates:
@@ -355,7 +361,7 @@ class SearchEngine:
     def _resident_for(self, coll: Collection) -> ResidentMaps | ResidentCodes | None:
         """What of ``coll`` to hold in memory beside other collections (``search.resident.held_for``):
         its bfloat16 maps, else its 2 KB codes, else nothing."""
-        return held_for(coll, lambda nbytes: self._fits(coll.name, nbytes), self.device)
+        return held_for(coll, lambda nbytes: self._fits(coll.name, nbytes), self.device, self.limits.held_energy)
 
     def _appended_resident(self, old: Collection, fresh: Collection) -> ResidentMaps | ResidentCodes | None:
         """What ``old`` held, with ``fresh``'s added images appended (None past the budget: the next
@@ -369,7 +375,7 @@ class SearchEngine:
                held_size: int) -> ResidentMaps | ResidentCodes | None:
         """``resident`` (the first ``held_size`` images of ``fresh``, in id order) with the rest of
         ``fresh``'s images appended; None when that would not fit the budget."""
-        if not self._fits(fresh.name, type(resident).bytes_for(fresh)):
+        if not self._fits(fresh.name, resident.bytes_with(fresh)):
             return None
         return resident.appended(fresh, fresh.ids()[held_size:])
 
@@ -384,7 +390,7 @@ class SearchEngine:
                 with self._lock:
                     room = self._room_for(name)
                 result: tuple[Collection, ResidentMaps | ResidentCodes | None] | Exception = (
-                    coll, held_for(coll, lambda nbytes: nbytes <= room, self.device))
+                    coll, held_for(coll, lambda nbytes: nbytes <= room, self.device, self.limits.held_energy))
             except Exception as error:  # handed to the next query of this collection
                 result = error
             with self._lock:
@@ -465,7 +471,8 @@ class SearchEngine:
                 room = self._room_for(coll.name)
             try:
                 coll.held_region_centroid_ids()
-                resident = held_for(coll, lambda nbytes, room=room: nbytes <= room, self.device)
+                resident = held_for(coll, lambda nbytes, room=room: nbytes <= room, self.device,
+                                    self.limits.held_energy)
             except Exception as error:  # noqa: BLE001 - queries go on reading the store (and say what is wrong)
                 log.warning("collection %r: its maps are not held in memory: %s", coll.name, error)
                 continue
