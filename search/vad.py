@@ -33,6 +33,7 @@ import warnings
 import torch
 
 from encoders import trim_silence
+from search.threads import one_core
 
 MARGIN_SECONDS = 0.25  # kept on each side, as trim_silence does (the training captions have 0.09-0.31 s)
 VAD_RATES = (8000, 16000)  # the rates Silero VAD takes
@@ -77,9 +78,10 @@ def speech_probabilities(waveform: torch.Tensor, sample_rate: int) -> torch.Tens
         features = net.encoder(net.run_extractors(torch.cat([before, frames], 1))).squeeze(-1)  # (frames, 128)
         cell = net.decoder.rnn  # an LSTMCell, run over the frames as a one-layer LSTM
         zeros = features.new_zeros(1, 1, cell.weight_hh.shape[1])
-        hidden = torch.lstm(features.unsqueeze(1), (zeros, zeros),
-                            [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh],
-                            True, 1, 0.0, False, False, False)[0]  # biases, layers, dropout, train, bidir, batch_first
+        with one_core():  # a hundred tiny steps: a team of two costs more than it gives (search.threads)
+            hidden = torch.lstm(features.unsqueeze(1), (zeros, zeros),
+                                [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh],
+                                True, 1, 0.0, False, False, False)[0]  # biases, layers, dropout, train, bidir, batch_first
         return net.decoder.decoder(hidden.squeeze(1).unsqueeze(-1)).squeeze(1).mean(1)[:count]
 
 

@@ -1,0 +1,69 @@
+"""How torch's OpenMP threads behave in the server, where several threads run torch work.
+
+**Idle teams spin.** Every thread that runs torch work has its own OpenMP team, and libgomp keeps an
+idle team's threads spinning for a while (``GOMP_SPINCOUNT``) before they sleep. The server's decode
+threads and its model thread hand each query on to each other: each team spun on a core the next
+step needed. In that hand-off (decode threads and a model thread, one query at a time, 100,000
+images), a short spin took a query from 36.3 to 28.9 ms in process (``quiet_idle_teams``).
+
+**Holding one step of torch work to one core, in the calling thread only.**
+
+``torch.set_num_threads`` is one setting for the whole process. But the OpenMP runtime the PyTorch
+wheel carries (libgomp) keeps a team size per thread, which oneDNN reads: so a thread can run one
+step on one core while every other thread keeps both.
+
+The VAD's LSTM needs it. It is a hundred tiny steps, one per 32 ms frame, each a hand-off to the
+thread's OpenMP team. In a thread other than the process's first, as the server's decode threads are,
+a team of two made Silero's network take 9.9 ms per caption instead of 3.5 (docs/search.md, "A hundred
+thousand images in 20 ms"); on one core it takes 3.5 there too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+SERVER_SPINCOUNT = "3000"  # libgomp's default is 300,000 (up to milliseconds of spinning); 0 and 3,000 measured alike
+
+
+def quiet_idle_teams() -> bool:
+    """Let idle OpenMP threads sleep soon (GOMP_SPINCOUNT, unless already set), for a server. It takes
+    effect only before torch is first imported (libgomp reads it when it loads): False when too late."""
+    if "torch" in sys.modules:
+        return False
+    os.environ.setdefault("GOMP_SPINCOUNT", SERVER_SPINCOUNT)
+    return True
+
+
+@functools.cache
+def _libgomp() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch was loaded with, when it is libgomp from the wheel; else None."""
+    import torch
+
+    found = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    if not found:
+        return None
+    try:
+        return ctypes.CDLL(str(found[0]))
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def one_core() -> Iterator[None]:
+    """torch work inside runs on one core, in this thread only; elsewhere (no libgomp) as it would."""
+    gomp = _libgomp()
+    if gomp is None:
+        yield
+        return
+    before = gomp.omp_get_max_threads()
+    gomp.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        gomp.omp_set_num_threads(before)
