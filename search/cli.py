@@ -160,6 +160,9 @@ def serve(
     """
     import asyncio
 
+    from search.threads import quiet_idle_teams
+
+    quiet_idle_teams()  # before torch loads: idle OpenMP threads of one step must not spin beside the next
     from search.engine import SearchEngine, SearchLimits
     from search.errors import PortUnavailable
     from search.memory import HeapTrimmer
