@@ -28,3 +28,7 @@ MAX_CANDIDATES = 4000
 # ... except on a collection of at most this many images, where a query may ask for up to this many,
 # i.e. for every image (an exhaustive search: how agreement with exhaustive MISA is measured through the API).
 MAX_EXHAUSTIVE_CANDIDATES = 10_000
+# Stage 2's held maps keep the fewest principal directions of their region vectors holding this share of
+# their second moment (search.resident.region_basis; `serve --held-energy`; 1 = every dimension): 112 of
+# 256 dims for `tiny`, which kept exact MISA's top 10 on 100,000 scene images (bench/bench_held_basis.py).
+HELD_ENERGY = 0.995

@@ -22,6 +22,7 @@ from search import (
     DEFAULT_CANDIDATES_SHARE,
     DEFAULT_HTTP_PORT,
     DEFAULT_PORT,
+    HELD_ENERGY,
     MAX_CANDIDATES,
     MAX_EXHAUSTIVE_CANDIDATES,
     STAGE1_WIDEN,
@@ -100,6 +101,12 @@ EXIT_CANNOT_LISTEN = 3  # serve
                    "its region vectors' 112 principal directions) "
                    "so stage 2 can re-rank thousands of candidates; a collection that does not fit is read "
                    "from its store per query. 0 = never hold them.")
+@click.option("--held-energy", type=click.FloatRange(min=0, max=1, min_open=True), default=HELD_ENERGY,
+              show_default=True,
+              help="Held maps keep the fewest principal directions of their region vectors that hold this share "
+                   "of their second moment (112 of 256 dims for the tiny model): stage 2's rough pass then reads "
+                   "and multiplies less, and the exact pass ranks what it keeps. It needs a trained model, whose "
+                   "speech frames lie where its image regions do. 1 = every dimension.")
 @click.option("--hold-first", is_flag=True,
               help="Load the maps (or codes) to hold before listening. By default the server listens once the "
                    "collections are open and holds their maps in the background: until then stage 2 reads "
@@ -144,6 +151,7 @@ def serve(
     vad: bool,
     as_json: bool,
     resident_maps_mb: float,
+    held_energy: float,
     hold_first: bool,
     heap_trim_interval: float,
     log_level: str,
@@ -185,6 +193,7 @@ def serve(
             max_candidates=max(default_candidates, SearchLimits.max_candidates),
             max_exhaustive_candidates=max(default_candidates, SearchLimits.max_exhaustive_candidates),
             resident_maps_mb=resident_maps_mb,
+            held_energy=held_energy,
         )
         if ray_address is None:
             if shards is not None:

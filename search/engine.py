@@ -35,6 +35,7 @@ from indexer import Collection, CollectionInfo, ImageRecord, Library, Shard
 from search import (
     DEFAULT_CANDIDATES,
     DEFAULT_CANDIDATES_SHARE,
+    HELD_ENERGY,
     MAX_CANDIDATES,
     MAX_EXHAUSTIVE_CANDIDATES,
     STAGE1_WIDEN,
@@ -43,7 +44,7 @@ from search.audio import check_sample_rate, decode_audio
 from search.centroid_prune import prune_by_centroids
 from search.errors import ImageNotFound, InvalidQuery
 from search.localization import LiveHighlighter, Localization, encode_whole_image, localize
-from search.resident import HELD_ENERGY, ResidentCodes, ResidentMaps, held_for, misa_caption_by_caption
+from search.resident import ResidentCodes, ResidentMaps, held_for, misa_caption_by_caption
 from search.vad import VAD_RATES, keep_speech, padded_sample_counts, speech_probabilities
 
 log = logging.getLogger("matchmap.engine")

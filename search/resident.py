@@ -27,8 +27,8 @@ from torch import Tensor
 
 from encoders.matchmap import paired_misa, score_matrix
 from indexer.code_store import CODE_BYTES, spread  # compressed maps, written by the indexer beside the store
+from search import HELD_ENERGY  # share of the region vectors' second moment the held maps keep
 
-HELD_ENERGY = 0.995  # share of the region vectors' second moment the held maps keep
 BASIS_MAPS = 1024  # maps, spread over the collection, whose region vectors give the held basis
 BASIS_MULTIPLE = 16  # the held dims are rounded up to a multiple of this (whole vector registers)
 

@@ -107,6 +107,26 @@ def test_serve_json_readiness_line_and_query_wait(checkpoint, data_dir, caption)
             process.kill()
 
 
+def test_serve_held_energy_1_holds_every_dimension(checkpoint, data_dir, engine):
+    """--held-energy reaches the engine: 1 holds every dimension of every map (bfloat16)."""
+    size = engine.collection(COLLECTION).size
+    rows, cols = engine.model.image_grid
+    process = subprocess.Popen(serve_command(data_dir, checkpoint, free_port(), "--json", "--no-http",
+                                             "--held-energy", "1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=dict(os.environ, MATCHMAP_TOKEN=""))
+    try:
+        assert json.loads(process.stdout.readline())["event"] == "ready"
+        held = json.loads(process.stdout.readline())
+        assert held["event"] == "held"
+        assert held["resident_maps_bytes"] == size * rows * cols * engine.model.embed_dim * 2
+        process.terminate()
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def test_query_wait_gives_up_on_a_server_that_never_comes(caption):
     started = time.monotonic()
     result = CliRunner().invoke(query, [str(caption), "--server", f"127.0.0.1:{free_port()}", "--wait", "1.5"])
