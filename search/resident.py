@@ -37,17 +37,17 @@ def region_basis(maps: np.ndarray | Tensor, energy: float = HELD_ENERGY) -> Tens
     """maps (N, R, D) -> (D, d) float32: the principal directions of their region vectors (of the
     uncentred second moment, as scores are uncentred inner products), the fewest holding ``energy``
     of it, rounded up to a multiple of BASIS_MULTIPLE; None when that is every dimension."""
-    maps = torch.as_tensor(np.asarray(maps) if isinstance(maps, np.ndarray) else maps)
+    maps = torch.as_tensor(maps)
     dim = maps.shape[-1]
-    vectors = maps.reshape(-1, dim).double()
-    if len(vectors) == 0:
+    regions = maps.reshape(-1, dim).double()
+    if len(regions) == 0:
         return None
-    values, vectors_ = torch.linalg.eigh(vectors.T @ vectors)
-    values, vectors_ = values.flip(0).clamp(min=0), vectors_.flip(1)
+    values, directions = torch.linalg.eigh(regions.T @ regions)  # ascending
+    values, directions = values.flip(0).clamp(min=0), directions.flip(1)
     held = torch.cumsum(values, 0) / values.sum().clamp(min=1e-300)
     keep = int(torch.searchsorted(held, torch.tensor([energy], dtype=held.dtype))[0]) + 1
     keep = -(-keep // BASIS_MULTIPLE) * BASIS_MULTIPLE
-    return None if keep >= dim else vectors_[:, :keep].float().contiguous()
+    return None if keep >= dim else directions[:, :keep].float().contiguous()
 
 
 def held_basis(coll, energy: float = HELD_ENERGY) -> Tensor | None:
@@ -202,7 +202,9 @@ def held_for(coll, fits: Callable[[int], bool], device: torch.device | str,
     """What of ``coll`` to hold in memory: its bfloat16 maps in their held basis if they ``fits``, else
     its codes if they do (and it has at least 2 images to train a codec on), else nothing (stage 2
     reads the store)."""
-    basis = held_basis(coll, energy) if coll.size > 0 else None
+    # The basis costs BASIS_MAPS store reads: not worth making when even its fewest dims would not fit.
+    fewest = coll.size * coll.grid[0] * coll.grid[1] * min(BASIS_MULTIPLE, coll.embed_dim) * 2
+    basis = held_basis(coll, energy) if coll.size > 0 and fits(fewest) else None
     if coll.size > 0 and fits(ResidentMaps.bytes_for(coll, basis=basis)):
         return ResidentMaps.load(coll, device=device, basis=basis)
     if coll.size >= 2 and fits(ResidentCodes.bytes_for(coll)):

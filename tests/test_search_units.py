@@ -245,3 +245,18 @@ def test_live_highlighter_localizes_the_latest_window_timed_from_the_stream_star
     assert latest.heatmap.shape == model.image_grid and float(latest.heatmap.max()) == 1.0
     with pytest.raises(InvalidQuery):
         LiveHighlighter(model, image_map, 8000, window_seconds=0.0)
+
+
+def test_the_held_basis_keeps_the_directions_the_region_vectors_use():
+    """Region vectors in a 3-dim subspace of 48 dims, plus faint noise: the basis spans that subspace,
+    rounded up to 16 directions; asked for every last bit of energy, it keeps every dimension (None)."""
+    from search.resident import region_basis
+
+    rng = np.random.default_rng(0)
+    subspace = np.linalg.qr(rng.standard_normal((48, 3)))[0]  # (48, 3) orthonormal
+    maps = (rng.standard_normal((40, 16, 3)) @ subspace.T + 1e-3 * rng.standard_normal((40, 16, 48)))
+    basis = region_basis(maps.astype(np.float32), energy=0.99)
+    assert basis.shape == (48, 16)
+    in_basis = subspace.T @ basis.double().numpy()  # how much of each true direction the basis holds
+    np.testing.assert_allclose(np.linalg.norm(in_basis, axis=1), 1.0, atol=1e-4)
+    assert region_basis(maps.astype(np.float32), energy=1.0) is None
