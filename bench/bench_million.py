@@ -97,6 +97,9 @@ def main() -> None:
               f"start-up {row['start_seconds']:.1f} s (held {row['held_seconds']:.1f} s), server RSS {row['rss_mb']:.0f} MB (own memory {row['anon_mb']:.0f} MB, the rest store pages); "
               f"disk {(row['disk_bytes'] + (catalog.stat().st_size if catalog.exists() else 0)) / size / 1024:.1f} KiB/image "
               f"(catalog included); errors {c1['errors'] + c8['errors']}")
+        if c1.get("stages_p50_ms"):  # as the server timed them (not the previous tree's, if it times fewer)
+            print(" " * 24 + "server's own medians at concurrency 1: "
+                  + ", ".join(f"{k} {v:.1f} ms" for k, v in c1["stages_p50_ms"].items()))
 
     if not args.skip_agreement:
         engine = SearchEngine.open(args.checkpoint, args.library, device="cpu")

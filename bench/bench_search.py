@@ -197,9 +197,11 @@ class ServeProcess:
 
 def run_load(target: str, queries: list[bytes], concurrency: int, candidates: int,
              collection: str = COLLECTION) -> dict:
-    """Send every query (round-robin over ``queries``) with ``concurrency`` in flight; latency stats."""
+    """Send every query (round-robin over ``queries``) with ``concurrency`` in flight; latency stats, and
+    the medians of the stage timings the server reports with each answer (``stages_p50_ms``)."""
     latencies: list[float] = []
     batch_sizes: list[int] = []
+    stages: list[dict[str, float]] = []
     errors = 0
     lock = threading.Lock()
     with SearchClient(target, timeout=60) as client:
@@ -218,6 +220,7 @@ def run_load(target: str, queries: list[bytes], concurrency: int, candidates: in
             with lock:
                 latencies.append(1000 * (time.perf_counter() - started))
                 batch_sizes.append(hits.batch_size)
+                stages.append(hits.timings_ms)
 
         started = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
@@ -233,6 +236,7 @@ def run_load(target: str, queries: list[bytes], concurrency: int, candidates: in
         "p99_ms": p99,
         "throughput_qps": len(latencies) / wall,
         "mean_batch": statistics.mean(batch_sizes) if batch_sizes else 0.0,
+        "stages_p50_ms": {k: statistics.median(t[k] for t in stages) for k in stages[0]} if stages else {},
     }
 
 
