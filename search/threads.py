@@ -42,14 +42,19 @@ def quiet_idle_teams() -> bool:
 
 @functools.cache
 def _libgomp() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch was loaded with, when it is libgomp from the wheel; else None."""
+    """The OpenMP runtime torch was loaded with, when it is libgomp; else None. The copy this process has
+    mapped (a second copy would be a second runtime, whose settings torch never reads)."""
     import torch
 
-    found = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
-    if not found:
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = sorted({line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]})
+    except OSError:  # not Linux: the wheel's own copy, if any
+        loaded = [str(p) for p in sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))]
+    if not loaded:
         return None
     try:
-        return ctypes.CDLL(str(found[0]))
+        return ctypes.CDLL(loaded[0])
     except OSError:
         return None
 
