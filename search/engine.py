@@ -19,7 +19,7 @@ import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -362,7 +362,11 @@ class SearchEngine:
     def _resident_for(self, coll: Collection) -> ResidentMaps | ResidentCodes | None:
         """What of ``coll`` to hold in memory beside other collections (``search.resident.held_for``):
         its bfloat16 maps, else its 2 KB codes, else nothing."""
-        return held_for(coll, lambda nbytes: self._fits(coll.name, nbytes), self.device, self.limits.held_energy)
+        return self._held_for(coll, lambda nbytes: self._fits(coll.name, nbytes))
+
+    def _held_for(self, coll: Collection, fits: Callable[[int], bool]) -> ResidentMaps | ResidentCodes | None:
+        """``search.resident.held_for`` on this engine's device, in its limits' held basis."""
+        return held_for(coll, fits, self.device, self.limits.held_energy)
 
     def _appended_resident(self, old: Collection, fresh: Collection) -> ResidentMaps | ResidentCodes | None:
         """What ``old`` held, with ``fresh``'s added images appended (None past the budget: the next
@@ -391,7 +395,7 @@ class SearchEngine:
                 with self._lock:
                     room = self._room_for(name)
                 result: tuple[Collection, ResidentMaps | ResidentCodes | None] | Exception = (
-                    coll, held_for(coll, lambda nbytes: nbytes <= room, self.device, self.limits.held_energy))
+                    coll, self._held_for(coll, lambda nbytes: nbytes <= room))
             except Exception as error:  # handed to the next query of this collection
                 result = error
             with self._lock:
@@ -472,8 +476,7 @@ class SearchEngine:
                 room = self._room_for(coll.name)
             try:
                 coll.held_region_centroid_ids()
-                resident = held_for(coll, lambda nbytes, room=room: nbytes <= room, self.device,
-                                    self.limits.held_energy)
+                resident = self._held_for(coll, lambda nbytes, room=room: nbytes <= room)
             except Exception as error:  # noqa: BLE001 - queries go on reading the store (and say what is wrong)
                 log.warning("collection %r: its maps are not held in memory: %s", coll.name, error)
                 continue

@@ -202,11 +202,13 @@ def held_for(coll, fits: Callable[[int], bool], device: torch.device | str,
     """What of ``coll`` to hold in memory: its bfloat16 maps in their held basis if they ``fits``, else
     its codes if they do (and it has at least 2 images to train a codec on), else nothing (stage 2
     reads the store)."""
-    # The basis costs BASIS_MAPS store reads: not worth making when even its fewest dims would not fit.
-    fewest = coll.size * coll.grid[0] * coll.grid[1] * min(BASIS_MULTIPLE, coll.embed_dim) * 2
-    basis = held_basis(coll, energy) if coll.size > 0 and fits(fewest) else None
-    if coll.size > 0 and fits(ResidentMaps.bytes_for(coll, basis=basis)):
-        return ResidentMaps.load(coll, device=device, basis=basis)
+    if coll.size > 0:
+        every_dim = ResidentMaps.bytes_for(coll)
+        # The basis costs BASIS_MAPS store reads: not worth making when even its fewest dims would not fit.
+        fewest = every_dim * min(BASIS_MULTIPLE, coll.embed_dim) // coll.embed_dim
+        basis = held_basis(coll, energy) if fits(fewest) else None
+        if fits(every_dim if basis is None else ResidentMaps.bytes_for(coll, basis=basis)):
+            return ResidentMaps.load(coll, device=device, basis=basis)
     if coll.size >= 2 and fits(ResidentCodes.bytes_for(coll)):
         return ResidentCodes.load(coll, device=device)
     return None

@@ -48,10 +48,8 @@ def _silero():
     global _model
     with _loaded:
         if _model is None:
-            threads = torch.get_num_threads()
-            from silero_vad import (
-                load_silero_vad,  # its import sets torch's threads to 1, for the whole process
-            )
+            threads = torch.get_num_threads()  # silero_vad's import sets them to 1, for the whole process
+            from silero_vad import load_silero_vad
 
             torch.set_num_threads(threads)
             with warnings.catch_warnings():
