@@ -560,14 +560,16 @@ async def serve_until_signalled(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully. ``on_ready`` gets the gRPC port and the web
     page's URL (None when options.http_port is None) once both listen."""
-    server = SearchServer(engine, options)
-    port = await server.start()
-    if on_ready is not None:
-        on_ready(port, server.http.url if server.http is not None else None)
+    # Handlers first: a signal sent as soon as the ready line is read must stop the server gracefully,
+    # not kill it (it did, now and then, when the handlers came after on_ready).
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    server = SearchServer(engine, options)
+    port = await server.start()
+    if on_ready is not None:
+        on_ready(port, server.http.url if server.http is not None else None)
     await stop.wait()
     log.info("signal received: finishing in-flight calls, then stopping")
     await server.stop()

@@ -127,6 +127,23 @@ def test_serve_held_energy_1_holds_every_dimension(checkpoint, data_dir, engine)
             process.kill()
 
 
+def test_a_sigterm_right_after_the_ready_line_stops_the_server_gracefully(checkpoint, data_dir):
+    """The ready line means the server can be stopped: a SIGTERM sent at once ends it cleanly (exit 0, the
+    stopped line), several times over (the signal handlers are in place before the line is printed)."""
+    for _ in range(3):
+        process = subprocess.Popen(serve_command(data_dir, checkpoint, free_port(), "--json", "--no-http"),
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                   env=dict(os.environ, MATCHMAP_TOKEN=""))
+        try:
+            assert json.loads(process.stdout.readline())["event"] == "ready"
+            process.terminate()
+            assert process.wait(60) == 0
+            assert {"event": "stopped"} in [json.loads(line) for line in process.stdout.read().splitlines()]
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+
 def test_query_wait_gives_up_on_a_server_that_never_comes(caption):
     started = time.monotonic()
     result = CliRunner().invoke(query, [str(caption), "--server", f"127.0.0.1:{free_port()}", "--wait", "1.5"])
