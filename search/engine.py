@@ -361,7 +361,7 @@ class SearchEngine:
 
     def _resident_for(self, coll: Collection) -> ResidentMaps | ResidentCodes | None:
         """What of ``coll`` to hold in memory beside other collections (``search.resident.held_for``):
-        its bfloat16 maps, else its 2 KB codes, else nothing."""
+        its maps in bfloat16, else in int8, else its 2 KB codes, else nothing."""
         return self._held_for(coll, lambda nbytes: self._fits(coll.name, nbytes))
 
     def _held_for(self, coll: Collection, fits: Callable[[int], bool]) -> ResidentMaps | ResidentCodes | None:

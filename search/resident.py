@@ -50,44 +50,67 @@ def region_basis(maps: np.ndarray | Tensor, energy: float = HELD_ENERGY) -> Tens
     return None if keep >= dim else directions[:, :keep].float().contiguous()
 
 
-def held_basis(coll, energy: float = HELD_ENERGY) -> Tensor | None:
-    """The basis ``coll``'s held maps are kept in (``region_basis`` of up to BASIS_MAPS of its maps,
-    spread evenly over it), None for every dimension."""
+def basis_sample(coll) -> np.ndarray:
+    """Up to BASIS_MAPS maps (n, R, D) of ``coll``, spread evenly over it: what its held basis and int8
+    scales are found on."""
     ids = coll.ids()
-    if len(ids) == 0 or energy >= 1:
+    return coll.feature_maps(ids[spread(len(ids), BASIS_MAPS)]) if len(ids) else np.zeros((0, 1, coll.embed_dim))
+
+
+def held_basis(coll, energy: float = HELD_ENERGY, sample: np.ndarray | None = None) -> Tensor | None:
+    """The basis ``coll``'s held maps are kept in (``region_basis`` of ``sample``, by default
+    ``basis_sample(coll)``), None for every dimension."""
+    if coll.size == 0 or energy >= 1:
         return None
-    return region_basis(coll.feature_maps(ids[spread(len(ids), BASIS_MAPS)]), energy)
+    return region_basis(basis_sample(coll) if sample is None else sample, energy)
+
+
+def int8_scale(sample: np.ndarray | Tensor, basis: Tensor | None) -> Tensor:
+    """(d,) float32: per held dimension, the step of its int8 values, so that the largest magnitude
+    of ``sample`` (n, R, D) in ``basis`` is 127 (values beyond are clamped)."""
+    held = _in_basis(torch.as_tensor(sample), basis, torch.float32)
+    peak = held.reshape(-1, held.shape[-1]).abs().amax(dim=0) if held.numel() else torch.ones(held.shape[-1])
+    return (peak / 127).clamp(min=1e-12)
 
 
 @dataclass
 class ResidentMaps:
     """Feature maps of one collection snapshot, in the collection's id order: ``maps[p]`` belongs to
-    the image at position p of ``Collection.positions_of`` (the order ``iter_feature_maps`` yields)."""
+    the image at position p of ``Collection.positions_of`` (the order ``iter_feature_maps`` yields).
+
+    Held in bfloat16, or in int8 (``scale`` set: a value v stands for v * scale[dim]), half the memory
+    for the same dims; the rough pass multiplies the query's frames by ``scale`` instead of the maps,
+    and int8 values are exact in bfloat16, so it runs the same bfloat16 products."""
 
     collection: str
     generation: int
-    maps: Tensor  # (N, R, d) in ``maps.dtype``, on the engine's device: the maps times ``basis``
+    maps: Tensor  # (N, R, d) in ``maps.dtype``, on the engine's device: the maps times ``basis`` (/ ``scale``)
     # ``maps`` is the first N rows of this (capacity, R, d) tensor: room for images added later.
     _buffer: Tensor | None = field(default=None, repr=False)
     basis: Tensor | None = None  # (D, d) float32 on the maps' device (region_basis); None: d = D, as stored
+    scale: Tensor | None = None  # (d,) float32 for int8 maps (int8_scale); None for bfloat16
 
     @classmethod
     def load(cls, coll, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-             basis: Tensor | None = None) -> ResidentMaps:
+             basis: Tensor | None = None, scale: Tensor | None = None) -> ResidentMaps:
         """Read every map of ``coll`` (an indexer Collection) into one tensor, a batch at a time, each
-        turned into ``basis`` (D, d) when one is given."""
+        turned into ``basis`` (D, d) when one is given, and for an int8 ``dtype`` into steps of ``scale``
+        (by default ``int8_scale`` of ``basis_sample(coll)``)."""
         basis = None if basis is None else basis.to(device=device, dtype=torch.float32)
+        if dtype == torch.int8 and scale is None:
+            scale = int8_scale(basis_sample(coll), None if basis is None else basis.cpu())
+        scale = None if scale is None else scale.to(device=device, dtype=torch.float32)
         rows = coll.grid[0] * coll.grid[1]
         dim = coll.embed_dim if basis is None else basis.shape[1]
         maps = torch.empty(coll.size, rows, dim, dtype=dtype, device=device)
         filled = 0
         for batch_ids, batch_maps in coll.iter_feature_maps():
             n = len(batch_ids)
-            maps[filled : filled + n] = _in_basis(torch.from_numpy(batch_maps).to(device), basis, dtype)
+            maps[filled : filled + n] = _in_basis(torch.from_numpy(batch_maps).to(device), basis, dtype, scale)
             filled += n
         if filled != coll.size:
             raise ValueError(f"collection {coll.name!r}: read {filled} feature maps, expected {coll.size}")
-        return cls(coll.name, coll.generation, maps, basis=basis)
+        return cls(coll.name, coll.generation, maps, basis=basis, scale=scale)
 
     def appended(self, coll, new_ids: np.ndarray) -> ResidentMaps:
         """These maps plus those of ``new_ids`` (images of the snapshot ``coll`` whose ids follow every
@@ -103,14 +126,14 @@ class ResidentMaps:
             buffer = grown
         if added:
             buffer[n : n + added] = _in_basis(torch.from_numpy(coll.feature_maps(new_ids)).to(buffer.device),
-                                              self.basis, buffer.dtype)
-        return ResidentMaps(coll.name, coll.generation, buffer[: n + added], buffer, self.basis)
+                                              self.basis, buffer.dtype, self.scale)
+        return ResidentMaps(coll.name, coll.generation, buffer[: n + added], buffer, self.basis, self.scale)
 
     @staticmethod
     def bytes_for(coll, dtype: torch.dtype = torch.bfloat16, basis: Tensor | None = None) -> int:
         """Memory the maps of ``coll`` would take in ``dtype``, in ``basis`` (None: every dimension)."""
         dim = coll.embed_dim if basis is None else basis.shape[1]
-        return coll.size * coll.grid[0] * coll.grid[1] * dim * torch.finfo(dtype).bits // 8
+        return coll.size * coll.grid[0] * coll.grid[1] * dim * torch.empty((), dtype=dtype).element_size()
 
     def bytes_with(self, coll) -> int:
         """Memory these maps would take grown to every image of ``coll``."""
@@ -124,7 +147,7 @@ class ResidentMaps:
     def paired_misa(self, audio: Tensor, lengths: Tensor, positions: np.ndarray, valid: Tensor,
                     cpu_chunk: int = 128, one_call: bool | None = None) -> Tensor:
         """MISA of each caption ``audio[b]`` (B, T, D) against its own held maps at ``positions[b]``
-        (B, K) -> (B, K), in the maps' dtype; entries where ``valid`` (B, K) is False score -inf.
+        (B, K) -> (B, K), in bfloat16 products; entries where ``valid`` (B, K) is False score -inf.
 
         On an accelerator, one gather of all B x K maps and one ``paired_misa`` call (no loop over
         queries). On the CPU, one caption at a time against ``cpu_chunk`` gathered maps per product,
@@ -133,6 +156,9 @@ class ResidentMaps:
         """
         if self.basis is not None:
             audio = audio.to(self.basis.device, torch.float32) @ self.basis  # padding frames stay zero
+        if self.scale is not None:
+            audio = audio.to(self.scale.device, torch.float32) * self.scale
+        compute_dtype = torch.bfloat16 if self.scale is not None else self.maps.dtype
         n, r, d = self.maps.shape
         flat = self.maps.view(n, r * d)
         rows = torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(self.maps.device)
@@ -140,9 +166,9 @@ class ResidentMaps:
         if not (one_call if one_call is not None else self.maps.device.type != "cpu"):
             return misa_caption_by_caption(
                 audio, lengths, lambda i, cols: flat.index_select(0, rows[i, cols]).view(-1, r, d),
-                valid.cpu().numpy(), chunk=cpu_chunk, compute_dtype=self.maps.dtype)
+                valid.cpu().numpy(), chunk=cpu_chunk, compute_dtype=compute_dtype)
         gathered = flat.index_select(0, rows.reshape(-1)).view(b, k, r, d)
-        scores = paired_misa(audio, lengths, gathered, compute_dtype=self.maps.dtype)
+        scores = paired_misa(audio, lengths, gathered, compute_dtype=compute_dtype)
         return scores.masked_fill(~valid.to(scores.device), float("-inf"))
 
 
@@ -199,26 +225,34 @@ class ResidentCodes:
 
 def held_for(coll, fits: Callable[[int], bool], device: torch.device | str,
              energy: float = HELD_ENERGY) -> ResidentMaps | ResidentCodes | None:
-    """What of ``coll`` to hold in memory: its bfloat16 maps in their held basis if they ``fits``, else
-    its codes if they do (and it has at least 2 images to train a codec on), else nothing (stage 2
-    reads the store)."""
+    """What of ``coll`` to hold in memory, the first that ``fits``: its maps in their held basis in
+    bfloat16, the same in int8 (half the memory), its 2 KB codes (when it has at least 2 images to
+    train a codec on), else nothing (stage 2 reads the store)."""
     if coll.size > 0:
-        every_dim = ResidentMaps.bytes_for(coll)
+        every_dim = ResidentMaps.bytes_for(coll, torch.int8)
         # The basis costs BASIS_MAPS store reads: not worth making when even its fewest dims would not fit.
-        fewest = every_dim * min(BASIS_MULTIPLE, coll.embed_dim) // coll.embed_dim
-        basis = held_basis(coll, energy) if fits(fewest) else None
-        if fits(every_dim if basis is None else ResidentMaps.bytes_for(coll, basis=basis)):
-            return ResidentMaps.load(coll, device=device, basis=basis)
+        if fits(every_dim * min(BASIS_MULTIPLE, coll.embed_dim) // coll.embed_dim):
+            sample = basis_sample(coll)
+            basis = held_basis(coll, energy, sample)
+            if fits(ResidentMaps.bytes_for(coll, torch.bfloat16, basis)):
+                return ResidentMaps.load(coll, device=device, basis=basis)
+            if fits(ResidentMaps.bytes_for(coll, torch.int8, basis)):
+                return ResidentMaps.load(coll, dtype=torch.int8, device=device, basis=basis,
+                                         scale=int8_scale(sample, basis))
     if coll.size >= 2 and fits(ResidentCodes.bytes_for(coll)):
         return ResidentCodes.load(coll, device=device)
     return None
 
 
-def _in_basis(maps: Tensor, basis: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """maps (n, R, D) -> (n, R, d) in ``dtype``: times ``basis`` (D, d), or as they are when None."""
-    if basis is None:
+def _in_basis(maps: Tensor, basis: Tensor | None, dtype: torch.dtype, scale: Tensor | None = None) -> Tensor:
+    """maps (n, R, D) -> (n, R, d) in ``dtype``: times ``basis`` (D, d), or as they are when None; with
+    ``scale`` (d,), divided by it, rounded and clamped to int8's range (for an int8 ``dtype``)."""
+    if basis is None and scale is None:
         return maps.to(dtype)
-    return (maps.float() @ basis).to(dtype)
+    held = maps.float() if basis is None else maps.float() @ basis
+    if scale is not None:
+        held = (held / scale).round_().clamp_(-127, 127)
+    return held.to(dtype)
 
 
 def misa_caption_by_caption(audio: Tensor, lengths: Tensor, read_maps: Callable[[int, np.ndarray], Tensor],

@@ -256,10 +256,11 @@ def test_the_default_k_grows_with_the_collection(checkpoint, data_dir, engine, v
         SearchLimits(candidates_share=1.5)
 
 
+# int8: room for the int8 maps of the 36 images, not for the bfloat16 ones of 20.
 # codes: ranked exactly (see the next test for why); what is checked of them is their append.
 # "past the budget": room for the maps of the 20 images the holder sees, not for the 36 they grow to
-@pytest.mark.parametrize("resident_maps_mb, rescore", [(4096.0, 4), (0.3, 64), (None, 4)],
-                         ids=["maps", "codes", "past the budget"])
+@pytest.mark.parametrize("resident_maps_mb, rescore", [(4096.0, 4), (0.6, 4), (0.3, 64), (None, 4)],
+                         ids=["maps", "int8", "codes", "past the budget"])
 def test_maps_held_in_the_background_answer_as_the_store_and_take_in_images_added_meanwhile(
         checkpoint, model, val, tiny_corpus, tmp_path, monkeypatch, resident_maps_mb, rescore):
     """warm_up(background=True) opens the collection and returns before its maps (or codes) are held;
@@ -303,8 +304,9 @@ def test_maps_held_in_the_background_answer_as_the_store_and_take_in_images_adde
             if past_budget:
                 assert engine.resident_bytes() == {}
             else:
-                per_image = map_bytes if resident_maps_mb > 1 else CODE_BYTES
+                per_image = {4096.0: map_bytes, 0.6: map_bytes // 2, 0.3: CODE_BYTES}[resident_maps_mb]
                 assert engine.resident_bytes()["live"] >= size * per_image  # the added images are held too
+                assert held_kind(engine, "live") == {4096.0: "bfloat16", 0.6: "int8", 0.3: "codes"}[resident_maps_mb]
             for query in data:
                 got = engine.search(query, "live", top_k=5, candidates=len(paths))
                 want = reference.search(query, "live", top_k=5, candidates=len(paths))
@@ -314,6 +316,12 @@ def test_maps_held_in_the_background_answer_as_the_store_and_take_in_images_adde
             release.set()
             engine.close()
             reference.close()
+
+
+def held_kind(engine: SearchEngine, collection: str) -> str:
+    """What the engine holds of ``collection``: "bfloat16" or "int8" maps, or "codes"."""
+    held = engine._resident[collection]
+    return str(held.maps.dtype).removeprefix("torch.") if hasattr(held, "maps") else "codes"
 
 
 @pytest.mark.parametrize("thread", ["holder", "reopen"])
@@ -359,9 +367,11 @@ def test_close_waits_for_the_background_holder(checkpoint, model, val, tiny_corp
     assert len(outcome) == 1 and outcome[0] is not None and not isinstance(outcome[0], Exception)
 
 
+# int8: room for the int8 maps of the 36 images, not for the bfloat16 ones of 20 (the 16 added later are
+# turned into int8 steps found on the first 20).
 # codes: a codec learnt from 20 maps of this random-weight model codes the 16 added later too coarsely
 # to choose among them (docs/search.md, "drift"); here the codes' append is checked, not their ranking
-@pytest.mark.parametrize("resident_maps_mb, rescore", [(4096.0, 4), (0.3, 64)], ids=["maps", "codes"])
+@pytest.mark.parametrize("resident_maps_mb, rescore", [(4096.0, 4), (0.6, 4), (0.3, 64)], ids=["maps", "int8", "codes"])
 def test_a_growing_collection_is_appended_to_and_other_changes_reopen_in_the_background(
         checkpoint, model, val, tiny_corpus, tmp_path, monkeypatch, resident_maps_mb, rescore):
     """Images indexed while the engine serves a collection are appended to its open snapshot (stage-1
@@ -379,6 +389,7 @@ def test_a_growing_collection_is_appended_to_and_other_changes_reopen_in_the_bac
         try:
             assert engine.search(data[0], "live", top_k=3).collection_size == 20
             before = engine.resident_bytes()["live"]
+            assert held_kind(engine, "live") == {4096.0: "bfloat16", 0.6: "int8", 0.3: "codes"}[resident_maps_mb]
             opened = []
 
             def slow_open(name, shard=None, real=engine.library.collection):  # a reopen takes a while:
