@@ -32,3 +32,6 @@ MAX_EXHAUSTIVE_CANDIDATES = 10_000
 # their second moment (search.resident.region_basis; `serve --held-energy`; 1 = every dimension): 112 of
 # 256 dims for `tiny`, which kept exact MISA's top 10 on 100,000 scene images (bench/bench_held_basis.py).
 HELD_ENERGY = 0.995
+# ... and where those do not fit the memory budget even in int8, the most principal directions that do,
+# so long as they hold at least this share (64 dims for `tiny`: a million images in 4.1 GB), else 2 KB codes.
+HELD_ENERGY_FLOOR = 0.99

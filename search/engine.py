@@ -36,6 +36,7 @@ from search import (
     DEFAULT_CANDIDATES,
     DEFAULT_CANDIDATES_SHARE,
     HELD_ENERGY,
+    HELD_ENERGY_FLOOR,
     MAX_CANDIDATES,
     MAX_EXHAUSTIVE_CANDIDATES,
     STAGE1_WIDEN,
@@ -98,6 +99,8 @@ class SearchLimits:
     # their second moment (search.resident.region_basis; 1 = every dimension). A trained model's audio
     # frames lie where its image regions do; a model with random weights has no such relation.
     held_energy: float = HELD_ENERGY
+    # ... and where even int8 maps in those do not fit, the most directions that fit, if they hold this share.
+    held_energy_floor: float = HELD_ENERGY_FLOOR
     # Stage 2 scores every candidate in bfloat16 (from resident maps, or else from the store through the
     # page cache), then re-scores exactly (float32, from the store) the best
     # max(exact_rescore_at_least, exact_rescore_factor * top_k), which it ranks. 32 for a top 10: on 10,000
@@ -123,6 +126,8 @@ class SearchLimits:
             raise ValueError(f"candidates_share must lie in 0..1, got {self.candidates_share}")
         if not 0 < self.held_energy <= 1:
             raise ValueError(f"held_energy must lie in (0, 1], got {self.held_energy}")
+        if not 0 < self.held_energy_floor <= 1:
+            raise ValueError(f"held_energy_floor must lie in (0, 1], got {self.held_energy_floor}")
         if not self.resident_maps_mb >= 0:
             raise ValueError(f"resident_maps_mb must be >= 0, got {self.resident_maps_mb}")
         if not 1 <= self.default_candidates <= self.max_candidates <= self.max_exhaustive_candidates:
@@ -366,7 +371,7 @@ class SearchEngine:
 
     def _held_for(self, coll: Collection, fits: Callable[[int], bool]) -> ResidentMaps | ResidentCodes | None:
         """``search.resident.held_for`` on this engine's device, in its limits' held basis."""
-        return held_for(coll, fits, self.device, self.limits.held_energy)
+        return held_for(coll, fits, self.device, self.limits.held_energy, self.limits.held_energy_floor)
 
     def _appended_resident(self, old: Collection, fresh: Collection) -> ResidentMaps | ResidentCodes | None:
         """What ``old`` held, with ``fresh``'s added images appended (None past the budget: the next

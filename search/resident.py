@@ -27,16 +27,20 @@ from torch import Tensor
 
 from encoders.matchmap import paired_misa, score_matrix
 from indexer.code_store import CODE_BYTES, spread  # compressed maps, written by the indexer beside the store
-from search import HELD_ENERGY  # share of the region vectors' second moment the held maps keep
+from search import (  # shares of the region vectors' second moment held maps keep
+    HELD_ENERGY,
+    HELD_ENERGY_FLOOR,
+)
 
 BASIS_MAPS = 1024  # maps, spread over the collection, whose region vectors give the held basis
 BASIS_MULTIPLE = 16  # the held dims are rounded up to a multiple of this (whole vector registers)
 
 
-def region_basis(maps: np.ndarray | Tensor, energy: float = HELD_ENERGY) -> Tensor | None:
+def region_basis(maps: np.ndarray | Tensor, energy: float = HELD_ENERGY, dims: int | None = None) -> Tensor | None:
     """maps (N, R, D) -> (D, d) float32: the principal directions of their region vectors (of the
     uncentred second moment, as scores are uncentred inner products), the fewest holding ``energy``
-    of it, rounded up to a multiple of BASIS_MULTIPLE; None when that is every dimension."""
+    of it, rounded up to a multiple of BASIS_MULTIPLE, or the first ``dims`` when given; None when
+    that is every dimension."""
     maps = torch.as_tensor(maps)
     dim = maps.shape[-1]
     regions = maps.reshape(-1, dim).double()
@@ -44,10 +48,19 @@ def region_basis(maps: np.ndarray | Tensor, energy: float = HELD_ENERGY) -> Tens
         return None
     values, directions = torch.linalg.eigh(regions.T @ regions)  # ascending
     values, directions = values.flip(0).clamp(min=0), directions.flip(1)
-    held = torch.cumsum(values, 0) / values.sum().clamp(min=1e-300)
-    keep = int(torch.searchsorted(held, torch.tensor([energy], dtype=held.dtype))[0]) + 1
-    keep = -(-keep // BASIS_MULTIPLE) * BASIS_MULTIPLE
-    return None if keep >= dim else directions[:, :keep].float().contiguous()
+    if dims is None:
+        held = torch.cumsum(values, 0) / values.sum().clamp(min=1e-300)
+        keep = int(torch.searchsorted(held, torch.tensor([energy], dtype=held.dtype))[0]) + 1
+        dims = -(-keep // BASIS_MULTIPLE) * BASIS_MULTIPLE
+    return None if dims >= dim else directions[:, :dims].float().contiguous()
+
+
+def held_share(maps: np.ndarray | Tensor, basis: Tensor | None) -> float:
+    """The share of the second moment of ``maps``' region vectors that ``basis`` (D, d) holds (1 for None)."""
+    maps = torch.as_tensor(maps).double()
+    if basis is None or maps.numel() == 0:
+        return 1.0
+    return float((maps @ basis.double()).square().sum() / maps.square().sum().clamp(min=1e-300))
 
 
 def basis_sample(coll) -> np.ndarray:
@@ -223,20 +236,26 @@ class ResidentCodes:
         return scores.masked_fill(~valid.to(scores.device), float("-inf"))
 
 
-def held_for(coll, fits: Callable[[int], bool], device: torch.device | str,
-             energy: float = HELD_ENERGY) -> ResidentMaps | ResidentCodes | None:
-    """What of ``coll`` to hold in memory, the first that ``fits``: its maps in their held basis in
-    bfloat16, the same in int8 (half the memory), its 2 KB codes (when it has at least 2 images to
-    train a codec on), else nothing (stage 2 reads the store)."""
+def held_for(coll, fits: Callable[[int], bool], device: torch.device | str, energy: float = HELD_ENERGY,
+             energy_floor: float = HELD_ENERGY_FLOOR) -> ResidentMaps | ResidentCodes | None:
+    """What of ``coll`` to hold in memory, the first that ``fits``: its maps in their held basis (the
+    principal directions holding ``energy``) in bfloat16; the same in int8 (half the memory); in int8,
+    in the most principal directions that fit, so long as they hold at least ``energy_floor``; its 2 KB
+    codes (when it has at least 2 images to train a codec on); else nothing (stage 2 reads the store)."""
     if coll.size > 0:
-        every_dim = ResidentMaps.bytes_for(coll, torch.int8)
+        int8_per_dim = ResidentMaps.bytes_for(coll, torch.int8) // coll.embed_dim
         # The basis costs BASIS_MAPS store reads: not worth making when even its fewest dims would not fit.
-        if fits(every_dim * min(BASIS_MULTIPLE, coll.embed_dim) // coll.embed_dim):
+        if fits(int8_per_dim * min(BASIS_MULTIPLE, coll.embed_dim)):
             sample = basis_sample(coll)
             basis = held_basis(coll, energy, sample)
             if fits(ResidentMaps.bytes_for(coll, torch.bfloat16, basis)):
                 return ResidentMaps.load(coll, device=device, basis=basis)
-            if fits(ResidentMaps.bytes_for(coll, torch.int8, basis)):
+            held_dims = coll.embed_dim if basis is None else basis.shape[1]
+            dims = next((d for d in range(held_dims, 0, -BASIS_MULTIPLE) if fits(int8_per_dim * d)), 0)
+            if 0 < dims < held_dims:
+                basis = region_basis(sample, dims=dims)
+                dims = dims if held_share(sample, basis) >= energy_floor else 0
+            if dims:
                 return ResidentMaps.load(coll, dtype=torch.int8, device=device, basis=basis,
                                          scale=int8_scale(sample, basis))
     if coll.size >= 2 and fits(ResidentCodes.bytes_for(coll)):

@@ -260,3 +260,62 @@ def test_the_held_basis_keeps_the_directions_the_region_vectors_use():
     in_basis = subspace.T @ basis.double().numpy()  # how much of each true direction the basis holds
     np.testing.assert_allclose(np.linalg.norm(in_basis, axis=1), 1.0, atol=1e-4)
     assert region_basis(maps.astype(np.float32), energy=1.0) is None
+
+
+class HeldCollection:
+    """What search.resident.held_for reads of a collection: its size, grid, ids and maps."""
+
+    def __init__(self, maps: np.ndarray, grid: tuple[int, int]):
+        self.maps, self.grid, self.name, self.generation = maps, grid, "c", 1
+        self.size, self.embed_dim = len(maps), maps.shape[-1]
+
+    def ids(self) -> np.ndarray:
+        return np.arange(self.size)
+
+    def feature_maps(self, ids) -> np.ndarray:
+        return self.maps[np.asarray(ids)]
+
+    def iter_feature_maps(self):
+        yield self.ids(), self.maps
+
+
+def test_held_maps_take_bfloat16_then_int8_then_the_most_directions_that_hold_the_floor():
+    """As the budget shrinks: bfloat16 in the held basis, int8 in it, int8 in fewer principal directions
+    while they hold energy_floor, then nothing (this collection's codes would not fit either); int8 maps
+    score as the float maps in their basis do, to int8's precision."""
+    from encoders.matchmap import paired_misa
+    from search.resident import held_for, held_share, region_basis
+
+    rng = np.random.default_rng(1)
+    spread = 0.9 ** np.arange(64)  # a decaying spectrum over 64 dims
+    directions = np.linalg.qr(rng.standard_normal((64, 64)))[0]
+    maps = ((rng.standard_normal((300, 16, 64)) * spread) @ directions.T).astype(np.float16)
+    coll = HeldCollection(maps, (4, 4))
+    assert region_basis(maps, energy=0.995).shape[1] == 32  # rounded up from about 26 directions
+    per_dim = coll.size * 16  # int8 bytes per held dim
+
+    def held(budget: float, floor: float = 0.99):
+        return held_for(coll, lambda nbytes: nbytes <= budget, "cpu", energy=0.9999, energy_floor=floor)
+
+    every = region_basis(maps, energy=0.9999).shape[1]
+    assert every == 48
+    assert held(2 * per_dim * every).maps.dtype == torch.bfloat16
+    int8 = held(2 * per_dim * every - 1)
+    assert int8.maps.dtype == torch.int8 and int8.maps.shape[-1] == every
+    fewer = held(per_dim * 40)  # room for 32 directions in int8: they hold more than 0.99
+    assert fewer.maps.dtype == torch.int8 and fewer.maps.shape[-1] == 32
+    assert held_share(maps, region_basis(maps, dims=32)) > 0.99
+    assert held(per_dim * 40, floor=0.99999) is None
+    assert held(per_dim * 16 + 1) is None  # 16 directions hold less than 0.99
+
+    audio = torch.randn(2, 7, 64)
+    lengths = torch.tensor([7, 4])
+    positions = np.stack([np.arange(0, 300, 3), np.arange(1, 301, 3)])
+    valid = torch.ones(positions.shape, dtype=torch.bool)
+    got = int8.paired_misa(audio, lengths, positions, valid)
+    in_basis = torch.from_numpy(maps).float() @ int8.basis
+    want = torch.stack([paired_misa(audio[b : b + 1] @ int8.basis, lengths[b : b + 1],
+                                    in_basis[torch.from_numpy(positions[b])][None])[0] for b in range(2)])
+    scale = float(want.abs().max())
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=0.02 * scale)
+    assert not np.allclose(got.numpy(), want.numpy(), atol=1e-4 * scale)  # int8 is not free
