@@ -54,6 +54,9 @@ def main() -> None:
                         help="with --previous-tree: the collection that model indexed (the same images)")
     parser.add_argument("--previous-k", type=int, default=0, help="with --previous-tree: its K (0: its default)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--exact-cache", type=Path, default=None,
+                        help="an .npy file keeping the exhaustive MISA top 10 of the agreement captions between runs "
+                             "(read when it matches their number and the collection's size, else written)")
     args = parser.parse_args()
     command = "python bench/bench_million.py " + " ".join(sys.argv[1:])
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; torch threads "
@@ -106,7 +109,7 @@ def main() -> None:
         n = min(args.agreement_queries, len(queries))
         started = time.perf_counter()
         rows, recall = agreement_curve(engine, None, queries[:n], args.agreement_ks, collection=args.collection,
-                                       own_images=own_images)
+                                       own_images=own_images, exact_cache=args.exact_cache)
         engine.close()
         figures["agreement"], figures["own_image_recall"] = rows, recall
         print_agreement(f"two-stage top-10 vs exhaustive MISA top-10 over {size} images, {n} queries "

@@ -336,12 +336,22 @@ def own_image_recall(ranked_ids: np.ndarray, own_ids: list[int]) -> dict[str, fl
 
 
 def agreement_curve(engine: SearchEngine, images: list[Path] | None, audio_bytes: list[bytes], ks: list[int],
-                    collection: str = COLLECTION, own_images: list[Path] | None = None) -> tuple[list[dict], dict]:
+                    collection: str = COLLECTION, own_images: list[Path] | None = None,
+                    exact_cache: Path | None = None) -> tuple[list[dict], dict]:
     """(one row per K: two-stage top-10 vs the exhaustive MISA top-10, recall of each caption's own image:
-    {"stage1": R@k of stage 1 alone, "misa": R@k of exhaustive MISA}, or {} without ``own_images``)."""
+    {"stage1": R@k of stage 1 alone, "misa": R@k of exhaustive MISA}, or {} without ``own_images``).
+    ``exact_cache``: an .npy file of the exhaustive top 10 (B, 10), read when it holds these B captions'
+    rows for this collection's size, else written (an exhaustive pass over a million maps takes minutes)."""
     prepared = [engine.prepare_audio(b) for b in audio_bytes]
     audio, lengths = engine.encode([p.logmel for p in prepared])
-    exact = exhaustive_top10(engine, images, audio.cpu(), lengths.cpu(), collection=collection)
+    size = engine.collection(collection).size
+    cached = np.load(exact_cache, allow_pickle=False) if exact_cache is not None and exact_cache.exists() else None
+    if cached is not None and cached.shape == (len(prepared) + 1, 10) and cached[-1, 0] == size:
+        exact = cached[:-1]
+    else:
+        exact = exhaustive_top10(engine, images, audio.cpu(), lengths.cpu(), collection=collection)
+        if exact_cache is not None:  # the last row records the collection size it was made for
+            np.save(exact_cache, np.concatenate([exact, np.full((1, 10), size, exact.dtype)]))
     coll = engine.collection(collection)
     with torch.inference_mode():  # encode() returns inference tensors; heads have trainable parameters
         pooled = engine.model.stage1_audio_vectors(audio, lengths).cpu().numpy()
