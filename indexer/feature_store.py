@@ -7,8 +7,8 @@ rerank accumulates in float32 anyway). Beside each maps shard, a pooled shard ho
 masked-mean pooled vector (float32, ``dim`` values) computed from the *stored* maps, so the stage-1
 index can be rebuilt without reading the maps and its inner products equal SISA of what stage 2 reads.
 
-Files are read through numpy memmaps, so a collection larger than RAM can be served: a gather touches
-only the pages of the requested slots. Writes go through ``os.pwrite`` at the slot's offset followed by
+Records are read with ``pread`` (each run of consecutive slots in one call), so a collection larger than
+RAM can be served: a gather reads only the bytes of the requested slots. Writes go through ``os.pwrite`` at the slot's offset followed by
 ``fsync``; a slot is referenced by the catalog only after its bytes are durable, so a crash leaves at
 worst an unreferenced tail that the next write overwrites.
 
@@ -18,7 +18,6 @@ fresh folder (see ``Library.compact``).
 
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 from collections.abc import Sequence
@@ -76,7 +75,7 @@ class StoreLayout:
 
 
 class _ShardedArray:
-    """Fixed-width records split over shard files ``<prefix>-NNNNNN.bin``, memmapped for reading."""
+    """Fixed-width records split over shard files ``<prefix>-NNNNNN.bin``, read with pread."""
 
     def __init__(self, folder: Path, prefix: str, record_shape: tuple[int, ...], dtype: str, rows: int):
         self.folder = folder
@@ -85,7 +84,7 @@ class _ShardedArray:
         self.dtype = np.dtype(dtype)
         self.rows_per_shard = rows
         self.record_bytes = int(np.prod(record_shape)) * self.dtype.itemsize
-        self._maps: dict[int, np.memmap] = {}
+        self._fds: dict[int, tuple[int, int]] = {}  # shard -> (read-only descriptor, rows when last checked)
         self._lock = threading.Lock()
 
     def shard_path(self, shard: int) -> Path:
@@ -116,29 +115,18 @@ class _ShardedArray:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            with self._lock:
-                self._maps.pop(shard, None)  # the file grew: remap on next read
             position += count
         if created:
             _fsync_directory(self.folder)
 
-    def _shard(self, shard: int, need_rows: int) -> np.memmap:
-        with self._lock:
-            mapped = self._maps.get(shard)
-            if mapped is None or len(mapped) < need_rows:
-                path = self.shard_path(shard)
-                rows = path.stat().st_size // self.record_bytes if path.exists() else 0
-                if rows < need_rows:
-                    raise ValueError(
-                        f"feature store shard {path} holds {rows} slots but slot {need_rows - 1} was asked "
-                        "for: the store is missing data the catalog references (was it moved or truncated?)"
-                    )
-                mapped = np.memmap(path, dtype=self.dtype, mode="r", shape=(rows, *self.record_shape))
-                self._maps[shard] = mapped
-            return mapped
-
     def read(self, slots: np.ndarray) -> np.ndarray:
-        """Gather the records of ``slots`` (K,) -> (K, *record_shape), one fancy-indexed read per shard."""
+        """Gather the records of ``slots`` (K,) -> (K, *record_shape): per shard, each run of consecutive
+        rows with one ``pread`` into the result.
+
+        Not through the memory map: a page fault reads around the faulting page, so gathering 32 random
+        maps of a million-image store (larger than the page cache) through it took about 90 ms even with
+        every record asked for at once (MADV_WILLNEED), where 32 ``pread`` of exactly their bytes took
+        about 7 (docs/search.md, "A million images, read as they lie")."""
         out = np.empty((len(slots), *self.record_shape), dtype=self.dtype)
         if len(slots) == 0:
             return out
@@ -146,30 +134,46 @@ class _ShardedArray:
         for shard in np.unique(shards):
             where = np.flatnonzero(shards == shard)
             rows = local[where]
-            mapped = self._shard(int(shard), int(rows.max()) + 1)
-            if self.prefetch and len(rows) > 1:
-                self._will_need(mapped, rows)
-            out[where] = mapped[rows]
+            fd = self._descriptor(int(shard), int(rows.max()) + 1)
+            order = np.argsort(rows, kind="stable")
+            where, rows = where[order], rows[order]
+            starts = np.flatnonzero(np.diff(rows, prepend=rows[0] - 2) != 1)  # first of each run of rows
+            into = np.empty((len(rows), *self.record_shape), dtype=self.dtype)
+            for first, end in zip(starts.tolist(), [*starts[1:].tolist(), len(rows)], strict=True):
+                self._pread(fd, memoryview(into[first:end]).cast("B"), int(rows[first]) * self.record_bytes, shard)
+            out[where] = into
         return out
 
-    # Ask the kernel for every record of a read at once (MADV_WILLNEED starts their reads in the
-    # background) before copying them: copying alone faults them in one at a time, each a disk round
-    # trip when the store is larger than the page cache (a million maps: 35 GB).
-    prefetch = hasattr(mmap, "MADV_WILLNEED")
+    def _pread(self, fd: int, buffer: memoryview, offset: int, shard: int) -> None:
+        done = 0
+        while done < len(buffer):
+            got = os.preadv(fd, [buffer[done:]], offset + done)
+            if got == 0:
+                raise ValueError(f"feature store shard {self.shard_path(shard)} ended at byte {offset + done}, "
+                                 "before a record the catalog references (was it moved or truncated?)")
+            done += got
 
-    def _will_need(self, mapped: np.memmap, rows: np.ndarray) -> None:
-        region = mapped._mmap
-        if region is None:
-            return
-        page = mmap.PAGESIZE
-        for row in np.unique(rows).tolist():
-            start = row * self.record_bytes
-            aligned = start - start % page
-            region.madvise(mmap.MADV_WILLNEED, aligned, start + self.record_bytes - aligned)
+    def _descriptor(self, shard: int, need_rows: int) -> int:
+        """A read-only descriptor of ``shard``'s file, checked to hold ``need_rows`` rows."""
+        with self._lock:
+            held = self._fds.get(shard)
+            if held is None or held[1] < need_rows:
+                path = self.shard_path(shard)
+                rows = path.stat().st_size // self.record_bytes if path.exists() else 0
+                if rows < need_rows:
+                    raise ValueError(
+                        f"feature store shard {path} holds {rows} slots but slot {need_rows - 1} was asked "
+                        "for: the store is missing data the catalog references (was it moved or truncated?)"
+                    )
+                fd = held[0] if held is not None else os.open(path, os.O_RDONLY)
+                held = self._fds[shard] = (fd, rows)
+            return held[0]
 
     def close(self) -> None:
         with self._lock:
-            self._maps.clear()
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
 
 class FeatureStore:
@@ -227,7 +231,7 @@ class FeatureStore:
         return sum(f.stat().st_size for f in files)
 
     def close(self) -> None:
-        """Drop the memmaps (files stay)."""
+        """Close the shard files' descriptors (files stay)."""
         self._maps.close()
         self._pooled.close()
 

@@ -35,6 +35,31 @@ def test_store_round_trips_across_shards_in_any_order(tmp_path, layout):
     assert store.bytes_on_disk() == 7 * (layout.map_bytes + layout.pooled_bytes)
 
 
+def test_reads_gather_runs_and_scattered_slots_and_see_writes_made_after_them(tmp_path):
+    """Runs of consecutive slots (read in one call each), duplicates and scattered slots, in any order;
+    slots written after a read are found by the next (the shard file grew); a slot past a shard file's
+    end (a store cut short) is an error that names the shard."""
+    layout = StoreLayout(regions=4, dim=8, rows_per_shard=50)
+    store = FeatureStore(tmp_path / "store-0", layout)
+    store.create()
+    maps, pooled = random_maps(120, layout, seed=3)
+    store.write(0, maps[:60], pooled[:60])
+    order = [12, 13, 14, 15, 3, 49, 50, 51, 14, 0, 59, 58, 57]
+    np.testing.assert_array_equal(store.read_maps(order), maps[order])
+    store.write(60, maps[60:], pooled[60:])
+    later = [61, 119, 100, 101, 102, 60]
+    np.testing.assert_array_equal(store.read_maps(later), maps[later])
+    np.testing.assert_array_equal(store.read_pooled(later), pooled[later])
+    shard = store.folder / "maps-000002.bin"
+    with open(shard, "r+b") as f:
+        f.truncate(5 * layout.map_bytes)  # slots 100..104 remain of 100..119
+    store.close()
+    reopened = FeatureStore(tmp_path / "store-0", layout)
+    np.testing.assert_array_equal(reopened.read_maps([104, 100]), maps[[104, 100]])
+    with pytest.raises(ValueError, match="maps-000002.bin holds 5 slots"):
+        reopened.read_maps([100, 110])
+
+
 def test_rewriting_an_uncommitted_tail_replaces_it(tmp_path, layout):
     # A crash after writing slots 5.. but before the catalog commit: the next run writes there again.
     store = FeatureStore(tmp_path / "store-0", layout)
