@@ -168,8 +168,9 @@ def serve(
     SIGINT, health turns NOT_SERVING, in-flight calls finish, then the server stops.
     """
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
-    from search.threads import quiet_idle_teams
+    from search.threads import quiet_idle_teams, single_core_thread
 
     quiet_idle_teams()  # before torch loads: idle OpenMP threads of one step must not spin beside the next
     from search.engine import SearchEngine, SearchLimits
@@ -195,18 +196,26 @@ def serve(
             resident_maps_mb=resident_maps_mb,
             held_energy=held_energy,
         )
-        if ray_address is None:
-            if shards is not None:
-                raise click.UsageError("--shards needs --ray (shards live on a Ray cluster)")
-            engine = SearchEngine.open(checkpoint, data_dir, db_url, device=device, limits=limits, vad=vad)
-        else:
-            engine = _sharded_engine(ray_address, shards, shard_cpus, checkpoint, data_dir, db_url, device, limits,
-                                     vad)
-        started = time.perf_counter()
-        if ray_address is None:
-            engine.warm_up(background=not hold_first)
-        else:
-            engine.warm_up()  # each shard replica holds its maps before it answers
+        if ray_address is None and shards is not None:
+            raise click.UsageError("--shards needs --ray (shards live on a Ray cluster)")
+
+        def start_engine():  # -> the engine, and when its warm-up began
+            if ray_address is None:
+                opened = SearchEngine.open(checkpoint, data_dir, db_url, device=device, limits=limits, vad=vad)
+                warming = time.perf_counter()
+                opened.warm_up(background=not hold_first)
+            else:
+                opened = _sharded_engine(ray_address, shards, shard_cpus, checkpoint, data_dir, db_url, device,
+                                         limits, vad)
+                warming = time.perf_counter()
+                opened.warm_up()  # each shard replica holds its maps before it answers
+            return opened, warming
+
+        # Loading and warming run on both cores in a thread that then ends (its OpenMP helper goes with it);
+        # the main thread stays on one, so the model thread's team is the only team of two (search.threads).
+        single_core_thread()
+        with ThreadPoolExecutor(1, thread_name_prefix="matchmap-start") as starter:
+            engine, started = starter.submit(start_engine).result()
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         raise click.ClickException(str(error)) from error
 

@@ -50,6 +50,7 @@ from search.errors import (
     ShuttingDown,
 )
 from search.localization import Localization
+from search.threads import single_core_thread
 
 log = logging.getLogger("matchmap.server")
 
@@ -211,7 +212,9 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
         self.busy = 0  # calls holding work now (see admitted); only touched on the event loop
         self._closing = False
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="matchmap-model")
-        self._decode_threads = ThreadPoolExecutor(options.decode_threads, thread_name_prefix="matchmap-decode")
+        # On one core each: the model thread's team is the process's only team of two (search.threads).
+        self._decode_threads = ThreadPoolExecutor(options.decode_threads, thread_name_prefix="matchmap-decode",
+                                                  initializer=single_core_thread)
         self.batcher: MicroBatcher[SearchQuery, SearchResult] = MicroBatcher(
             engine.search_batch, self._model_thread, max_batch=options.max_batch, max_queue=options.max_queue
         )

@@ -6,6 +6,17 @@ threads and its model thread hand each query on to each other: each team spun on
 step needed. In that hand-off (decode threads and a model thread, one query at a time, 100,000
 images), a short spin took a query from 36.3 to 28.9 ms in process (``quiet_idle_teams``).
 
+**One team of two, not several.** libgomp spins an idle team's threads only while it manages no
+more threads than the machine has cores; past that ("throttled"), a helper sleeps after about a
+hundred spins and every parallel step waits for it to be woken. Each thread that runs torch work
+with a team of two adds one managed thread. So once the main thread, a decode thread and the model
+thread had each run torch work, the model thread's audio branch took 6.2-6.7 ms where the process's
+only torch thread took 3.7; with every other thread on a team of one it took 3.6 ms again (a small
+script, 40 captions, interleaved runs). ``matchmap serve`` therefore keeps one team of two, the
+model thread's: the decode threads and the main thread run on one core each
+(``single_core_thread``), and start-up work (loading, warming shapes, holding maps) runs in threads
+that end, which returns their helpers.
+
 **Holding one step of torch work to one core, in the calling thread only.**
 
 ``torch.set_num_threads`` is one setting for the whole process. But the OpenMP runtime the PyTorch
@@ -57,6 +68,36 @@ def _libgomp() -> ctypes.CDLL | None:
         return ctypes.CDLL(loaded[0])
     except OSError:
         return None
+
+
+def single_core_thread() -> None:
+    """From now on, torch work in the calling thread runs on one core (an OpenMP team of one), so the
+    thread adds no managed thread (see the module's notes). Also a ThreadPoolExecutor initializer."""
+    gomp = _libgomp()
+    if gomp is None:
+        return
+    import torch
+
+    torch.get_num_threads()  # torch's first call in a thread sets its team size: let it happen first
+    gomp.omp_set_num_threads(1)
+    mkl_local = _mkl_set_num_threads_local()
+    if mkl_local is not None:  # MKL's products (torch's float matmul) size their OpenMP team themselves
+        mkl_local(1)
+
+
+@functools.cache
+def _mkl_set_num_threads_local():
+    """MKL's per-thread thread count setter, as the torch wheel links it (into libtorch_cpu); else None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            libraries = sorted({line.split()[-1] for line in maps if "libtorch_cpu" in line.rsplit("/", 1)[-1]})
+        if not libraries:
+            return None
+        setter = ctypes.CDLL(libraries[0]).MKL_Set_Num_Threads_Local  # the C entry (lowercase: Fortran's, by pointer)
+    except (OSError, AttributeError):
+        return None
+    setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+    return setter
 
 
 @contextlib.contextmanager
