@@ -393,12 +393,13 @@ class Collection:
                 f"with this model."
             )
 
-    def search_stage1(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_stage1(self, queries: np.ndarray, k: int, recall_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """queries (B, D) float32 pooled audio vectors -> (scores (B, k) float32, image ids (B, k) int64).
 
         Scores are inner products with the images' pooled vectors, i.e. SISA of the stored maps (exact
         for a flat index). Every row holds min(k, size) real results, whatever the index type (the
-        search parameters follow k: ``stage1_index.search``); the rest (k > size) are id -1, score -inf.
+        search parameters follow k, or ``recall_k`` when the k are re-ranked down to that many:
+        ``stage1_index.search``); the rest (k > size) are id -1, score -inf.
         """
         queries = np.asarray(queries)
         if queries.ndim != 2 or queries.shape[1] != self.embed_dim:
@@ -406,7 +407,7 @@ class Collection:
                 f"queries must be (B, {self.embed_dim}) pooled audio vectors for collection {self.name!r}, "
                 f"got shape {queries.shape}"
             )
-        return stage1_index.search(self._index, queries, k, self._row.index_params)
+        return stage1_index.search(self._index, queries, k, self._row.index_params, recall_k)
 
     def feature_maps(self, image_ids: Sequence[int]) -> np.ndarray:
         """image ids (K,) -> their feature maps (K, R, D) float16, R = rows * cols, in one batched store read.

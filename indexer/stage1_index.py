@@ -238,7 +238,8 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
 
 
 def search(
-    index: faiss.Index, queries: np.ndarray, k: int, params: dict[str, Any] | None = None
+    index: faiss.Index, queries: np.ndarray, k: int, params: dict[str, Any] | None = None,
+    recall_k: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """queries (B, D) float32 -> (scores (B, k) float32, ids (B, k) int64); missing results: id -1, score -inf.
 
@@ -246,6 +247,10 @@ def search(
     the index's recorded parameters, as build_index returned them; without them, the index's own
     nprobe / efSearch serve as the setting tuned for TUNE_K). Every row holds min(k, ntotal)
     real results: rows an approximate search left short are searched again more widely, up to exactly.
+
+    ``recall_k`` (at most k): probe as the tuned recall of the top ``recall_k`` needs, still returning k
+    (IVF: enough lists to hold COVERAGE x k vectors). For a widened stage 1, whose k results are re-ranked
+    down to ``recall_k``: scanning for recall@k itself is exhaustive sooner, a million vectors per query.
     """
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
@@ -255,7 +260,7 @@ def search(
     kind = index_type_of(index)
     wanted = min(k, index.ntotal)
     if kind == "ivf":
-        scores, ids = _search_ivf(index, queries, k, wanted, params or {})
+        scores, ids = _search_ivf(index, queries, k, wanted, params or {}, recall_k)
     elif kind == "hnsw":
         scores, ids = _search_hnsw(index, queries, k, wanted, params or {})
     else:
@@ -265,12 +270,14 @@ def search(
     return scores, ids.astype(np.int64, copy=False)
 
 
-def search_setting(index_type: str, params: dict[str, Any], k: int, n_vectors: int, n_lists: int = 0) -> int:
+def search_setting(index_type: str, params: dict[str, Any], k: int, n_vectors: int, n_lists: int = 0,
+                   recall_k: int | None = None) -> int:
     """The nprobe (IVF, ``n_lists`` lists) or efSearch (HNSW) a search for ``k`` results uses first, over
-    ``n_vectors`` vectors; ``n_lists`` (IVF) or ``n_vectors`` (HNSW) itself means "scan everything"."""
+    ``n_vectors`` vectors, tuned for the recall of the top ``recall_k`` (default k; see ``search``);
+    ``n_lists`` (IVF) or ``n_vectors`` (HNSW) itself means "scan everything"."""
     if index_type == "ivf":
         table = params.get("nprobe_by_k") or [[int(params.get("k", TUNE_K)), int(params.get("nprobe", 1))]]
-        value = _from_table(table, k)
+        value = _from_table(table, min(k, recall_k or k))
         lists = max(n_lists, 1)
         covering = math.ceil(COVERAGE * k * lists / max(n_vectors, 1))  # lists holding COVERAGE x k vectors
         value = max(value, covering, 1)
@@ -294,11 +301,11 @@ def _from_table(table: list[list[int]], k: int) -> int:
 
 
 def _search_ivf(
-    index: faiss.Index, queries: np.ndarray, k: int, wanted: int, params: dict[str, Any]
+    index: faiss.Index, queries: np.ndarray, k: int, wanted: int, params: dict[str, Any], recall_k: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     ivf = faiss.extract_index_ivf(index)
     params = params if "nprobe" in params else {**params, "nprobe": ivf.nprobe}  # else: the index's own
-    nprobe = search_setting("ivf", params, k, index.ntotal, ivf.nlist)
+    nprobe = search_setting("ivf", params, k, index.ntotal, ivf.nlist, recall_k)
     scores, ids = index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
     short = np.flatnonzero((ids >= 0).sum(axis=1) < wanted)
     while len(short) and nprobe < ivf.nlist:  # lists too small for k here: widen, up to all (exact)

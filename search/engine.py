@@ -690,7 +690,9 @@ class SearchEngine:
             coll = self.collection(name)
             stage1_started = time.perf_counter()
             wide = self._stage1_width(coll, candidates)
-            stage1_scores, stage1_ids = coll.search_stage1(np.ascontiguousarray(pooled[members]), wide)
+            # FAISS probes as recall of the K kept needs: the centroid interaction re-ranks the wide ones
+            stage1_scores, stage1_ids = coll.search_stage1(np.ascontiguousarray(pooled[members]), wide,
+                                                           recall_k=candidates)
             if wide > candidates:
                 longest = int(lengths[members].max())
                 stage1_scores, stage1_ids = prune_by_centroids(coll, audio[members, :longest], lengths[members],

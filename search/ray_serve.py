@@ -118,10 +118,10 @@ class CollectionShard:
                     "resident_bytes": self.engine.resident_bytes().get(name, 0)}
         return self._answer(run)
 
-    def stage1(self, name: str, pooled: np.ndarray, k: int) -> dict:
+    def stage1(self, name: str, pooled: np.ndarray, k: int, recall_k: int | None = None) -> dict:
         def run() -> dict:
             coll = self.engine.collection(name)
-            scores, ids = coll.search_stage1(pooled, k)
+            scores, ids = coll.search_stage1(pooled, k, recall_k)
             return {"scores": scores, "ids": ids, "size": coll.size}
         return self._answer(run)
 
@@ -251,7 +251,7 @@ class ShardedEngine(SearchEngine):
                    top_ks: list[int]) -> list[GroupAnswer]:
         started = time.perf_counter()
         wide = self.limits.stage1_widen * k
-        replies = self._ask("stage1", [(name, pooled, wide)] * self.shards)
+        replies = self._ask("stage1", [(name, pooled, wide, k)] * self.shards)  # probes tuned for the K kept
         size = sum(r["size"] for r in replies)
         scores = np.concatenate([r["scores"] for r in replies], axis=1)
         ids = np.concatenate([r["ids"] for r in replies], axis=1)

@@ -189,6 +189,10 @@ def test_ivf_setting_grows_with_k_and_turns_exact():
     old = {"nlist": 1000, "nprobe": 8, "k": 100}
     assert stage1_index.search_setting("ivf", old, 400, 1_000_000, 1000) == 32
     assert stage1_index.search_setting("ivf", {**old, "nprobe": 1}, 100, 100_000, 1000) == 4  # covering
+    # A widened search (2,000 re-ranked down to 400) probes as recall@400 needs, with lists holding 4 x 2,000
+    assert stage1_index.search_setting("ivf", params, 2000, 100_000, 100, recall_k=400) == 8
+    assert stage1_index.search_setting("ivf", params, 2000, 100_000, 100) == 32  # as recall@2,000 needs
+    assert stage1_index.search_setting("ivf", params, 8000, 100_000, 100, recall_k=400) == 32  # covering 4 x 8,000
     assert stage1_index.search_setting("hnsw", {"efSearch": 64}, 1000, 100_000) == 1000
     assert stage1_index.search_setting("hnsw", {"efSearch": 64}, 6000, 10_000) == 10_000  # exact
 
