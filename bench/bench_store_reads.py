@@ -1,16 +1,18 @@
 """Random maps gathered from a collection's feature store: this tree's reader against another tree's.
 
 Stage 2 re-scores its best 32 candidates exactly from the store; at a million images the store (32 GB) is
-larger than the page cache, so those are random reads from disk. Each row draws fresh random slots for
+larger than the page cache, so those are random reads from disk (--drop-caches starts from an empty cache). Each row draws fresh random slots for
 both readers, alternating which reads first (no reader finds the other's pages cached).
 
-    python bench/bench_store_reads.py --library /work/exp/m1/library --collection bench --previous-tree /work/prev
+    python bench/bench_store_reads.py --library /work/exp/m1/library --collection bench --previous-tree /work/prev \
+        --drop-caches
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -37,7 +39,13 @@ def main() -> None:
     parser.add_argument("--previous-tree", type=Path, required=True, help="a checkout whose FeatureStore to compare")
     parser.add_argument("--counts", type=int, nargs="+", default=[32, 1000], help="maps per gather")
     parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="empty the page cache first (root: /proc/sys/vm/drop_caches), so reads come from disk "
+                             "as a store larger than the page cache does")
     args = parser.parse_args()
+    if args.drop_caches:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
     previous_module = previous_store_module(args.previous_tree.resolve())
     with Library.open(args.library) as library:
         store = library.collection(args.collection).store
