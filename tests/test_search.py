@@ -123,7 +123,8 @@ def offline_audio_maps(model, wav_paths) -> tuple[torch.Tensor, torch.Tensor]:
 # The held maps keep every dimension where a test compares stage 2 with reading the store: the test
 # model's weights are random, so its audio frames need not lie where its image regions do, and the
 # region vectors' principal directions (search.resident.region_basis) need not keep its MISA ranking.
-# The held basis is tested with the shipped model (test_stage1_widen.py).
+# The held basis is tested with the shipped model (test_stage1_widen.py). As a held_energy_floor: never fewer
+# dims than held_energy keeps, so a budget too small for them holds the codes.
 EVERY_DIM = 1.0
 
 # ---- search -------------------------------------------------------------------------------------
@@ -176,7 +177,8 @@ def test_resident_maps_and_codes_rank_like_reading_the_store_and_return_exact_sc
                                                    held_energy=EVERY_DIM))
     codes = SearchEngine.open(checkpoint, data_dir, device="cpu",
                               limits=SearchLimits(exact_rescore_at_least=10, exact_rescore_factor=2,
-                                                  resident_maps_mb=0.5, held_energy=EVERY_DIM))
+                                                  resident_maps_mb=0.5, held_energy=EVERY_DIM,
+                                                  held_energy_floor=EVERY_DIM))
     from_store = SearchEngine.open(checkpoint, data_dir, device="cpu", limits=SearchLimits(resident_maps_mb=0))
     try:
         assert coarse.warm_up() == codes.warm_up() == [COLLECTION]
@@ -285,7 +287,7 @@ def test_maps_held_in_the_background_answer_as_the_store_and_take_in_images_adde
     with Library.open(tmp_path / "lib", create=True) as writer:
         writer.index("live", [str(p) for p in paths[:20]], model, progress=False)
         limits = SearchLimits(exact_rescore_at_least=rescore, exact_rescore_factor=1, resident_maps_mb=resident_maps_mb,
-                              held_energy=EVERY_DIM)
+                              held_energy=EVERY_DIM, held_energy_floor=EVERY_DIM)
         engine = SearchEngine.open(checkpoint, tmp_path / "lib", device="cpu", limits=limits)
         reference = SearchEngine.open(checkpoint, tmp_path / "lib", device="cpu", limits=SearchLimits(resident_maps_mb=0))
         reference.warm_up()
@@ -384,7 +386,8 @@ def test_a_growing_collection_is_appended_to_and_other_changes_reopen_in_the_bac
         writer.index("live", [str(p) for p in paths[:20]], model, progress=False)
         engine = SearchEngine.open(checkpoint, tmp_path / "lib", device="cpu",
                                    limits=SearchLimits(exact_rescore_at_least=rescore, exact_rescore_factor=1,
-                                                       resident_maps_mb=resident_maps_mb, held_energy=EVERY_DIM))
+                                                       resident_maps_mb=resident_maps_mb, held_energy=EVERY_DIM,
+                                                       held_energy_floor=EVERY_DIM))
         reference = SearchEngine.open(checkpoint, tmp_path / "lib", device="cpu", limits=SearchLimits(resident_maps_mb=0))
         try:
             assert engine.search(data[0], "live", top_k=3).collection_size == 20

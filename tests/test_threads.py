@@ -20,6 +20,7 @@ def test_one_core_holds_only_the_calling_thread_and_only_inside():
     gomp = _libgomp()
     assert gomp is not None, "the torch wheel's libgomp"
     torch.set_num_threads(2)
+    gomp.omp_set_num_threads(2)  # this thread's own team (`matchmap serve` run in this process sets it to 1)
     seen: dict[str, int] = {}
     inside, leave = threading.Event(), threading.Event()
 
