@@ -244,7 +244,11 @@ def serve(
             }))
             sys.stdout.flush()
         if ray_address is None:
-            threading.Thread(target=report_held, name="matchmap-report-held", daemon=True).start()
+            reporter.append(threading.Thread(target=report_held, name="matchmap-report-held", daemon=True))
+            reporter[0].start()
+
+    reporter: list[threading.Thread] = []  # joined before exit: a daemon thread still writing to stdout at
+    # interpreter shutdown aborts the process (exit -6), as a SIGTERM right after the ready line could
 
     def report_held() -> None:  # one line once the background holder is done (at once with --hold-first)
         engine.wait_held()
@@ -268,7 +272,9 @@ def serve(
     finally:
         if trimmer is not None:
             trimmer.stop()
-        engine.close()
+        engine.close()  # waits for the holder, so the reporter's wait ends
+        for thread in reporter:
+            thread.join(30)
         if ray_address is not None:
             from search.ray_serve import remove_shards
 
