@@ -108,10 +108,10 @@ class ResidentMaps:
              basis: Tensor | None = None, scale: Tensor | None = None) -> ResidentMaps:
         """Read every map of ``coll`` (an indexer Collection) into one tensor, a batch at a time, each
         turned into ``basis`` (D, d) when one is given, and for an int8 ``dtype`` into steps of ``scale``
-        (by default ``int8_scale`` of ``basis_sample(coll)``)."""
+        (``int8_scale``), which it needs."""
+        if (dtype == torch.int8) != (scale is not None):
+            raise ValueError(f"int8 maps need a scale (int8_scale), and only they take one; got {dtype}")
         basis = None if basis is None else basis.to(device=device, dtype=torch.float32)
-        if dtype == torch.int8 and scale is None:
-            scale = int8_scale(basis_sample(coll), None if basis is None else basis.cpu())
         scale = None if scale is None else scale.to(device=device, dtype=torch.float32)
         rows = coll.grid[0] * coll.grid[1]
         dim = coll.embed_dim if basis is None else basis.shape[1]

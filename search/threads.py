@@ -51,16 +51,24 @@ def quiet_idle_teams() -> bool:
     return True
 
 
+def _mapped_libraries(name: str) -> list[str] | None:
+    """Paths of the shared libraries this process has mapped whose file name contains ``name``, sorted;
+    None where /proc/self/maps cannot be read (not Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return sorted({line.split()[-1] for line in maps if name in line.rsplit("/", 1)[-1]})
+    except OSError:
+        return None
+
+
 @functools.cache
 def _libgomp() -> ctypes.CDLL | None:
     """The OpenMP runtime torch was loaded with, when it is libgomp; else None. The copy this process has
     mapped (a second copy would be a second runtime, whose settings torch never reads)."""
     import torch
 
-    try:
-        with open("/proc/self/maps") as maps:
-            loaded = sorted({line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]})
-    except OSError:  # not Linux: the wheel's own copy, if any
+    loaded = _mapped_libraries("libgomp")
+    if loaded is None:  # not Linux: the wheel's own copy, if any
         loaded = [str(p) for p in sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))]
     if not loaded:
         return None
@@ -88,11 +96,10 @@ def single_core_thread() -> None:
 @functools.cache
 def _mkl_set_num_threads_local():
     """MKL's per-thread thread count setter, as the torch wheel links it (into libtorch_cpu); else None."""
+    libraries = _mapped_libraries("libtorch_cpu")
+    if not libraries:
+        return None
     try:
-        with open("/proc/self/maps") as maps:
-            libraries = sorted({line.split()[-1] for line in maps if "libtorch_cpu" in line.rsplit("/", 1)[-1]})
-        if not libraries:
-            return None
         setter = ctypes.CDLL(libraries[0]).MKL_Set_Num_Threads_Local  # the C entry (lowercase: Fortran's, by pointer)
     except (OSError, AttributeError):
         return None
