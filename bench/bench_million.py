@@ -46,6 +46,9 @@ def main() -> None:
                         help="also serve at these K with --resident-maps-mb 0 (nothing held in memory: stage 2 "
                              "reads every candidate's map from the store, the engine before region codes)")
     parser.add_argument("--no-vad-at", type=int, nargs="*", default=[], help="also serve at these K with --no-vad")
+    parser.add_argument("--model-threads", type=int, nargs="*", default=[],
+                        help="also serve at the first K of --ks with each of these --model-threads (the model "
+                             "thread's cores)")
     parser.add_argument("--previous-tree", type=Path, default=None,
                         help="first, as the reference of the ratios: this checkout's code (e.g. a git worktree of "
                              "the engine an issue measured) serving --previous-collection with --previous-checkpoint")
@@ -89,6 +92,9 @@ def main() -> None:
                 "candidates": k, "serve_args": ("--resident-maps-mb", "0")} for k in args.store_reads_at]
     setups += [{"label": f"K={k}, no VAD", "checkpoint": args.checkpoint, "collection": args.collection,
                 "candidates": k, "serve_args": ("--no-vad",)} for k in args.no_vad_at]
+    setups += [{"label": f"K={args.ks[0]}, model thread on {n} cores", "checkpoint": args.checkpoint,
+                "collection": args.collection, "candidates": args.ks[0], "serve_args": ("--model-threads", str(n))}
+               for n in args.model_threads]
     side = serve_side_by_side(work, "cpu", load_queries, setups)
     figures["serve"] = side
     first = side[0]["runs"]

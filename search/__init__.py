@@ -6,6 +6,10 @@ Light to import: the client (``search.client``) needs only grpc; the engine and 
 
 DEFAULT_PORT = 50051
 DEFAULT_HTTP_PORT = 8080  # the search page and JSON API (search.web)
+# Cores the server's model thread uses for one batch of queries (`serve --model-threads`; search.threads).
+# On 2 cores, one: a team of two waits at every step for the core the decode threads, gRPC or the client
+# hold (docs/search.md, "One core per query").
+DEFAULT_MODEL_THREADS = 1
 
 # Stage-1 candidates a query's stage 2 re-ranks when it does not say: max(DEFAULT_CANDIDATES,
 # DEFAULT_CANDIDATES_SHARE x the collection's images), at most MAX_CANDIDATES (`serve --candidates`,

@@ -21,6 +21,7 @@ from search import (
     DEFAULT_CANDIDATES,
     DEFAULT_CANDIDATES_SHARE,
     DEFAULT_HTTP_PORT,
+    DEFAULT_MODEL_THREADS,
     DEFAULT_PORT,
     HELD_ENERGY,
     MAX_CANDIDATES,
@@ -81,6 +82,10 @@ EXIT_CANNOT_LISTEN = 3  # serve
                    "pooled score plus centroid interaction (each region as its nearest centroid) is best: "
                    "MISA's top 10 is then held at a smaller K (docs/search.md). 1: the pooled vectors' top K.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, help="Most queries encoded in one forward pass.")
+@click.option("--model-threads", type=click.IntRange(min=1), default=DEFAULT_MODEL_THREADS, show_default=True,
+              help="Cores the model thread uses for a batch of queries (encoding, stage 1, stage 2). On a "
+                   "2-core machine one core answered faster and more queries per second than two, whose every "
+                   "step waited for the core that decoding, gRPC or the client held (docs/search.md).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64,
               help="Calls holding work at once (decoding, queued, scoring); more get RESOURCE_EXHAUSTED at once.")
 @click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=256,
@@ -144,6 +149,7 @@ def serve(
     candidates_share: float,
     stage1_widen: int,
     max_batch: int,
+    model_threads: int,
     max_queue: int,
     max_concurrent_rpcs: int,
     drain_seconds: float,
@@ -182,7 +188,7 @@ def serve(
     try:
         options = ServerOptions(
             host=host, port=port, token=token, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
-            max_message_mb=max_message_mb, max_batch=max_batch, max_queue=max_queue,
+            max_message_mb=max_message_mb, max_batch=max_batch, model_threads=model_threads, max_queue=max_queue,
             max_concurrent_rpcs=max_concurrent_rpcs, drain_seconds=drain_seconds, shutdown_grace_s=grace_seconds,
             http_port=None if no_http else http_port,
         )
@@ -203,7 +209,7 @@ def serve(
             if ray_address is None:
                 opened = SearchEngine.open(checkpoint, data_dir, db_url, device=device, limits=limits, vad=vad)
                 warming = time.perf_counter()
-                opened.warm_up(background=not hold_first)
+                opened.warm_up(background=not hold_first, model_team=model_threads, decode_team=1)
             else:
                 opened = _sharded_engine(ray_address, shards, shard_cpus, checkpoint, data_dir, db_url, device,
                                          limits, vad)
@@ -211,8 +217,8 @@ def serve(
                 opened.warm_up()  # each shard replica holds its maps before it answers
             return opened, warming
 
-        # Loading and warming run on both cores in a thread that then ends (its OpenMP helper goes with it);
-        # the main thread stays on one, so the model thread's team is the only team of two (search.threads).
+        # Loading runs on both cores in a thread that then ends (its OpenMP helper goes with it); the main
+        # thread stays on one, so no team but the model thread's (--model-threads) may be larger (search.threads).
         single_core_thread()
         with ThreadPoolExecutor(1, thread_name_prefix="matchmap-start") as starter:
             engine, started = starter.submit(start_engine).result()

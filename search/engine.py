@@ -46,6 +46,7 @@ from search.centroid_prune import prune_by_centroids
 from search.errors import ImageNotFound, InvalidQuery
 from search.localization import LiveHighlighter, Localization, encode_whole_image, localize
 from search.resident import ResidentCodes, ResidentMaps, held_for, misa_caption_by_caption
+from search.threads import team, team_size
 from search.vad import VAD_RATES, keep_speech, padded_sample_counts, speech_probabilities
 
 log = logging.getLogger("matchmap.engine")
@@ -411,10 +412,12 @@ class SearchEngine:
         self._reopeners = [t for t in self._reopeners if t.is_alive()] + [thread]
         thread.start()
 
-    def warm_up(self, background: bool = False, query_shapes: bool = True) -> list[str]:
+    def warm_up(self, background: bool = False, query_shapes: bool = True, model_team: int | None = None,
+                decode_team: int | None = None) -> list[str]:
         """Open every collection this model can search (catalog rows, stage 1) and load what of its maps
         to hold in memory, so first queries are not slow; returns their names. ``query_shapes``: also
-        warm_query_shapes (an engine that never encodes a query, a shard replica, has no use for it).
+        warm_query_shapes (an engine that never encodes a query, a shard replica, has no use for it), at
+        the team sizes ``model_team`` and ``decode_team`` (see there).
 
         ``background``: return once the collections are open, and hold their maps (or codes) in a thread:
         until a collection's are held, its queries read candidates' maps from the store (same results,
@@ -423,12 +426,13 @@ class SearchEngine:
         names = [info.name for info, searchable in self.list_collections() if searchable]
         if not background:
             if query_shapes:
-                self.warm_query_shapes()
+                self.warm_query_shapes(model_team, decode_team)
             for name in names:
                 self.collection(name).held_region_centroid_ids()
             return names
         if query_shapes:
-            shapes = threading.Thread(target=self.warm_query_shapes, name="matchmap-shapes", daemon=True)
+            shapes = threading.Thread(target=self.warm_query_shapes, args=(model_team, decode_team),
+                                      name="matchmap-shapes", daemon=True)
             self._reopeners.append(shapes)  # close() waits for it as for a reopen
             shapes.start()
         opened = []
@@ -444,7 +448,7 @@ class SearchEngine:
         return names
 
     @torch.inference_mode()
-    def warm_query_shapes(self) -> tuple[int, int]:
+    def warm_query_shapes(self, model_team: int | None = None, decode_team: int | None = None) -> tuple[int, int]:
         """Run the audio branch on every padded length a query can have (multiples of QUERY_FRAME_MULTIPLE
         up to the model's max_frames) and the VAD on every padded length of audio the server takes (up
         to ``limits.max_audio_seconds``), once each on noise, so that no query pays for oneDNN's new
@@ -452,25 +456,42 @@ class SearchEngine:
         image branch once on a sent image (every one is resized to the same square, and encoded with its
         mirror), so the first Localize or Highlight with image bytes does not pay either. Queries that
         arrive together are encoded as one batch, whose shapes are not warmed. Returns how many audio
-        and VAD shapes were met; stops early when the engine closes."""
+        and VAD shapes were met; stops early when the engine closes.
+
+        oneDNN keeps a primitive per shape *and team size*: a shape met on two cores is new again on one.
+        So the branches run on ``model_team`` cores (the server's model thread's team) and the VAD on
+        ``decode_team`` (its decode threads'); None: the calling thread's own team."""
+        with team(model_team or team_size()):
+            audio_shapes = self._warm_audio_shapes()
+        vad_shapes = 0
+        if self.vad and self.sample_rate in VAD_RATES:
+            with team(decode_team or team_size()):
+                vad_shapes = self._warm_vad_shapes()
+        if not self._closing.is_set():
+            with team(model_team or team_size()):
+                encode_whole_image(self.model, Image.new("RGB", (64, 64), "gray"))
+        return audio_shapes, vad_shapes
+
+    def _warm_audio_shapes(self) -> int:
         audio = self.model.config.audio
         generator = torch.Generator().manual_seed(0)
         audio_shapes = 0
         for frames in range(QUERY_FRAME_MULTIPLE, audio.max_frames + QUERY_FRAME_MULTIPLE, QUERY_FRAME_MULTIPLE):
             if self._closing.is_set():
-                return audio_shapes, 0
+                return audio_shapes
             self.encode([torch.randn(audio.n_mels, min(frames, audio.max_frames), generator=generator)])
             audio_shapes += 1
+        return audio_shapes
+
+    def _warm_vad_shapes(self) -> int:
+        generator = torch.Generator().manual_seed(1)
         vad_shapes = 0
-        if self.vad and self.sample_rate in VAD_RATES:
-            for samples in padded_sample_counts(self.limits.max_audio_seconds, self.sample_rate):
-                if self._closing.is_set():
-                    break
-                speech_probabilities(1e-3 * torch.randn(samples, generator=generator), self.sample_rate)
-                vad_shapes += 1
-        if not self._closing.is_set():
-            encode_whole_image(self.model, Image.new("RGB", (64, 64), "gray"))
-        return audio_shapes, vad_shapes
+        for samples in padded_sample_counts(self.limits.max_audio_seconds, self.sample_rate):
+            if self._closing.is_set():
+                break
+            speech_probabilities(1e-3 * torch.randn(samples, generator=generator), self.sample_rate)
+            vad_shapes += 1
+        return vad_shapes
 
     def _hold(self, snapshots: list[Collection]) -> None:
         """The background holder: what of each snapshot to hold, handed to collection() to adopt."""

@@ -35,7 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from encoders import AUDIO_FORMATS_TEXT, AudioDecodeError, ImageDecodeError
 from indexer import CollectionNotFound, ModelMismatchError
 from protos.matchmap.v1 import search_pb2, search_pb2_grpc
-from search import DEFAULT_PORT
+from search import DEFAULT_MODEL_THREADS, DEFAULT_PORT
 from search.auth import BearerTokenInterceptor
 from search.batcher import MicroBatcher
 from search.engine import ImageMap, SearchEngine, SearchQuery, SearchResult
@@ -50,7 +50,7 @@ from search.errors import (
     ShuttingDown,
 )
 from search.localization import Localization
-from search.threads import single_core_thread
+from search.threads import single_core_thread, thread_team
 
 log = logging.getLogger("matchmap.server")
 
@@ -75,7 +75,8 @@ class ServerOptions:
     # It bounds the decode pool's and the model thread's queues too: all their work comes from them.
     max_queue: int = 64
     max_concurrent_rpcs: int = 256  # gRPC's own cap on calls open at once (streams included)
-    decode_threads: int = 2
+    decode_threads: int = 2  # each on one core (search.threads)
+    model_threads: int = DEFAULT_MODEL_THREADS  # cores of the model thread's torch and FAISS work (search.threads)
     drain_seconds: float = 0.0  # after SIGTERM: NOT_SERVING while still answering, so balancers move away
     shutdown_grace_s: float = 30.0  # then how long in-flight calls may run on while new ones are refused
     http_port: int | None = None  # the web page and JSON API (search.web) beside gRPC; None = off, 0 = any free port
@@ -87,6 +88,8 @@ class ServerOptions:
             raise ValueError("--tls-client-ca (mTLS) needs TLS: give --tls-cert and --tls-key too")
         if self.max_queue < 1 or self.max_concurrent_rpcs < 1 or self.max_batch < 1:
             raise ValueError("max_queue, max_concurrent_rpcs and max_batch must be >= 1")
+        if self.decode_threads < 1 or self.model_threads < 1:
+            raise ValueError("decode_threads and model_threads must be >= 1")
         if self.drain_seconds < 0 or self.shutdown_grace_s < 0:
             raise ValueError("drain_seconds and shutdown_grace_s must be >= 0")
         if not 0 <= self.port <= 65535:
@@ -211,8 +214,8 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
         self.max_queue = options.max_queue
         self.busy = 0  # calls holding work now (see admitted); only touched on the event loop
         self._closing = False
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="matchmap-model")
-        # On one core each: the model thread's team is the process's only team of two (search.threads).
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="matchmap-model",
+                                                initializer=functools.partial(thread_team, options.model_threads))
         self._decode_threads = ThreadPoolExecutor(options.decode_threads, thread_name_prefix="matchmap-decode",
                                                   initializer=single_core_thread)
         self.batcher: MicroBatcher[SearchQuery, SearchResult] = MicroBatcher(

@@ -12,10 +12,17 @@ hundred spins and every parallel step waits for it to be woken. Each thread that
 with a team of two adds one managed thread. So once the main thread, a decode thread and the model
 thread had each run torch work, the model thread's audio branch took 6.2-6.7 ms where the process's
 only torch thread took 3.7; with every other thread on a team of one it took 3.6 ms again (a small
-script, 40 captions, interleaved runs). ``matchmap serve`` therefore keeps one team of two, the
-model thread's: the decode threads and the main thread run on one core each
-(``single_core_thread``), and start-up work (loading, warming shapes, holding maps) runs in threads
-that end, which returns their helpers.
+script, 40 captions, interleaved runs). ``matchmap serve`` therefore runs the decode threads and the
+main thread on one core each (``single_core_thread``), and start-up work (loading, holding maps) in
+threads that end, which returns their helpers.
+
+**And on 2 cores, no team of two at all.** A team's every parallel step ends at a barrier, so it runs
+at the pace of its slower core. Served, something else always wants one of the two cores (the decode
+threads, gRPC's threads, the client on the same machine), and a team of two lost at every stage: on
+100,000 images the model thread on one core (``serve --model-threads 1``, ``thread_team``) took a
+query from 35.0 to 28.3 ms at p50 and from 32-38 to 43-46 queries/s at concurrency 8 (docs/search.md,
+"One core per query"). FAISS carries its own OpenMP runtime (the faiss wheel's libgomp), whose
+per-thread team ``thread_team`` sets too.
 
 **Holding one step of torch work to one core, in the calling thread only.**
 
@@ -81,16 +88,27 @@ def _libgomp() -> ctypes.CDLL | None:
 def single_core_thread() -> None:
     """From now on, torch work in the calling thread runs on one core (an OpenMP team of one), so the
     thread adds no managed thread (see the module's notes). Also a ThreadPoolExecutor initializer."""
-    gomp = _libgomp()
-    if gomp is None:
-        return
-    import torch
+    thread_team(1)
 
-    torch.get_num_threads()  # torch's first call in a thread sets its team size: let it happen first
-    gomp.omp_set_num_threads(1)
-    mkl_local = _mkl_set_num_threads_local()
-    if mkl_local is not None:  # MKL's products (torch's float matmul) size their OpenMP team themselves
-        mkl_local(1)
+
+def thread_team(size: int) -> None:
+    """From now on, torch's and FAISS's parallel work in the calling thread runs on ``size`` cores (an
+    OpenMP team of ``size``: libgomp's per-thread setting, MKL's per-thread count, and the same in the
+    OpenMP runtime the faiss wheel carries, when faiss is loaded). Other threads keep theirs."""
+    if size < 1:
+        raise ValueError(f"a thread's team needs at least 1 thread, got {size}")
+    gomp = _libgomp()
+    if gomp is not None:
+        import torch
+
+        torch.get_num_threads()  # torch's first call in a thread sets its team size: let it happen first
+        gomp.omp_set_num_threads(size)
+        mkl_local = _mkl_set_num_threads_local()
+        if mkl_local is not None:  # MKL's products (torch's float matmul) size their OpenMP team themselves
+            mkl_local(size)
+    faiss = sys.modules.get("faiss")
+    if faiss is not None:  # its own libgomp: a second runtime with its own per-thread setting
+        faiss.omp_set_num_threads(size)
 
 
 @functools.cache
@@ -105,6 +123,38 @@ def _mkl_set_num_threads_local():
         return None
     setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
     return setter
+
+
+def team_size() -> int:
+    """The calling thread's OpenMP team size for torch work (libgomp's per-thread setting); torch's
+    own count where torch does not run on libgomp."""
+    gomp = _libgomp()
+    if gomp is None:
+        import torch
+
+        return torch.get_num_threads()
+    return int(gomp.omp_get_max_threads())
+
+
+@contextlib.contextmanager
+def team(size: int) -> Iterator[None]:
+    """torch and FAISS work inside runs on ``size`` cores, in this thread only (thread_team), and the
+    thread's team sizes are put back after."""
+    gomp = _libgomp()
+    before = gomp.omp_get_max_threads() if gomp is not None else None
+    faiss = sys.modules.get("faiss")
+    faiss_before = faiss.omp_get_max_threads() if faiss is not None else None
+    thread_team(size)
+    try:
+        yield
+    finally:
+        if before is not None:
+            gomp.omp_set_num_threads(before)
+            mkl_local = _mkl_set_num_threads_local()
+            if mkl_local is not None:
+                mkl_local(before)
+        if faiss_before is not None:
+            faiss.omp_set_num_threads(faiss_before)
 
 
 @contextlib.contextmanager

@@ -527,6 +527,75 @@ def test_warm_up_meets_every_shape_a_query_can_bring(engine, monkeypatch):
     assert len(warmed_vad) == len(set(warmed_vad))
 
 
+def test_warm_up_meets_each_shape_at_the_team_size_that_will_serve_it(engine, monkeypatch):
+    """oneDNN keeps a primitive per shape and team size, so a shape warmed on two cores is new again to a
+    model thread on one: warm_query_shapes runs the branches on ``model_team`` cores and the VAD on
+    ``decode_team``, whatever the calling thread's own team, and leaves the caller's team as it was."""
+    import faiss
+
+    from search.threads import _libgomp
+
+    gomp = _libgomp()
+    model = engine.model
+    teams: dict[str, set[tuple[int, int]]] = {"audio": set(), "image": set(), "vad": set()}
+
+    def team_now() -> tuple[int, int]:
+        return int(gomp.omp_get_max_threads()), int(faiss.omp_get_max_threads())
+
+    hooks = [model.audio_net.register_forward_pre_hook(lambda *_: teams["audio"].add(team_now())),
+             model.image_net.register_forward_pre_hook(lambda *_: teams["image"].add(team_now()))]
+    vad_pass = search.engine.speech_probabilities
+    monkeypatch.setattr(search.engine, "speech_probabilities",
+                        lambda *args: teams["vad"].add(team_now()) or vad_pass(*args))
+    seen: dict[str, object] = {}
+
+    def warm(model_team: int, decode_team: int) -> None:
+        gomp.omp_set_num_threads(2)
+        faiss.omp_set_num_threads(2)
+        engine.warm_query_shapes(model_team, decode_team)
+        seen["after"] = team_now()
+
+    try:
+        for model_team, decode_team in [(1, 1), (2, 1)]:
+            for kind in teams.values():
+                kind.clear()
+            worker = threading.Thread(target=warm, args=(model_team, decode_team))
+            worker.start()
+            worker.join()
+            assert teams == {"audio": {(model_team, model_team)}, "image": {(model_team, model_team)},
+                             "vad": {(decode_team, decode_team)}}
+            assert seen["after"] == (2, 2)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_a_served_query_runs_on_the_cores_the_server_gives_its_model_thread(engine, caption_wav):
+    """ServerOptions.model_threads (`serve --model-threads`) is the OpenMP team of the model thread's
+    torch and FAISS work (search.threads): one core by default, where a team of two waited at every step
+    for the core that decoding, gRPC or the client held."""
+    import faiss
+
+    from search.threads import _libgomp
+
+    gomp = _libgomp()
+    seen: list[tuple[int, int]] = []
+    hook = engine.model.audio_net.register_forward_pre_hook(
+        lambda *_: seen.append((int(gomp.omp_get_max_threads()), int(faiss.omp_get_max_threads()))))
+    try:
+        for threads in (None, 2, 1):
+            options = ServerOptions(host="127.0.0.1", port=0) if threads is None else \
+                ServerOptions(host="127.0.0.1", port=0, model_threads=threads)
+            seen.clear()
+            with ServerThread(engine, options) as running, SearchClient(running.target) as served:
+                assert len(served.search(caption_wav, COLLECTION, top_k=3)) == 3
+            assert seen == [(threads or 1, threads or 1)], (threads, seen)
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="model_threads"):
+        ServerOptions(model_threads=0)
+
+
 def test_list_collections_and_health(client, engine):
     listing = client.list_collections()
     assert listing.model_version == engine.model_version and listing.model_name == "tiny"
