@@ -55,6 +55,12 @@ class MicroBatcher(Generic[Item, Result]):
         self._closing = False
         self.batches = 0  # processed so far, for logs and tests
         self.items = 0
+        self._running = 0  # batches in the executor now
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch being processed: an item submitted now starts at once."""
+        return self._running == 0 and self._queue.empty()
 
     def start(self) -> None:
         """Start the worker task on the running event loop."""
@@ -91,10 +97,13 @@ class MicroBatcher(Generic[Item, Result]):
     async def _process_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[Item]]) -> None:
         started = time.perf_counter()
         waits = [started - p.queued_at for p in batch]
+        self._running += 1
         try:
             results = await loop.run_in_executor(self._executor, self._process, [p.item for p in batch], waits)
         except Exception as error:  # a bug in process: fail this batch, keep serving
             results = [error] * len(batch)
+        finally:
+            self._running -= 1
         self.batches += 1
         self.items += len(batch)
         for pending, result in zip(batch, results, strict=True):

@@ -29,6 +29,7 @@ from PIL import Image
 from torch import Tensor
 
 from encoders import create_model, load_image, trim_silence
+from encoders.frontend import TRIM_MARGIN_SECONDS
 from encoders.matchmap import paired_misa
 from encoders.models import QUERY_FRAME_MULTIPLE
 from indexer import Collection, CollectionInfo, ImageRecord, Library, Shard
@@ -47,7 +48,8 @@ from search.errors import ImageNotFound, InvalidQuery
 from search.localization import LiveHighlighter, Localization, encode_whole_image, localize
 from search.resident import ResidentCodes, ResidentMaps, held_for, misa_caption_by_caption
 from search.threads import team, team_size
-from search.vad import VAD_RATES, keep_speech, padded_sample_counts, speech_probabilities
+from search.vad import MARGIN_SECONDS as VAD_MARGIN_SECONDS
+from search.vad import VAD_RATES, padded_sample_counts, speech_cut, speech_probabilities
 
 log = logging.getLogger("matchmap.engine")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -145,6 +147,18 @@ class QueryAudio:
     logmel: Tensor  # (n_mels, F) normalized log-mel of the true frames (F <= the model's max_frames)
     seconds: float  # duration of the decoded audio
     decode_ms: float
+
+
+@dataclass
+class TrimmedAudio:
+    """A decoded query with its silence trimmed, before the VAD cuts it to its speech
+    (SearchEngine.trimmed_audio, then speech_audio)."""
+
+    waveform: Tensor  # (N,) the silence-trimmed waveform
+    seconds: float  # duration of the decoded audio
+    started: float  # time.perf_counter() when decoding began
+    name: str  # the input's name, for errors
+    audio: QueryAudio | None  # ``waveform`` prepared as a query, when asked for and scoreable: what the VAD usually keeps
 
 
 @dataclass
@@ -572,12 +586,32 @@ class SearchEngine:
         InvalidQuery when the speech is longer than the audio branch takes (longest_query_seconds):
         the model would see only its beginning, so the query is refused rather than silently cut.
         """
+        return self.speech_audio(self.trimmed_audio(data, sample_rate=sample_rate, name=name, prepare=False))
+
+    def trimmed_audio(self, data: bytes, *, sample_rate: int | None = None, name: str = "audio",
+                      prepare: bool = True) -> TrimmedAudio:
+        """prepare_audio's first half: decode and trim the silence around the speech. ``prepare``: also
+        the trimmed waveform as a query (its log-mel), when it is short enough to score. The VAD keeps
+        all of a trimmed caption for most queries (178 of 200 clean captions), so a server can start
+        scoring that while the VAD runs (search.server), and speech_audio then returns it as it is."""
         started = time.perf_counter()
         waveform = self.decode(data, sample_rate=sample_rate, name=name)
-        speech = keep_speech(waveform, self.sample_rate) if self.vad else trim_silence(waveform, self.sample_rate)
-        self._check_scoreable(speech.numel() / self.sample_rate, name, "once silence and noise around the speech are cut")
-        logmel = self.model.audio_frontend.logmel(speech)
-        return QueryAudio(logmel, waveform.numel() / self.sample_rate, _ms_since(started))
+        seconds = waveform.numel() / self.sample_rate
+        trimmed = trim_silence(waveform, self.sample_rate, VAD_MARGIN_SECONDS if self.vad else TRIM_MARGIN_SECONDS)
+        audio = None
+        if prepare and trimmed.numel() / self.sample_rate <= self.longest_query_seconds:
+            audio = QueryAudio(self.model.audio_frontend.logmel(trimmed), seconds, _ms_since(started))
+        return TrimmedAudio(trimmed, seconds, started, name, audio)
+
+    def speech_audio(self, trimmed: TrimmedAudio) -> QueryAudio:
+        """prepare_audio's second half: ``trimmed`` cut to its speech by the VAD, checked, as a query;
+        ``trimmed.audio`` itself (the same object) when the cut keeps all of it (and always without the VAD)."""
+        speech = speech_cut(trimmed.waveform, self.sample_rate) if self.vad else trimmed.waveform
+        if speech is trimmed.waveform and trimmed.audio is not None:
+            return trimmed.audio
+        self._check_scoreable(speech.numel() / self.sample_rate, trimmed.name,
+                              "once silence and noise around the speech are cut")
+        return QueryAudio(self.model.audio_frontend.logmel(speech), trimmed.seconds, _ms_since(trimmed.started))
 
     def _check_scoreable(self, seconds: float, name: str, what: str) -> None:
         longest = self.longest_query_seconds

@@ -256,6 +256,29 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
         self._model_thread.shutdown(wait=True)
         self._decode_threads.shutdown(wait=True)
 
+    async def _searched(self, data: bytes, sample_rate: int | None, collection: str, top_k: int,
+                        candidates: int) -> SearchResult:
+        """Decode the query, cut it to its speech and search. When the model thread is idle, the
+        silence-trimmed query is scored while the VAD runs (on another core): the VAD keeps all of it
+        for most queries, and then that answer is the answer; otherwise it is dropped and the cut query
+        searched. The answer is the same either way, only earlier (docs/search.md, "Scoring while the
+        VAD listens")."""
+        trimmed = await self._decoded(self.engine.trimmed_audio, data, sample_rate=sample_rate)
+        early = None
+        if trimmed.audio is not None and self.engine.vad and self.batcher.idle:
+            early = asyncio.ensure_future(self.batcher.submit(SearchQuery(trimmed.audio, collection, top_k, candidates)))
+        try:
+            audio = await self._decoded(self.engine.speech_audio, trimmed)
+        except BaseException:
+            if early is not None:
+                early.cancel()
+            raise
+        if early is not None and audio is trimmed.audio:
+            return await early
+        if early is not None:
+            early.cancel()  # dropped unscored if its batch has not started; its answer unused if it has
+        return await self.batcher.submit(SearchQuery(audio, collection, top_k, candidates))
+
     @_answer_errors
     async def Search(self, request: search_pb2.SearchRequest, context) -> search_pb2.SearchResponse:
         arrived = time.perf_counter()
@@ -265,8 +288,7 @@ class SpokenImageSearchServicer(search_pb2_grpc.SpokenImageSearchServicer):
             coll = await self._in_model_thread(self.engine.collection, request.collection)  # NOT_FOUND before decoding
             # The default K and the exhaustive allowance depend on the collection's size.
             top_k, candidates = self.engine.resolve_counts(request.top_k, request.candidates, coll.size)
-            audio = await self._decoded(self.engine.prepare_audio, data, sample_rate=sample_rate)
-            result = await self.batcher.submit(SearchQuery(audio, request.collection, top_k, candidates))
+            result = await self._searched(data, sample_rate, request.collection, top_k, candidates)
         timings = result.timings_ms
         return search_pb2.SearchResponse(
             hits=[

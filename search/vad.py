@@ -110,9 +110,16 @@ def keep_speech(waveform: torch.Tensor, sample_rate: int, margin_seconds: float 
 
     Trimming first makes the answer independent of how much silence surrounds a query: the VAD sees
     the same samples either way (it reads 32 ms chunks from the start, so an offset would move its cut)."""
-    waveform = trim_silence(waveform, sample_rate, margin_seconds)
-    spans = speech_spans(waveform, sample_rate)
+    return speech_cut(trim_silence(waveform, sample_rate, margin_seconds), sample_rate, margin_seconds)
+
+
+def speech_cut(trimmed: torch.Tensor, sample_rate: int, margin_seconds: float = MARGIN_SECONDS) -> torch.Tensor:
+    """keep_speech's second step: ``trimmed`` (its silence already trimmed with ``margin_seconds``) cut
+    from the first to the last stretch of speech, ``margin_seconds`` wider each side; ``trimmed``
+    itself (the same tensor) when that keeps all of it or the VAD hears no speech."""
+    spans = speech_spans(trimmed, sample_rate)
     if not spans:
-        return waveform
+        return trimmed
     margin = round(margin_seconds * sample_rate)
-    return waveform[max(0, spans[0][0] - margin) : min(waveform.numel(), spans[-1][1] + margin)]
+    start, stop = max(0, spans[0][0] - margin), min(trimmed.numel(), spans[-1][1] + margin)
+    return trimmed if (start, stop) == (0, trimmed.numel()) else trimmed[start:stop]

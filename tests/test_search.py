@@ -596,6 +596,36 @@ def test_a_served_query_runs_on_the_cores_the_server_gives_its_model_thread(engi
         ServerOptions(model_threads=0)
 
 
+def test_the_trimmed_query_is_scored_while_the_vad_listens_and_its_answer_kept_only_when_the_vad_cuts_nothing(
+        engine, val, monkeypatch):
+    """With the model thread idle, the server scores the silence-trimmed query while the VAD runs: a
+    clean caption's answer comes after about the longer of the two, not their sum; a caption the VAD
+    cuts (noise before it) is answered for its cut, as in process."""
+    clean = val.audio_path(val.entries[1]).read_bytes()
+    wave, rate = soundfile.read(io.BytesIO(clean), dtype="float32")
+    noise = 0.01 * np.random.default_rng(0).standard_normal(2 * rate).astype("float32")  # -40 dBFS
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.concatenate([noise, wave]), rate, format="WAV")
+    noisy = buffer.getvalue()
+    expected = {}
+    for data, cut in ((clean, False), (noisy, True)):
+        trimmed = engine.trimmed_audio(data)
+        assert (engine.speech_audio(trimmed) is not trimmed.audio) == cut  # what the VAD does to each
+        expected[data] = [(str(h.image_id), round(h.score, 4)) for h in engine.search(data, COLLECTION, top_k=5).hits]
+    pause = 0.5  # each of the VAD and the model's work, made slow enough to see whether they overlap
+    cut_to_speech, search_batch = search.engine.speech_cut, engine.search_batch
+    monkeypatch.setattr(search.engine, "speech_cut", lambda *args: time.sleep(pause) or cut_to_speech(*args))
+    monkeypatch.setattr(engine, "search_batch", lambda *args: time.sleep(pause) or search_batch(*args))
+    with ServerThread(engine, ServerOptions(host="127.0.0.1", port=0)) as running, \
+            SearchClient(running.target) as served:
+        for data, cut in ((clean, False), (noisy, True), (clean, False)):
+            started = time.perf_counter()
+            hits = served.search(data, COLLECTION, top_k=5)
+            took = time.perf_counter() - started
+            assert [(h.image_id, round(h.score, 4)) for h in hits] == expected[data]
+            assert took >= 2 * pause if cut else took < 1.6 * pause, (cut, took)
+
+
 def test_list_collections_and_health(client, engine):
     listing = client.list_collections()
     assert listing.model_version == engine.model_version and listing.model_name == "tiny"
