@@ -513,9 +513,10 @@ class Collection:
     def _own_rows(self, *columns, ids: set[int]) -> list[tuple]:
         """``columns`` of the rows of ``ids`` that belong to this collection. Looked up by primary key
         alone and the collection checked here: with the collection in the WHERE clause, SQLite walked
-        the collection's index (every row of it): 8 ms per search at 100,000 images, against 0.1 ms."""
-        with self._library._sessions() as session:
-            rows = session.execute(select(*columns, ImageRow.collection_id).where(ImageRow.id.in_(ids))).all()
+        the collection's index (every row of it): 8 ms per search at 100,000 images, against 0.1 ms.
+        A plain connection, not an ORM session: every search asks, and a session cost 0.4 ms more."""
+        with self._library._engine.connect() as connection:
+            rows = connection.execute(select(*columns, ImageRow.collection_id).where(ImageRow.id.in_(ids))).all()
         return [tuple(row[:-1]) for row in rows if row[-1] == self._row.id]
 
     def ids_for_uris(self, uris: Sequence[str]) -> dict[str, list[int]]:
