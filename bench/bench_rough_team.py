@@ -5,7 +5,8 @@ one caption at a time against 128 gathered maps per product) before re-scoring i
 At a million images the maps are held as 64 int8 dims. This holds that many such maps (random int8
 values: the arithmetic and the gathers do not depend on them) and times the rough pass over K random
 candidates for captions of 15-45 frames, alternating a team of one and of two cores caption by caption
-(``search.threads.team``), in one worker thread as the server's model thread runs it.
+(``search.threads.team``), in one worker thread as the server's model thread runs it; and, third,
+the candidates split in halves between that thread and a second single-core thread ("two threads").
 
     python bench/bench_rough_team.py --images 1000000 --ks 4000 500
 """
@@ -17,6 +18,8 @@ import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import torch
@@ -29,7 +32,8 @@ REGIONS, HELD_DIMS, EMBED_DIM = 64, 64, 256
 
 def timed(held: ResidentMaps, k: int, captions: int) -> dict[int, list[float]]:
     rng = np.random.default_rng(0)
-    times: dict[int, list[float]] = {1: [], 2: []}
+    times: dict[int | str, list[float]] = {1: [], 2: [], "threads": []}
+    helper = ThreadPoolExecutor(1, initializer=partial(thread_team, 1))
 
     def run() -> None:
         thread_team(1)
@@ -38,16 +42,23 @@ def timed(held: ResidentMaps, k: int, captions: int) -> dict[int, list[float]]:
             audio, lengths = torch.randn(1, frames, EMBED_DIM), torch.tensor([frames])
             positions = rng.integers(0, len(held.maps), (1, k))
             valid = torch.ones(1, k, dtype=torch.bool)
-            for size in (1, 2) if i % 2 else (2, 1):
-                with team(size):
-                    started = time.perf_counter()
-                    held.paired_misa(audio, lengths, positions, valid)
-                    if i >= 6:
-                        times[size].append(1000 * (time.perf_counter() - started))
+            for size in (1, 2, "threads") if i % 2 else ("threads", 2, 1):
+                started = time.perf_counter()
+                if size == "threads":
+                    half = k // 2
+                    other = helper.submit(held.paired_misa, audio, lengths, positions[:, half:], valid[:, half:])
+                    held.paired_misa(audio, lengths, positions[:, :half], valid[:, :half])
+                    other.result()
+                else:
+                    with team(size):
+                        held.paired_misa(audio, lengths, positions, valid)
+                if i >= 6:
+                    times[size].append(1000 * (time.perf_counter() - started))
 
     worker = threading.Thread(target=run)
     worker.start()
     worker.join()
+    helper.shutdown()
     return times
 
 
@@ -65,9 +76,9 @@ def main() -> None:
     print(f"{args.images} held maps, {REGIONS} regions x {HELD_DIMS} int8 dims ({maps.numel() / 2**30:.1f} GiB)")
     for k in args.ks:
         times = timed(held, k, args.captions)
-        one, two = statistics.median(times[1]), statistics.median(times[2])
+        one, two, threads = (statistics.median(times[key]) for key in (1, 2, "threads"))
         print(f"K={k}: rough pass, median of {args.captions} captions: one core {one:.2f} ms, "
-              f"two cores {two:.2f} ms ({one / two:.2f}x)")
+              f"two cores {two:.2f} ms ({one / two:.2f}x), two threads of one core {threads:.2f} ms ({one / threads:.2f}x)")
     print(f"reproduce: python bench/bench_rough_team.py {' '.join(sys.argv[1:])}")
 
 
