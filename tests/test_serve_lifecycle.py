@@ -154,19 +154,19 @@ def test_query_wait_gives_up_on_a_server_that_never_comes(caption):
 def test_a_full_server_refuses_at_once_without_decoding(engine, caption, monkeypatch):
     release, busy = threading.Event(), threading.Event()
     decoded = []
-    real_search_batch, real_prepare = engine.search_batch, engine.prepare_audio
+    real_search_batch, real_decode = engine.search_batch, engine.trimmed_audio  # the server's first decoding step
 
     def slow_search_batch(*args):
         busy.set()
         release.wait(30)
         return real_search_batch(*args)
 
-    def counting_prepare(*args, **kwargs):
+    def counting_decode(*args, **kwargs):
         decoded.append(1)
-        return real_prepare(*args, **kwargs)
+        return real_decode(*args, **kwargs)
 
     monkeypatch.setattr(engine, "search_batch", slow_search_batch)
-    monkeypatch.setattr(engine, "prepare_audio", counting_prepare)
+    monkeypatch.setattr(engine, "trimmed_audio", counting_decode)
     with ServerThread(engine, ServerOptions(host="127.0.0.1", port=0, max_queue=1)) as server:
         with SearchClient(server.target, timeout=30) as client:
             first = threading.Thread(target=lambda: client.search(caption, COLLECTION, top_k=2))
