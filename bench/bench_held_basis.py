@@ -7,8 +7,9 @@ then, for each number of dims, the rough pass over the K candidates in the top d
 region vectors' second moment (4,096 maps drawn at random), the best 16 / 32 / 64 of it scored
 exactly, and how much of the true top 10 their exact top 10 holds. Stage 1's own share of the true top
 10 is the ceiling; "stage 1's order" hands the exact pass stage 1's own best, with no rough pass at
-all (the pooled score plus the centroid interaction, as PLAID ranks before its exact pass). "keep 0" is the rough pass's own top 10, nothing scored exactly: what a store
-holding only these maps, and no exact ones, would rank. A dims entry ending in "i8" ("64i8") holds
+all (the pooled score plus the centroid interaction, as PLAID ranks before its exact pass). "keep 0"
+is the rough pass's own top 10, nothing scored exactly: what a store holding only these maps, and no
+exact ones, would rank. A dims entry ending in "i8" ("64i8") holds
 them in int8, a step per dimension (``search.resident.int8_scale``), as a million images are held;
 "i4" and "i2" in 4 and 2 bits (values -7..7 and -1..1), with steps of 0.34 and 1.2 standard deviations of
 each dimension (about the least squared error of a uniform quantizer of a normal variable).
@@ -57,9 +58,8 @@ def main() -> None:
         basis = vectors[:, : width[k]]
         if bits[k] < 16:  # values v stand for v * step; small integers are exact in bfloat16
             top = 2 ** (bits[k] - 1) - 1
-            projected = sample[: 1024 * r] @ basis
             steps[k] = (int8_scale(sample.view(-1, r, d)[:1024], basis) if bits[k] == 8
-                        else projected.std(0) * {4: 0.34, 2: 1.2}[bits[k]])
+                        else (sample[: 1024 * r] @ basis).std(0) * {4: 0.34, 2: 1.2}[bits[k]])
             held[k] = torch.cat([((maps[i : i + 8192].float() @ basis) / steps[k]).round_().clamp_(-top, top)
                                  .bfloat16() for i in range(0, n, 8192)])
         else:
@@ -85,9 +85,8 @@ def main() -> None:
         positions = torch.from_numpy(coll.positions_of(found))
         ceiling.append(len(truth & set(found.tolist())) / 10)
         for keep, shares in by_stage1.items():  # found is in stage 1's order (keep_best)
-            best = found[:keep]
-            top = best[torch.topk(exact[torch.from_numpy(coll.positions_of(best))], min(10, len(best))).indices.numpy()]
-            shares.append(len(truth & set(np.atleast_1d(top).tolist())) / 10)
+            top = torch.topk(exact[positions[:keep]], min(10, len(positions[:keep]))).indices
+            shares.append(len(truth & set(found[:keep][top.numpy()].tolist())) / 10)
         for k in dims:
             projected = width[k] < d or k in steps  # quantized maps are held in the basis even at every dim
             frames = audio[0] @ vectors[:, : width[k]] if projected else audio[0]

@@ -97,17 +97,29 @@ def thread_team(size: int) -> None:
     OpenMP runtime the faiss wheel carries, when faiss is loaded). Other threads keep theirs."""
     if size < 1:
         raise ValueError(f"a thread's team needs at least 1 thread, got {size}")
-    gomp = _libgomp()
-    if gomp is not None:
-        import torch
+    _torch_team(size)
+    _faiss_team(size)
 
-        torch.get_num_threads()  # torch's first call in a thread sets its team size: let it happen first
-        gomp.omp_set_num_threads(size)
-        mkl_local = _mkl_set_num_threads_local()
-        if mkl_local is not None:  # MKL's products (torch's float matmul) size their OpenMP team themselves
-            mkl_local(size)
+
+def _torch_team(size: int) -> None:
+    """The calling thread's team for torch work: libgomp's per-thread setting and MKL's per-thread count."""
+    gomp = _libgomp()
+    if gomp is None:
+        return
+    import torch
+
+    torch.get_num_threads()  # torch's first call in a thread sets its team size: let it happen first
+    gomp.omp_set_num_threads(size)
+    mkl_local = _mkl_set_num_threads_local()
+    if mkl_local is not None:  # MKL's products (torch's float matmul) size their OpenMP team themselves
+        mkl_local(size)
+
+
+def _faiss_team(size: int) -> None:
+    """The calling thread's team in the faiss wheel's own libgomp (a second runtime with its own
+    per-thread setting), when faiss is loaded."""
     faiss = sys.modules.get("faiss")
-    if faiss is not None:  # its own libgomp: a second runtime with its own per-thread setting
+    if faiss is not None:
         faiss.omp_set_num_threads(size)
 
 
@@ -149,12 +161,9 @@ def team(size: int) -> Iterator[None]:
         yield
     finally:
         if before is not None:
-            gomp.omp_set_num_threads(before)
-            mkl_local = _mkl_set_num_threads_local()
-            if mkl_local is not None:
-                mkl_local(before)
+            _torch_team(before)
         if faiss_before is not None:
-            faiss.omp_set_num_threads(faiss_before)
+            _faiss_team(faiss_before)
 
 
 @contextlib.contextmanager
