@@ -233,3 +233,31 @@ def test_unreadable_centroids_leave_stage1_unwidened_and_say_so(tmp_path, model,
         assert "region centroids could not be read" in caplog.text
         np.testing.assert_array_equal(coll.region_codes()[1], expected_records(coll, CodeFile(folder).codec(
             CodeFile(folder).meta()).encode))  # the codes still serve
+
+
+@pytest.mark.parametrize("lookup", ["table", "binary search"])
+def test_positions_of_counts_in_id_order_across_holes_and_appends(tmp_path, model, monkeypatch, lookup):
+    """Stage 1 and the held maps find an image's row by ``positions_of``: its place among the indexed ids
+    in ascending order. Dense ids use one lookup table, sparse ones a binary search; both must agree
+    with ``ids()`` after removals and after images appended to a live snapshot, and name missing ids."""
+    if lookup == "binary search":
+        monkeypatch.setattr("indexer.library.POSITION_TABLE_SPAN", -10**9)  # never dense enough
+    with Library.open(tmp_path, create=True) as library:
+        add(library, model, 30, 0)
+        coll = library.collection("c")
+        first = coll.ids()
+        np.testing.assert_array_equal(coll.positions_of(first[[29, 0, 7]]), [29, 0, 7])
+        coll.remove_images(first[[0, 5, 6, 29]].tolist())  # holes at both ends and inside
+        for snapshot in (coll, library.collection("c")):  # the remover's own table and a fresh one
+            ids = snapshot.ids()
+            assert len(ids) == 26
+            shuffled = np.random.default_rng(1).permutation(ids)
+            np.testing.assert_array_equal(ids[snapshot.positions_of(shuffled)], shuffled)
+        add(library, model, 5, 30)
+        grown = snapshot.appended()
+        assert grown is not None and grown.size == 31
+        new_ids = grown.ids()
+        np.testing.assert_array_equal(grown.positions_of(new_ids[::-1]), np.arange(31)[::-1])
+        for missing in (int(first[0]), int(first[5]), int(new_ids[-1]) + 1, 10**12, -7):
+            with pytest.raises(KeyError, match=str(missing)):
+                grown.positions_of([int(new_ids[0]), missing])
