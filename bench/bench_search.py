@@ -329,6 +329,34 @@ def exhaustive_top10(
     return best_ids
 
 
+def collection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a bench over an indexed collection and a corpus's val captions."""
+    parser.add_argument("--library", type=Path, required=True)
+    parser.add_argument("--collection", default="bench")
+    parser.add_argument("--corpus", type=Path, required=True, help="a matchmap synth corpus: its val captions")
+    parser.add_argument("--checkpoint", type=Path, default=Path("encoders/default_model/tiny.pt"))
+    parser.add_argument("--queries", type=int, default=40)
+    parser.add_argument("--exact-cache", type=Path, default=None,
+                        help=".npy of the exhaustive top 10, read when it fits, else written (cached_exhaustive_top10)")
+
+
+def cached_exhaustive_top10(engine: SearchEngine, images: list[Path] | None, audio: torch.Tensor,
+                            lengths: torch.Tensor, cache: Path | None, collection: str = COLLECTION) -> np.ndarray:
+    """:func:`exhaustive_top10`, read from ``cache`` (an .npy of the (B, 10) ids and a last row recording the
+    collection size) when it holds these B captions' rows for this collection's size, else computed and
+    written there (an exhaustive pass over a million maps takes minutes)."""
+    size = engine.collection(collection).size
+    cached = np.load(cache, allow_pickle=False) if cache is not None and cache.exists() else None
+    if cached is not None and cached.shape == (len(audio) + 1, 10) and cached[-1, 0] == size:
+        return cached[:-1]
+    started = time.perf_counter()
+    exact = exhaustive_top10(engine, images, audio, lengths, collection=collection)
+    print(f"exhaustive MISA over {size} images: {time.perf_counter() - started:.0f} s", flush=True)
+    if cache is not None:
+        np.save(cache, np.concatenate([exact, np.full((1, 10), size, exact.dtype)]))
+    return exact
+
+
 def own_image_recall(ranked_ids: np.ndarray, own_ids: list[int]) -> dict[str, float]:
     """ranked_ids (B, >=10) -> R@1/5/10: share of queries whose own image is among the first k."""
     return {f"R@{k}": float(np.mean([own in row[:k] for row, own in zip(ranked_ids.tolist(), own_ids, strict=True)]))
@@ -344,14 +372,7 @@ def agreement_curve(engine: SearchEngine, images: list[Path] | None, audio_bytes
     rows for this collection's size, else written (an exhaustive pass over a million maps takes minutes)."""
     prepared = [engine.prepare_audio(b) for b in audio_bytes]
     audio, lengths = engine.encode([p.logmel for p in prepared])
-    size = engine.collection(collection).size
-    cached = np.load(exact_cache, allow_pickle=False) if exact_cache is not None and exact_cache.exists() else None
-    if cached is not None and cached.shape == (len(prepared) + 1, 10) and cached[-1, 0] == size:
-        exact = cached[:-1]
-    else:
-        exact = exhaustive_top10(engine, images, audio.cpu(), lengths.cpu(), collection=collection)
-        if exact_cache is not None:  # the last row records the collection size it was made for
-            np.save(exact_cache, np.concatenate([exact, np.full((1, 10), size, exact.dtype)]))
+    exact = cached_exhaustive_top10(engine, images, audio.cpu(), lengths.cpu(), exact_cache, collection)
     coll = engine.collection(collection)
     with torch.inference_mode():  # encode() returns inference tensors; heads have trainable parameters
         pooled = engine.model.stage1_audio_vectors(audio, lengths).cpu().numpy()

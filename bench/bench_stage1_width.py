@@ -19,46 +19,38 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_search import corpus_inputs, exhaustive_top10  # noqa: E402
+from bench_search import cached_exhaustive_top10, collection_arguments, corpus_inputs  # noqa: E402
 
+from indexer import stage1_index  # noqa: E402
 from search.centroid_prune import prune_by_centroids  # noqa: E402
 from search.engine import SearchEngine, SearchLimits  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--library", type=Path, required=True)
-    parser.add_argument("--collection", default="bench")
-    parser.add_argument("--corpus", type=Path, required=True)
-    parser.add_argument("--checkpoint", type=Path, default=Path("encoders/default_model/tiny.pt"))
-    parser.add_argument("--queries", type=int, default=40)
+    collection_arguments(parser)
     parser.add_argument("--ks", type=int, nargs="+", default=[500, 1000, 2000, 4000])
     parser.add_argument("--widens", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--probe-for", choices=["K", "K x widen"], nargs="+", default=["K"],
                         help="what FAISS's probes are tuned for in a widened search: the K kept (as the engine "
                              "does) or every candidate taken")
-    parser.add_argument("--exact-cache", type=Path, default=None,
-                        help=".npy of the exhaustive top 10 (as bench_million --exact-cache writes it)")
+    parser.add_argument("--nprobes", type=int, nargs="+", default=[0],
+                        help="IVF lists probed per search (0: as the collection's tuned table says)")
     args = parser.parse_args()
     _, captions, _ = corpus_inputs(args.corpus)
     engine = SearchEngine.open(args.checkpoint, args.library, device="cpu", limits=SearchLimits(resident_maps_mb=0))
     prepared = [engine.prepare_audio(b) for b in captions[: args.queries]]
     audio, lengths = engine.encode([p.logmel for p in prepared])
     coll = engine.collection(args.collection)
-    cached = np.load(args.exact_cache) if args.exact_cache is not None and args.exact_cache.exists() else None
-    if cached is not None and cached.shape == (len(prepared) + 1, 10) and cached[-1, 0] == coll.size:
-        exact = cached[:-1]
-    else:
-        started = time.perf_counter()
-        exact = exhaustive_top10(engine, None, audio, lengths, collection=args.collection)
-        print(f"exhaustive MISA over {coll.size} images: {time.perf_counter() - started:.0f} s", flush=True)
-        if args.exact_cache is not None:
-            np.save(args.exact_cache, np.concatenate([exact, np.full((1, 10), coll.size, exact.dtype)]))
+    exact = cached_exhaustive_top10(engine, None, audio, lengths, args.exact_cache, args.collection)
     coll.held_region_centroid_ids()
     with torch.inference_mode():
         pooled = engine.model.stage1_audio_vectors(audio, lengths).cpu().numpy()
     print(f"{coll.size} images, {len(prepared)} captions:")
-    for k in args.ks:
+    tuned_setting = stage1_index.search_setting
+    for k, nprobe in [(k, n) for k in args.ks for n in args.nprobes]:
+        stage1_index.search_setting = tuned_setting if not nprobe else lambda *a, nprobe=nprobe, **kw: nprobe
+        probes = f"{nprobe} lists" if nprobe else "tuned probes"
         for widen, probe_for in [(w, p) for w in args.widens for p in (args.probe_for if w > 1 else ["K"])]:
             faiss_ms, prune_ms, held = [], [], []
             for i in range(len(prepared)):
@@ -72,7 +64,7 @@ def main() -> None:
                 faiss_ms.append(1000 * (searched - started))
                 prune_ms.append(1000 * (time.perf_counter() - searched))
                 held.append(len(set(ids[0].tolist()) & set(exact[i].tolist())) / 10)
-            print(f"  K={k:>5}, widen {widen}{', probes for K x widen' if probe_for != 'K' else ''}: holds {np.mean(held):.3f} of the exhaustive top 10; FAISS "
+            print(f"  K={k:>5}, {probes}, widen {widen}{', probes for K x widen' if probe_for != 'K' else ''}: holds {np.mean(held):.3f} of the exhaustive top 10; FAISS "
                   f"{statistics.median(faiss_ms):.1f} ms, centroid interaction {statistics.median(prune_ms):.1f} ms",
                   flush=True)
     engine.close()

@@ -41,6 +41,17 @@ def centroid_scores(coll, audio: Tensor, lengths: Tensor, ids: np.ndarray) -> np
     return np.where(valid, approx, np.nan)
 
 
+def faiss_recall_k(keep: int, wide: int) -> int:
+    """The K whose recall FAISS's probes are tuned for (``Collection.search_stage1``'s ``recall_k``) when
+    stage 1 takes ``wide`` candidates from it and keeps ``keep`` by the centroid interaction: keep / widen.
+    The interaction re-ranks FAISS's whole list, so FAISS need not hold flat search's top K exactly, only
+    what MISA ranks first somewhere in its wide list. On a million images (K=4,000 of 16,000), probing as
+    recall@1,000 needs (512 lists) held the same 0.990 of the exhaustive MISA top 10 as probing for
+    recall@4,000 (1,024 lists), in 10 ms instead of 17 ms; 128 lists still held 0.990, 64 held 0.988
+    (bench/bench_stage1_width.py --nprobes, docs/search.md). Without widening: ``keep`` itself."""
+    return keep if wide <= keep else max(1, keep * keep // wide)
+
+
 def keep_best(scores: np.ndarray, ids: np.ndarray, approx: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
     """Of each query's candidates ``ids`` (B, K') with pooled ``scores`` and centroid scores ``approx``
     (-1 pads), the ``keep`` best by the sum of the two, each standardized over the row's candidates

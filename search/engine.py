@@ -43,7 +43,7 @@ from search import (
     STAGE1_WIDEN,
 )
 from search.audio import check_sample_rate, decode_audio
-from search.centroid_prune import prune_by_centroids
+from search.centroid_prune import faiss_recall_k, prune_by_centroids
 from search.errors import ImageNotFound, InvalidQuery
 from search.localization import LiveHighlighter, Localization, encode_whole_image, localize
 from search.resident import ResidentCodes, ResidentMaps, held_for, misa_caption_by_caption
@@ -745,9 +745,8 @@ class SearchEngine:
             coll = self.collection(name)
             stage1_started = time.perf_counter()
             wide = self._stage1_width(coll, candidates)
-            # FAISS probes as recall of the K kept needs: the centroid interaction re-ranks the wide ones
             stage1_scores, stage1_ids = coll.search_stage1(np.ascontiguousarray(pooled[members]), wide,
-                                                           recall_k=candidates)
+                                                           recall_k=faiss_recall_k(candidates, wide))
             if wide > candidates:
                 longest = int(lengths[members].max())
                 stage1_scores, stage1_ids = prune_by_centroids(coll, audio[members, :longest], lengths[members],

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from indexer import CollectionNotFound, ModelMismatchError, Shard
-from search.centroid_prune import centroid_scores, keep_best
+from search.centroid_prune import centroid_scores, faiss_recall_k, keep_best
 from search.engine import (
     COLLECTION_REFRESH_SECONDS,
     GroupAnswer,
@@ -251,7 +251,7 @@ class ShardedEngine(SearchEngine):
                    top_ks: list[int]) -> list[GroupAnswer]:
         started = time.perf_counter()
         wide = self.limits.stage1_widen * k
-        replies = self._ask("stage1", [(name, pooled, wide, k)] * self.shards)  # probes tuned for the K kept
+        replies = self._ask("stage1", [(name, pooled, wide, faiss_recall_k(k, wide))] * self.shards)
         size = sum(r["size"] for r in replies)
         scores = np.concatenate([r["scores"] for r in replies], axis=1)
         ids = np.concatenate([r["ids"] for r in replies], axis=1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from encoders import create_model, default_checkpoint_path
-from indexer import Library
+from indexer import Collection, Library
 from search.engine import SearchEngine, SearchLimits
 from search.resident import held_basis
 from training.manifest import load_manifest
@@ -68,6 +68,31 @@ def test_widening_stage1_holds_more_of_misas_top10_at_the_same_k(collection):
     finally:
         plain.close()
         widened.close()
+
+
+def test_a_widened_stage1_tunes_faiss_probes_for_k_over_widen(collection, monkeypatch):
+    """FAISS's list is re-ranked by the centroid interaction, so its probes are tuned for the recall of
+    K / widen, not of K (search.centroid_prune.faiss_recall_k): at a million images 512 lists instead of
+    1,024, holding the same share of MISA's top 10. An unwidened search still probes for its K."""
+    data_dir, queries = collection
+    asked = []
+    original = Collection.search_stage1
+
+    def recorded(self, vectors, k, recall_k=None):
+        asked.append((k, recall_k))
+        return original(self, vectors, k, recall_k)
+
+    monkeypatch.setattr(Collection, "search_stage1", recorded)
+    for widen, want in ((4, (4 * K, K // 4)), (1, (K, K))):
+        engine = SearchEngine.open(default_checkpoint_path(), data_dir, device="cpu",
+                                   limits=SearchLimits(stage1_widen=widen))
+        try:
+            engine.collection("c").held_region_centroid_ids()
+            asked.clear()
+            engine.search(queries[0], "c", top_k=10, candidates=K)
+            assert asked == [want]
+        finally:
+            engine.close()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
