@@ -36,6 +36,9 @@ KEEPS = (0, 16, 32, 64)
 
 
 def main() -> None:
+    if len(sys.argv) < 4 or sys.argv[1] in ("-h", "--help"):  # three positional arguments, a fourth optional
+        print(__doc__)
+        raise SystemExit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
     library, corpus, dims_arg = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
     queries_count = int(sys.argv[4]) if len(sys.argv) > 4 else 40
     torch.set_grad_enabled(False)

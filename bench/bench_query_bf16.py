@@ -54,6 +54,9 @@ def encoded_both_ways(engine: SearchEngine, logmels: list) -> tuple[dict, dict]:
 
 
 def main() -> None:
+    if len(sys.argv) < 4 or sys.argv[1] in ("-h", "--help"):  # three positional arguments, a fourth optional
+        print(__doc__)
+        raise SystemExit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
     corpus, library, collection = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     count = int(sys.argv[4]) if len(sys.argv) > 4 else 120
     torch.set_grad_enabled(False)
