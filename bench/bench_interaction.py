@@ -1,5 +1,5 @@
 """The centroid interaction (indexer.region_centroids) over region ids as assigned and as a snapshot holds them
-(distinct_first: each image's distinct ids first, only the first NARROW_REGIONS read where the rest are pads),
+(RegionCentroids.distinct_first: each image's distinct ids first, only the first NARROW_REGIONS read where the rest are pads),
 alternating, on one core as the server's model thread runs it. Candidates: stage 1's widened FAISS list for
 each of a corpus's val captions (voices the model never heard), at the collection's default K.
 

@@ -55,7 +55,6 @@ from indexer.catalog import (
 )
 from indexer.discover import discover_images
 from indexer.feature_store import FeatureStore, StoreLayout, compact_store
-from indexer.region_centroids import RegionCentroids, distinct_first
 
 if TYPE_CHECKING:
     from indexer.ingest import PreparedBatch
@@ -170,12 +169,6 @@ def _record(row: ImageRow) -> ImageRecord:
 
 def _model_label(name: str, version: str) -> str:
     return f"{name} (weights {version})"
-
-
-def held_form(centroids: RegionCentroids, region_ids: np.ndarray) -> np.ndarray:
-    """Region ids (N, R) as a snapshot holds them for the centroid interaction: each image's distinct ids
-    first, the rest padded (``indexer.region_centroids.distinct_first``), where the pad fits in 16 bits."""
-    return distinct_first(region_ids, centroids.count) if centroids.count < 2**16 else region_ids
 
 
 class _SlotTable:
@@ -406,7 +399,7 @@ class Collection:
         if held is not _UNREAD and held is not None:  # extend what this snapshot holds by the new images
             centroids, region_ids = held
             if len(ids):
-                region_ids = np.concatenate([region_ids, held_form(centroids, centroids.assign(
+                region_ids = np.concatenate([region_ids, centroids.distinct_first(centroids.assign(
                     self.store.read_maps(slots)))])
             fresh._region_ids = (centroids, region_ids)
         return fresh
@@ -494,7 +487,7 @@ class Collection:
     def held_region_centroid_ids(self, wait: bool = True) -> tuple[Any, np.ndarray] | None:
         """:meth:`region_centroid_ids`, read on first use and then kept with this snapshot (R x 2 bytes
         per image: 128 MB at a million images of 64 regions), each image's distinct ids first
-        (:func:`held_form`); snapshots made by :meth:`appended` extend it by their new images.
+        (``RegionCentroids.distinct_first``); snapshots made by :meth:`appended` extend it by their new images.
         ``wait=False``: None at once while another thread is reading them."""
         if not self._region_ids_lock.acquire(blocking=wait):
             return None
@@ -503,7 +496,7 @@ class Collection:
                 self.positions_of(self.ids()[:1])  # builds the lookup stage 1 finds its candidates by, too
                 try:
                     read = self.region_centroid_ids()
-                    self._region_ids = None if read is None else (read[0], held_form(*read))
+                    self._region_ids = None if read is None else (read[0], read[0].distinct_first(read[1]))
                 except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:  # they only speed stage 1 up
                     log.warning("collection %r: its region centroids could not be read (%s: %s); stage 1 "
                                 "goes without them until the next index run writes them again",

@@ -29,23 +29,11 @@ KMEANS_ITERATIONS = 20
 ASSIGN_BATCH = 65536  # region vectors assigned at a time
 INTERACTION_CHUNK = 512  # candidates whose (T, chunk, R) frame scores are gathered at once (4 MB at 32 frames)
 # An image's R regions have few distinct centroids (of 64 regions: 26 on average, 37 at the 95th percentile,
-# at most 51, on a million scene maps). Held with its distinct ids first (distinct_first), an image with at
-# most NARROW_REGIONS of them (85 % of those maps) is scored from those alone. 32, a power of two: the max
+# at most 51, on a million scene maps). Held with its distinct ids first (RegionCentroids.distinct_first), an
+# image with at most NARROW_REGIONS of them (85 % of those maps) is scored from those alone. 32, a power of two: the max
 # over a last axis of 40 or 48 ran slower than over 32 or 64 (16,000 candidates of a million: all 64 ids
 # 21.4 ms, 32 where they hold every distinct one 15.1 ms, 40 18.2 ms, 48 24.2 ms: bench/bench_interaction.py).
 NARROW_REGIONS = 32
-
-
-def distinct_first(region_ids: np.ndarray, pad: int) -> np.ndarray:
-    """(N, R) centroid ids -> (N, R) uint16: each row's distinct ids in ascending order, then ``pad`` (a
-    number past every centroid's, the count of centroids) where the row repeated an id. The best score
-    over an image's regions is the best over its distinct ids, and the interaction scores ``pad`` as
-    minus infinity, so :meth:`RegionCentroids.interaction` gives the same numbers for either form."""
-    ordered = np.sort(np.asarray(region_ids, dtype=np.uint16), axis=1)
-    repeated = np.zeros(ordered.shape, dtype=bool)
-    repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
-    ordered[repeated] = pad
-    return np.sort(ordered, axis=1)
 
 
 @dataclass
@@ -92,11 +80,25 @@ class RegionCentroids:
             out[start : start + ASSIGN_BATCH] = nearest[:, 0]
         return out.reshape(n, r)
 
+    def distinct_first(self, region_ids: np.ndarray) -> np.ndarray:
+        """Assigned ids (N, R) -> (N, R) uint16 as a snapshot holds them: each row's distinct ids in
+        ascending order, then ``count`` (one past every centroid's id) where the row repeated an id. The
+        best score over an image's regions is the best over its distinct ids, and :meth:`interaction`
+        scores ``count`` as minus infinity, so it gives the same numbers for either form. Rows as they
+        are when ``count`` would not fit in 16 bits (65,536 centroids)."""
+        if self.count >= 2**16:
+            return region_ids
+        ordered = np.sort(np.asarray(region_ids, dtype=np.uint16), axis=1)
+        repeated = np.zeros(ordered.shape, dtype=bool)
+        repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+        ordered[repeated] = self.count
+        return np.sort(ordered, axis=1)
+
     def interaction(self, audio: Tensor, lengths: Tensor, region_ids: Tensor) -> Tensor:
         """Approximate MISA of each caption ``audio[b]`` (B, T, D) over its first ``lengths[b]`` frames
         against the images whose region ids are ``region_ids[b]`` (B, K, R) long -> (B, K) float32:
         for each frame the best of the image's regions' centroid scores, averaged over the frames.
-        Rows may be as assigned or in :func:`distinct_first`'s form (faster: only its first
+        Rows may be as assigned or in :meth:`distinct_first`'s form (faster: only its first
         NARROW_REGIONS ids are read where the rest are pads)."""
         centroids = torch.from_numpy(self.centroids).to(audio.device)
         out = torch.empty(region_ids.shape[:2], device=audio.device)
@@ -104,7 +106,7 @@ class RegionCentroids:
         for b in range(len(region_ids)):
             length = int(lengths[b])
             # (T, C + 1): each true frame's score with each centroid, and minus infinity for distinct_first's
-            # pad. Gathering columns and taking the max over a contiguous last axis (R) ran 1.75x faster
+            # pad (``count``). Gathering columns and taking the max over a contiguous last axis (R) ran 1.75x faster
             # than gathering (C, T) rows and reducing the middle axis (docs/search.md, "A hundred thousand
             # images in 20 ms").
             frame_scores = torch.cat([audio[b, :length].float() @ centroids.T,

@@ -13,7 +13,6 @@ from encoders import create_model
 from indexer import Library, code_store
 from indexer.code_store import CODE_BYTES, CodeFile
 from indexer.feature_store import FeatureStore
-from indexer.library import held_form
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +70,7 @@ def test_indexing_writes_codes_that_open_reads_without_reading_a_map(tmp_path, m
         np.testing.assert_array_equal(codes, want)  # in id order, as ResidentCodes holds them
         assert codes.shape == (40, CODE_BYTES)
         centroids, region_ids = library.collection("c").held_region_centroid_ids()
-        np.testing.assert_array_equal(region_ids, held_form(centroids, want_ids))  # in id order, as positions_of counts
+        np.testing.assert_array_equal(region_ids, centroids.distinct_first(want_ids))  # in id order, as positions_of counts
         np.testing.assert_array_equal(centroids.centroids, files.centroids(meta).centroids)
 
 
@@ -205,7 +204,7 @@ def test_a_set_written_before_centroids_keeps_serving_codes_and_the_next_run_add
         coll = library.collection("c")
         centroids = files.centroids(meta)
         np.testing.assert_array_equal(coll.held_region_centroid_ids()[1],
-                                      held_form(centroids, expected_records(coll, centroids.assign)))
+                                      centroids.distinct_first(expected_records(coll, centroids.assign)))
 
 
 def test_an_appended_snapshot_extends_the_held_region_ids(tmp_path, model):
@@ -220,7 +219,7 @@ def test_an_appended_snapshot_extends_the_held_region_ids(tmp_path, model):
         got_centroids, region_ids = fresh.held_region_centroid_ids()
         assert got_centroids is centroids  # the snapshot's own centroids, not the new set's
         np.testing.assert_array_equal(region_ids[:20], held)
-        np.testing.assert_array_equal(region_ids[20:], held_form(centroids, centroids.assign(
+        np.testing.assert_array_equal(region_ids[20:], centroids.distinct_first(centroids.assign(
             fresh.feature_maps(fresh.ids()[20:]))))
         reader.close()
 

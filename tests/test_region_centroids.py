@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from encoders.matchmap import paired_misa
-from indexer.region_centroids import VECTORS_PER_CENTROID, RegionCentroids, distinct_first
+from indexer.region_centroids import VECTORS_PER_CENTROID, RegionCentroids
 
 
 def clustered_maps(count: int, regions: int = 16, dim: int = 8, seed: int = 0) -> np.ndarray:
@@ -65,7 +65,7 @@ def test_distinct_first_rows_score_as_the_assigned_ones(monkeypatch, narrow):
     maps = clustered_maps(50, regions=64)
     centroids = RegionCentroids.train(maps, count=12)
     assigned = centroids.assign(maps)
-    held = distinct_first(assigned, centroids.count)
+    held = centroids.distinct_first(assigned)
     assert held.shape == assigned.shape and held.dtype == np.uint16
     for row, ids in zip(held, assigned, strict=True):
         distinct = np.unique(ids)
@@ -86,7 +86,7 @@ def test_distinct_first_rows_score_as_the_assigned_ones(monkeypatch, narrow):
     rows = np.array([[0, 1] * 22, [2] * 44, [0, 1, 2, 2] * 11])
     frames = torch.tensor([[[-1.0, -1.0], [1.0, 0.5]]])
     want = line.interaction(frames, torch.tensor([2]), torch.from_numpy(rows.astype(np.int64))[None])
-    held = distinct_first(rows, line.count)
+    held = line.distinct_first(rows)
     got = line.interaction(frames, torch.tensor([2]), torch.from_numpy(held.astype(np.int64))[None])
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(want, torch.tensor([[0.5, -0.25, 0.5]]))
