@@ -10,6 +10,7 @@ Captions: the corpus's val captions (voices the model never heard), one query at
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import cached_exhaustive_top10, collection_arguments, corpus_inputs  # noqa: E402
 
 from indexer import stage1_index  # noqa: E402
-from search.centroid_prune import prune_by_centroids  # noqa: E402
+from search.centroid_prune import faiss_recall_k, prune_by_centroids  # noqa: E402
 from search.engine import SearchEngine, SearchLimits  # noqa: E402
 
 
@@ -31,9 +32,9 @@ def main() -> None:
     collection_arguments(parser)
     parser.add_argument("--ks", type=int, nargs="+", default=[500, 1000, 2000, 4000])
     parser.add_argument("--widens", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--probe-for", choices=["K", "K x widen"], nargs="+", default=["K"],
-                        help="what FAISS's probes are tuned for in a widened search: the K kept (as the engine "
-                             "does) or every candidate taken")
+    parser.add_argument("--probe-for", choices=["K / widen", "K", "K x widen"], nargs="+", default=["K / widen"],
+                        help="what FAISS's probes are tuned for in a widened search: K / widen (as the engine "
+                             "does: search.centroid_prune.faiss_recall_k), the K kept, or every candidate taken")
     parser.add_argument("--nprobes", type=int, nargs="+", default=[0],
                         help="IVF lists probed per search (0: as the collection's tuned table says)")
     args = parser.parse_args()
@@ -52,11 +53,12 @@ def main() -> None:
         stage1_index.search_setting = tuned_setting if not nprobe else lambda *a, nprobe=nprobe, **kw: nprobe
         probes = f"{nprobe} lists" if nprobe else "tuned probes"
         for widen, probe_for in [(w, p) for w in args.widens for p in (args.probe_for if w > 1 else ["K"])]:
+            recall_k = {"K / widen": faiss_recall_k(k, k * widen), "K": k, "K x widen": None}[probe_for]
             faiss_ms, prune_ms, held = [], [], []
             for i in range(len(prepared)):
                 started = time.perf_counter()
                 scores, ids = coll.search_stage1(np.ascontiguousarray(pooled[i : i + 1]), k * widen,
-                                                 recall_k=k if probe_for == "K" else None)
+                                                 recall_k=recall_k)
                 searched = time.perf_counter()
                 if widen > 1:
                     length = int(lengths[i])
@@ -64,11 +66,11 @@ def main() -> None:
                 faiss_ms.append(1000 * (searched - started))
                 prune_ms.append(1000 * (time.perf_counter() - searched))
                 held.append(len(set(ids[0].tolist()) & set(exact[i].tolist())) / 10)
-            print(f"  K={k:>5}, {probes}, widen {widen}{', probes for K x widen' if probe_for != 'K' else ''}: holds {np.mean(held):.3f} of the exhaustive top 10; FAISS "
+            print(f"  K={k:>5}, {probes}, widen {widen}{f', probes for {probe_for}' if widen > 1 else ''}: holds {np.mean(held):.3f} of the exhaustive top 10; FAISS "
                   f"{statistics.median(faiss_ms):.1f} ms, centroid interaction {statistics.median(prune_ms):.1f} ms",
                   flush=True)
     engine.close()
-    print(f"reproduce: python bench/bench_stage1_width.py {' '.join(sys.argv[1:])}")
+    print(f"reproduce: python bench/bench_stage1_width.py {shlex.join(sys.argv[1:])}")
 
 
 if __name__ == "__main__":

@@ -144,13 +144,14 @@ def main() -> None:
     for codec in args.codecs:
         steps = steps_for(codec, coefficients)
         clamp = 127 if codec == "i8" else None
-        size = record_bytes(quantized(sample, basis, steps, clamp).numpy().astype(np.int32))
+        values = quantized(sample, basis, steps, clamp)
+        size = record_bytes(values.numpy().astype(np.int32))
 
         def through(image_ids, steps=steps, clamp=clamp):
             maps = torch.from_numpy(store_maps(image_ids).astype(np.float32))
             return ((quantized(maps, basis, steps, clamp) * steps) @ basis.T).numpy()
 
-        error = float(((quantized(sample, basis, steps, clamp) * steps) @ basis.T - sample).square().sum()
+        error = float(((values * steps) @ basis.T - sample).square().sum()
                       / sample.square().sum())
         print(f"  {codec}: raw {size['raw']} B, zlib {size['zlib']:.0f} B, lzma {size['lzma']:.0f} B, fixed widths "
               f"{size['fixed']:.0f} B, entropy {size['entropy']:.0f} B per image (largest |value| {size['peak']}); relative squared error "
